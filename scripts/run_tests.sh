@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up the test environment and run the whole test suite.
+#   usage: scripts/run_tests.sh [pytest options]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$here/scripts/setup_env.sh" test
+venv="${LONGDIFF_VENV:-$here/.venv}"
+cd "$here"
+export MPLBACKEND=Agg
+set +e
+"$venv/bin/python" -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "run_tests: pytest collected no tests; that is a failure, not a pass" >&2
+  exit 1
+fi
+exit "$status"
