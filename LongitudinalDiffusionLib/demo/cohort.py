@@ -1,0 +1,252 @@
+"""Write the simulated longitudinal cohort as a BIDS dataset.
+
+Layout (``OUT``)::
+
+    dataset_description.json, README.md, participants.tsv/.json, NOTICE-ICBM2009a.txt, .bidsignore
+    sub-001/sub-001_sessions.tsv (+ .json: age in months)
+    sub-001/ses-01/anat/sub-001_ses-01_{T1w,T2w,FLAIR}.nii.gz, sub-001_ses-01_ce-gadolinium_T1w.nii.gz (+ .json)
+    derivatives/groundtruth/sub-001/ses-01/anat/sub-001_ses-01_dseg.nii.gz, dseg.tsv
+    cardiac/sub-heart01/...            (the beating-heart phantom; not BIDS, listed in .bidsignore)
+
+Every subject is drawn from ``numpy.random.default_rng([seed, index])``, so subject 3 of a
+10-subject cohort is the same as subject 3 of a 50-subject one, and a cohort is identical
+for a given seed on every machine. The dataset is assembled in a temporary folder beside
+``OUT`` and moved into place at the end: an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+from ..imaging import save_image, write_json
+from ..subject import bids_suffix
+from . import brain
+from .template import DATA as TEMPLATE_DIR
+
+GENERATOR = {
+    "Name": "LongitudinalDiffusion simulated cohort",
+    "Version": __version__,
+    "Description": "Simulated: ICBM 2009a anatomy, modelled infant growth and myelination, "
+    "MR signal equations; not real patient data.",
+}
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """What to simulate. Defaults give a 2 mm, 80x96x80 (160x192x160 mm) head FOV."""
+
+    n_subjects: int = 8
+    seed: int = 0
+    shape: tuple[int, int, int] = brain.DEFAULT_SHAPE
+    spacing: tuple[float, float, float] = brain.DEFAULT_SPACING
+    lesion_probability: float = 0.3
+    missing_visit_probability: float = 0.0
+    heart: bool = True
+    heart_frames: int = 10
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 1:
+            raise ValueError(f"n_subjects must be at least 1, got {self.n_subjects}")
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise ValueError(f"shape must be three sizes of at least 8 voxels, got {self.shape}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive sizes in mm, got {self.spacing}")
+        for name in ("lesion_probability", "missing_visit_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+def subject_id(index: int) -> str:
+    return f"{index + 1:03d}"
+
+
+def write_cohort(
+    out: str | Path,
+    spec: CohortSpec = CohortSpec(),
+    *,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Simulate the cohort and write it as a BIDS dataset at ``out``.
+
+    Args:
+        out: the dataset folder to create. Must not exist (or be empty) unless ``overwrite``.
+        spec: what to simulate.
+        overwrite: replace an existing dataset at ``out``.
+        progress: called as ``progress(what, done, total)`` after each session.
+
+    Returns:
+        the dataset folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(out, "folder is not empty; choose another or pass overwrite (--overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write(work, spec, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None) -> None:
+    subjects = [
+        brain.draw_subject(
+            np.random.default_rng([spec.seed, i]),
+            subject_id(i),
+            lesion_probability=spec.lesion_probability,
+            missing_visit_probability=spec.missing_visit_probability,
+            seed=(spec.seed, i),
+        )
+        for i in range(spec.n_subjects)
+    ]
+    total = sum(len(s.ages) for s in subjects) + (1 if spec.heart else 0)
+    done = 0
+    _write_top_level(root, spec, subjects)
+    for subj in subjects:
+        sessions = []
+        for k, age in enumerate(subj.ages):
+            ses = f"{k + 1:02d}"
+            rng = np.random.default_rng([spec.seed, int(subj.subject_id), k, 7])
+            session = brain.simulate_session(subj, age, rng, shape=spec.shape, spacing=spec.spacing)
+            _write_session(root, subj, ses, session)
+            sessions.append({"session_id": f"ses-{ses}", "age": age})
+            done += 1
+            if progress:
+                progress(f"sub-{subj.subject_id} ses-{ses} ({age:g} months)", done, total)
+        sub_dir = root / f"sub-{subj.subject_id}"
+        _write_tsv(sub_dir / f"sub-{subj.subject_id}_sessions.tsv", sessions, ["session_id", "age"])
+        write_json(
+            sub_dir / f"sub-{subj.subject_id}_sessions.json",
+            {"age": {"Description": "age at scan (postnatal, simulated)", "Units": "months"}},
+        )
+    if spec.heart:
+        from .heart import simulate_heart, write_heart
+
+        cine = simulate_heart(np.random.default_rng([spec.seed, 1_000_000]), n_frames=spec.heart_frames)
+        write_heart(cine, root / "cardiac", "heart01")
+        done += 1
+        if progress:
+            progress("cardiac phantom", done, total)
+
+
+def _write_session(root: Path, subj: brain.BrainSubject, ses: str, session: brain.Session) -> None:
+    sid = f"sub-{subj.subject_id}"
+    anat = root / sid / f"ses-{ses}" / "anat"
+    common = {
+        "Simulated": True,
+        "GeneratedBy": [GENERATOR],
+        "AgeMonths": session.age_months,
+        "SimulationSeed": list(subj.seed),
+        "BrainScale": session.meta["BrainScale"],
+        "MeanWhiteMatterMyelinationT1": session.meta["MeanWhiteMatterMyelinationT1"],
+        "MeanWhiteMatterMyelinationT2": session.meta["MeanWhiteMatterMyelinationT2"],
+    }
+    for modality, image in session.images.items():
+        entities, suffix = bids_suffix(modality)
+        name = "_".join([sid, f"ses-{ses}", *(f"{k}-{v}" for k, v in entities.items()), suffix])
+        sidecar = {**session.meta["scans"][modality], **common}
+        save_image(image, anat / f"{name}.nii.gz", dtype=np.int16, sidecar=sidecar)
+    deriv = root / "derivatives" / "groundtruth" / sid / f"ses-{ses}" / "anat"
+    save_image(
+        session.labels,
+        deriv / f"{sid}_ses-{ses}_dseg.nii.gz",
+        dtype=np.uint8,
+        sidecar={**common, "LesionRadiusMm": session.meta["LesionRadiusMm"]},
+    )
+
+
+def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns, delimiter="\t", extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_top_level(root: Path, spec: CohortSpec, subjects: list[brain.BrainSubject]) -> None:
+    write_json(
+        root / "dataset_description.json",
+        {
+            "Name": "LongitudinalDiffusion simulated infant cohort (SIMULATED DATA)",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "raw",
+            "License": "Simulated from the ICBM 2009a template; see NOTICE-ICBM2009a.txt",
+            "GeneratedBy": [GENERATOR],
+            "Simulated": True,
+            "SimulationParameters": {
+                "seed": spec.seed,
+                "n_subjects": spec.n_subjects,
+                "shape": list(spec.shape),
+                "spacing_mm": list(spec.spacing),
+                "lesion_probability": spec.lesion_probability,
+                "missing_visit_probability": spec.missing_visit_probability,
+            },
+        },
+    )
+    rows = [s.describe() for s in subjects]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    _write_tsv(root / "participants.tsv", rows, columns)
+    write_json(
+        root / "participants.json",
+        {
+            "sex": {"Description": "sex (simulated; male heads drawn 3 % larger)", "Levels": {"F": "female", "M": "male"}},
+            "size_factor": {"Description": "linear head/brain size relative to the cohort norm"},
+            "maturation_rate": {"Description": "speed of myelination relative to the norm (1 = typical)"},
+            "ventricle_offset_mm": {"Description": "ventricle size offset (template mm)"},
+            "lesion": {"Description": "whether a tumour-like focal lesion appears", "Levels": {"yes": "", "no": ""}},
+            "lesion_onset_months": {"Description": "age at which the lesion appears", "Units": "months"},
+        },
+    )
+    _write_tsv(
+        root / "derivatives" / "groundtruth" / "dseg.tsv",
+        [{"index": k, "name": v} for k, v in brain.BRAIN_LABELS.items()],
+        ["index", "name"],
+    )
+    write_json(
+        root / "derivatives" / "groundtruth" / "dataset_description.json",
+        {
+            "Name": "Ground-truth tissue labels of the simulated cohort",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [GENERATOR],
+            "Simulated": True,
+        },
+    )
+    (root / ".bidsignore").write_text("cardiac/\nNOTICE-ICBM2009a.txt\n", encoding="utf-8")
+    shutil.copyfile(TEMPLATE_DIR / "NOTICE.txt", root / "NOTICE-ICBM2009a.txt")
+    (root / "README.md").write_text(_README.format(n=spec.n_subjects, seed=spec.seed), encoding="utf-8")
+
+
+_README = """# Simulated infant cohort (SIMULATED DATA - not real patients)
+
+Made by `longdiff demo-data` (LongitudinalDiffusion) with {n} subjects and seed {seed}.
+
+* Anatomy: the ICBM 2009a template's tissue maps (see NOTICE-ICBM2009a.txt), deformed
+  smoothly per subject.
+* Ages: visits planned at 0.5, 3, 6, 9, 12, 18 and 24 months, scattered per subject
+  (`sub-*/sub-*_sessions.tsv`, units in the `_sessions.json` sidecar: months).
+* Development: brain growth, ventricles, and myelination from deep/posterior to
+  superficial/anterior white matter; relaxation times change with age and contrast follows
+  from the spin-echo and inversion-recovery signal equations (T1w, T2w, FLAIR,
+  contrast-enhanced T1w as `ce-gadolinium_T1w`), with a coil bias field and Rician noise.
+* Some subjects grow a tumour-like lesion (necrotic core, enhancing rim, oedema).
+* Ground-truth labels: `derivatives/groundtruth` (`dseg.tsv` names the values).
+* `cardiac/`: a beating-heart bSSFP phantom from end-diastole to end-systole.
+"""

@@ -1,0 +1,125 @@
+"""The ``longdiff`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from LongitudinalDiffusionLib.cli import main
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+TINY = ["--spacing", "6", "-q"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "cohort"
+    assert main(["-q", "demo-data", str(out), "--subjects", "2", "--spacing", "6", "--no-heart", "--lesions", "1"]) == 0
+    return out
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "demo-data", "info", "models", "complete-ages", "synthesize-modality", "interpolate"):
+        assert command in text
+    with pytest.raises(SystemExit):
+        main(["demo-data", "--help"])
+    assert "Deterministic by seed" in capsys.readouterr().out
+
+
+def test_module_runs_as_a_program():
+    done = subprocess.run(
+        [sys.executable, "-m", "LongitudinalDiffusionLib", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("longdiff ")
+    exe = shutil.which("longdiff")
+    if exe:  # the console script, when the package is installed (as by the set-up scripts)
+        assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout == done.stdout
+
+
+def test_demo_data_writes_a_bids_cohort_and_a_montage(tmp_path, capsys):
+    png = tmp_path / "first.png"
+    out = tmp_path / "c"
+    assert main(["-q", "demo-data", str(out), "--subjects", "1", "--spacing", "6", "--no-heart", "--montage", str(png)]) == 0
+    assert (out / "dataset_description.json").is_file()
+    assert len(list(out.glob("sub-001/ses-*/anat/*_T2w.nii.gz"))) == 7
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(png)
+    assert picture.shape[0] > 300 and picture.shape[1] > 600  # 5 rows x 7 ages
+    assert picture[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_info_shows_the_timepoints(dataset, capsys):
+    assert main(["info", str(dataset / "sub-002")]) == 0
+    out = capsys.readouterr().out
+    assert "sub-002: 28 images at 7 ages" in out
+    assert "SIMULATED DATA" in out
+    assert "months" in out
+    lines = [line for line in out.splitlines() if line.startswith("ses-")]
+    assert len(lines) == 28
+    assert "ce-gadolinium_T1w" in out and "27x32x27" in out and "6x6x6" in out
+
+    assert main(["info", str(dataset), "--subject", "001", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["subject_id"] == "sub-001" and len(data["timepoints"]) == 28
+
+
+def test_info_reads_a_manifest_of_real_images(tmp_path, capsys):
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / "t1.nii")
+    img = nib.load(tmp_path / "t1.nii")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].astype(np.float32), img.affine), tmp_path / "t2.nii.gz")
+    (tmp_path / "manifest.tsv").write_text("file\tage\tmodality\nt1.nii\t6\tT1w\nt2.nii.gz\t12\tt2\n")
+    png = tmp_path / "m.png"
+    assert main(["info", str(tmp_path / "manifest.tsv"), "--montage", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images at 2 ages" in out and "33x41x25" in out and "T2w" in out
+    assert png.stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "{tmp}/nowhere"], "nowhere: not found"),
+        (["complete-ages", "{data}/sub-001", "--ages", "-3", "--model", "m", "--out", "{tmp}/o"], "impossible age"),
+        (["complete-ages", "{data}/sub-001", "--ages", "30", "--model", "nope", "--out", "{tmp}/o"], "no model named 'nope'"),
+        (["synthesize-modality", "{data}/sub-001", "--session", "ses-01", "--modality", "PD", "--model", "m",
+          "--out", "{tmp}/o"], "unknown modality 'PD'"),
+        (["synthesize-modality", "{data}/sub-001", "--session", "ses-99", "--modality", "FLAIR", "--model", "m",
+          "--out", "{tmp}/o"], "not a session of sub-001"),
+        (["demo-data", "{data}", "--subjects", "1", *TINY], "not empty"),
+        (["interpolate", "{tmp}/a.nii.gz", "{tmp}/b.nii.gz", "--model", "m", "--out", "{tmp}/o"], "a.nii.gz: file not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_status_2(dataset, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, data=dataset) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longdiff: error: ") and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_lists_cards_from_the_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGDIFF_MODELS", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["models"]) == 0
+    assert "no models installed" in capsys.readouterr().out
+    (tmp_path / "tiny-ddm.json").write_text(json.dumps({"method": "ddm", "trained_on": {"simulated": True}}))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-ddm" in out and "ddm" in out and "yes" in out
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["models"]) == 2
+    assert "broken.json: model card is not valid JSON" in capsys.readouterr().err
