@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List a subject's timepoints (age, modality, shape, spacing). SUBJECT is a BIDS subject "
         "folder (sub-XX), a BIDS dataset (with --subject), or a manifest .tsv (columns file, age, modality).",
     )
-    p.add_argument("subject", type=Path, metavar="SUBJECT")
-    p.add_argument("--subject", dest="subject_id", metavar="ID", help="which subject, in a dataset or manifest")
+    _subject_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", type=Path, metavar="PNG", help="draw the subject across ages and modalities")
     p.set_defaults(func=cmd_info)
@@ -138,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a subject's missing timepoints",
         description="Generate the subject's images at ages it was not scanned.",
     )
-    p.add_argument("subject", type=Path, metavar="SUBJECT")
-    p.add_argument("--subject", dest="subject_id", metavar="ID")
+    _subject_arguments(p)
     p.add_argument("--ages", type=float, nargs="+", required=True, metavar="MONTHS", help="ages to generate (months)")
     _task_arguments(p)
     p.set_defaults(func=cmd_complete_ages)
@@ -149,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a missing modality of one session",
         description="Generate one modality of a session from the modalities it has.",
     )
-    p.add_argument("subject", type=Path, metavar="SUBJECT")
-    p.add_argument("--subject", dest="subject_id", metavar="ID")
+    _subject_arguments(p)
     p.add_argument("--session", required=True, help="session (e.g. ses-02) or age in months")
     p.add_argument("--modality", required=True, help="modality to generate: T1w, T2w, FLAIR or T1ce")
     _task_arguments(p)
@@ -168,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _task_arguments(p)
     p.set_defaults(func=cmd_interpolate)
     return parser
+
+
+def _subject_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("subject", type=Path, metavar="SUBJECT", help="BIDS subject or dataset folder, or manifest .tsv")
+    p.add_argument("--subject", dest="subject_id", metavar="ID", help="which subject, in a dataset or manifest")
 
 
 def _task_arguments(p: argparse.ArgumentParser) -> None:
