@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,14 @@ def _cohort_arguments(p: argparse.ArgumentParser, subjects: int) -> None:
         help="probability that an intermediate visit is missed, as in real studies (default 0: every visit present)",
     )
     p.add_argument("--no-heart", action="store_true", help="skip the beating-heart phantom")
+    jobs = min(4, os.cpu_count() or 1)
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=jobs,
+        metavar="N",
+        help=f"subjects simulated in parallel (default {jobs} here); the data do not depend on it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
 
 
@@ -221,7 +230,7 @@ def _write_cohort(args: argparse.Namespace, out: Path) -> Path:
     spec = _cohort_spec(args)
     progress, close = _progress_bar(args, "simulating")
     try:
-        write_cohort(out, spec, overwrite=args.overwrite, progress=progress)
+        write_cohort(out, spec, overwrite=args.overwrite, progress=progress, jobs=args.jobs)
     finally:
         close()
     return out
@@ -416,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LongitudinalDiffusionError as exc:
         print(f"longdiff: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `longdiff info ... | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
+        return 0
     except KeyboardInterrupt:
         print("longdiff: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130

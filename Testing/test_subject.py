@@ -637,3 +637,19 @@ def test_save_result_refuses_without_writing(tmp_path):
     write_text(tmp_path / "broken.json", "{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         load_provenance(tmp_path / "broken.json")
+
+
+def test_the_embedded_icbm_maps_load_through_a_manifest(tmp_path):
+    """Real files of another origin: the ICBM 2009a maps shipped inside the library."""
+    from LongitudinalDiffusionLib.demo.template import DATA
+
+    (tmp_path / "manifest.tsv").write_text(
+        "file\tage_years\tmodality\n"
+        f"{DATA / 'icbm2009a_gm.nii.gz'}\t30\tT1w\n"
+        f"{DATA / 'icbm2009a_wm.nii.gz'}\t30\tT2w\n"
+    )
+    subject = load_manifest(tmp_path / "manifest.tsv")
+    assert subject.ages() == [360.0]
+    gm = subject.get(360, "T1w").image
+    assert gm.shape == (155, 192, 161) and gm.spacing == (1.0, 1.0, 1.0) and gm.orientation == "RAS"
+    assert 0 <= gm.array.min() and gm.array.max() == 255

@@ -20,6 +20,7 @@ import csv
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def write_cohort(
     *,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Simulate the cohort and write it as a BIDS dataset at ``out``.
 
@@ -82,7 +84,10 @@ def write_cohort(
         out: the dataset folder to create. Must not exist (or be empty) unless ``overwrite``.
         spec: what to simulate.
         overwrite: replace an existing dataset at ``out``.
-        progress: called as ``progress(what, done, total)`` after each session.
+        progress: called as ``progress(what, done, total)`` after each session (after
+            each subject when ``jobs > 1``).
+        jobs: worker processes; subjects are simulated in parallel when more than 1. The
+            dataset is the same whatever ``jobs`` is.
 
     Returns:
         the dataset folder.
@@ -95,7 +100,7 @@ def write_cohort(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write(work, spec, progress)
+        _write(work, spec, progress, jobs)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -105,45 +110,78 @@ def write_cohort(
     return out
 
 
-def _write(root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None) -> None:
-    subjects = [
-        brain.draw_subject(
-            np.random.default_rng([spec.seed, i]),
-            subject_id(i),
-            lesion_probability=spec.lesion_probability,
-            missing_visit_probability=spec.missing_visit_probability,
-            seed=(spec.seed, i),
-        )
-        for i in range(spec.n_subjects)
-    ]
+def _draw(spec: CohortSpec, index: int) -> brain.BrainSubject:
+    return brain.draw_subject(
+        np.random.default_rng([spec.seed, index]),
+        subject_id(index),
+        lesion_probability=spec.lesion_probability,
+        missing_visit_probability=spec.missing_visit_probability,
+        seed=(spec.seed, index),
+    )
+
+
+def _write(
+    root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None, jobs: int
+) -> None:
+    subjects = [_draw(spec, i) for i in range(spec.n_subjects)]
     total = sum(len(s.ages) for s in subjects) + (1 if spec.heart else 0)
     done = 0
+
+    def tick(what: str, n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(what, done, total)
+
     _write_top_level(root, spec, subjects)
-    for subj in subjects:
-        sessions = []
-        for k, age in enumerate(subj.ages):
-            ses = f"{k + 1:02d}"
-            rng = np.random.default_rng([spec.seed, int(subj.subject_id), k, 7])
-            session = brain.simulate_session(subj, age, rng, shape=spec.shape, spacing=spec.spacing)
-            _write_session(root, subj, ses, session)
-            sessions.append({"session_id": f"ses-{ses}", "age": age})
-            done += 1
-            if progress:
-                progress(f"sub-{subj.subject_id} ses-{ses} ({age:g} months)", done, total)
-        sub_dir = root / f"sub-{subj.subject_id}"
-        _write_tsv(sub_dir / f"sub-{subj.subject_id}_sessions.tsv", sessions, ["session_id", "age"])
-        write_json(
-            sub_dir / f"sub-{subj.subject_id}_sessions.json",
-            {"age": {"Description": "age at scan (postnatal, simulated)", "Units": "months"}},
-        )
+    if jobs > 1 and spec.n_subjects > 1:
+        # Subjects are independent and seeded by index: the result does not depend on jobs.
+        with ProcessPoolExecutor(max_workers=min(jobs, spec.n_subjects), mp_context=_mp_context()) as pool:
+            futures = {pool.submit(_write_subject_by_index, root, spec, i): i for i in range(spec.n_subjects)}
+            for future in as_completed(futures):
+                subj = subjects[futures[future]]
+                future.result()
+                tick(f"sub-{subj.subject_id} ({len(subj.ages)} sessions)", len(subj.ages))
+    else:
+        for subj in subjects:
+            _write_subject(root, spec, subj, tick)
     if spec.heart:
         from .heart import simulate_heart, write_heart
 
         cine = simulate_heart(np.random.default_rng([spec.seed, 1_000_000]), n_frames=spec.heart_frames)
         write_heart(cine, root / "cardiac", "heart01")
-        done += 1
-        if progress:
-            progress("cardiac phantom", done, total)
+        tick("cardiac phantom")
+
+
+def _mp_context():
+    import multiprocessing
+
+    # "spawn" everywhere: forking a process that holds torch/OpenMP threads can hang.
+    return multiprocessing.get_context("spawn")
+
+
+def _write_subject_by_index(root: Path, spec: CohortSpec, index: int) -> None:
+    _write_subject(root, spec, _draw(spec, index), None)
+
+
+def _write_subject(
+    root: Path, spec: CohortSpec, subj: brain.BrainSubject, tick: Callable[[str], None] | None
+) -> None:
+    sessions = []
+    for k, age in enumerate(subj.ages):
+        ses = f"{k + 1:02d}"
+        rng = np.random.default_rng([spec.seed, int(subj.subject_id), k, 7])
+        session = brain.simulate_session(subj, age, rng, shape=spec.shape, spacing=spec.spacing)
+        _write_session(root, subj, ses, session)
+        sessions.append({"session_id": f"ses-{ses}", "age": age})
+        if tick:
+            tick(f"sub-{subj.subject_id} ses-{ses} ({age:g} months)")
+    sub_dir = root / f"sub-{subj.subject_id}"
+    _write_tsv(sub_dir / f"sub-{subj.subject_id}_sessions.tsv", sessions, ["session_id", "age"])
+    write_json(
+        sub_dir / f"sub-{subj.subject_id}_sessions.json",
+        {"age": {"Description": "age at scan (postnatal, simulated)", "Units": "months"}},
+    )
 
 
 def _write_session(root: Path, subj: brain.BrainSubject, ses: str, session: brain.Session) -> None:
