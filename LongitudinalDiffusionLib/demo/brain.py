@@ -344,7 +344,7 @@ def simulate_session(
         snr = rng.uniform(22.0, 40.0)
         bias = physics.bias_field(rng, shape).reshape(-1)
         sigma = 1000.0 / snr
-        noisy = physics.rician(rng, clean * gain * bias, sigma)
+        noisy = physics.rician(rng, (clean * gain * bias).astype(np.float32), sigma)
         images[name] = Image(noisy.reshape(shape).astype(np.float32), affine.copy())
         scan_meta[name] = {**seq.bids_sidecar(), "SimulatedSNR": round(float(snr), 2)}
 

@@ -70,6 +70,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..imaging import Image, atomic_write, save_image, write_json
+from .physics import rician
 
 __all__ = [
     "HEART_LABELS",
@@ -685,9 +686,7 @@ def simulate_heart(
         _paint_heart(canvas, h, grid, local, apex, axes)
         fractions = canvas.fractions
         clean = np.tensordot(tissue_signal, fractions, axes=1) * bias
-        real = clean + np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
-        imag = np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
-        magnitude = np.sqrt(real * real + imag * imag)
+        magnitude = rician(rng, clean.astype(np.float32, copy=False), sigma)
 
         lvb, lvm, rvb = canvas.tracked["lv_blood"], canvas.tracked["lv_myo"], canvas.tracked["rv"]
         label = np.argmax(np.stack([1.0 - lvb - lvm - rvb, lvb, lvm, rvb]), axis=0).astype(np.uint8)
