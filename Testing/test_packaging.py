@@ -63,3 +63,17 @@ def test_library_never_imports_slicer_qt_or_vtk():
     bad = re.compile(r"^\s*(import|from)\s+(slicer|qt|ctk|vtk|vtkmodules)\b", re.M)
     offenders = [p.name for p in (ROOT / "LongitudinalDiffusionLib").rglob("*.py") if bad.search(p.read_text())]
     assert offenders == []
+
+
+def test_loaders_and_simulator_do_not_need_torch():
+    """Subjects load and the cohort simulates before torch is installed (e.g. in a fresh Slicer)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import LongitudinalDiffusionLib.cli, LongitudinalDiffusionLib.subject, "
+        "LongitudinalDiffusionLib.demo.cohort, LongitudinalDiffusionLib.figures; "
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
