@@ -153,6 +153,22 @@ def test_brain_grows_and_ventricles_shrink_relative_to_it():
     assert vols[3] / vols[0] == pytest.approx(expected, rel=0.15)
 
 
+def test_newborn_volumes_are_those_of_a_newborn_and_grey_matter_outgrows_white():
+    """About 500 ml of brain tissue at birth, 930 ml at one year (Knickmeyer et al. 2008:
+    458 and 900 ml), and a cortex that thickens: grey matter grows faster than white."""
+    subject = brain.draw_subject(np.random.default_rng([8, 1]), "x", lesion_probability=0.0)
+    ml = {}
+    for age in (0.5, 12.0):
+        fr, _, _ = brain.tissue_fractions(subject, age, **MEDIUM)
+        voxel_ml = np.prod(MEDIUM["spacing"]) / 1000
+        ml[age] = {t: float(fr[t].sum()) * voxel_ml for t in ("gm", "wm")}
+    newborn, one = (sum(ml[a].values()) for a in (0.5, 12.0))
+    assert 400 < newborn < 620 and 800 < one < 1100, ml
+    gm_growth = ml[12.0]["gm"] / ml[0.5]["gm"]
+    wm_growth = ml[12.0]["wm"] / ml[0.5]["wm"]
+    assert gm_growth > wm_growth + 0.2, ml
+
+
 def test_nothing_half_made_is_left_behind(tmp_path):
     out = tmp_path / "cohort"
 

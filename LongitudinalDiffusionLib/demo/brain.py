@@ -177,6 +177,11 @@ def _draw_lesion(rng: np.random.Generator, tpl: Template) -> Lesion:
     )
 
 
+def subject_scale(subject: BrainSubject, age: float) -> float:
+    """Linear size of ``subject``'s brain at ``age`` relative to the template's."""
+    return float(dev.brain_scale(age, subject.size_factor, load_template().tissue_ml))
+
+
 def output_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """RAS affine of the scan grid, centred on the head (world origin at the FOV centre)."""
     aff = np.diag([*spacing, 1.0])
@@ -216,13 +221,17 @@ def tissue_fractions(
     ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
     world = affine[:3, :3] @ ijk + affine[:3, 3:4]
 
-    scale = float(dev.brain_scale(age, subject.size_factor))
+    scale = subject_scale(subject, age)
     q = tpl.centre_mm[:, None] + np.linalg.inv(subject.pose) @ world / scale
-    # Ventricle change: sample the template closer to the ventricles -> bigger ventricles.
-    excess = float(dev.ventricle_excess_mm(age, subject.ventricle_offset_mm))
+    # Ventricles and the grey/white interface change with age: sampling the template
+    # closer to a structure makes it bigger (relatively large ventricles and white matter,
+    # thin cortex in the newborn).
     vq = tpl.world_to_voxel(q)
-    push = np.stack([_sample(tpl.ventricle_push[c], vq) for c in range(3)])
-    q = q + excess * push
+    for field, excess in (
+        (tpl.ventricle_push, dev.ventricle_excess_mm(age, subject.ventricle_offset_mm)),
+        (tpl.white_matter_push, dev.white_matter_excess_mm(age)),
+    ):
+        q = q + float(excess) * np.stack([_sample(field[c], vq) for c in range(3)])
     # The subject's own anatomy: a smooth random deformation of the template.
     wv = (q - subject.warp_origin_mm[:, None]) / _WARP_SPACING_MM
     p = q + np.stack([_sample(subject.warp[c], wv, order=1) for c in range(3)])
@@ -234,7 +243,7 @@ def tissue_fractions(
     maturation = _sample(tpl.maturation, vox)
     outside = _sample(tpl.outside_mm, vox)
     # Beyond the template's box (sideways, forwards, upwards) keep counting the distance;
-    # downwards the brainstem column continues, like a neck.
+    # downwards the column under the template's lowest slice becomes the neck (below).
     lim = np.array(tpl.shape, dtype=np.float32)[:, None] - 1
     beyond = np.maximum(vox - lim, 0) + np.maximum(-vox, 0)
     beyond[2] = np.maximum(vox[2] - lim[2, 0], 0)
@@ -254,12 +263,17 @@ def tissue_fractions(
     shells = [1.0 - cum[0]] + [cum[i] - cum[i + 1] for i in range(len(cum) - 1)]
     extra_csf, dura, skull, scalp, muscle = (rest * s for s in shells)
 
+    # The template ends at the foramen magnum: below it there is no brain but a neck,
+    # muscle wrapped in the scalp's fat and skin.
+    neck = _ramp(-vox[2], width)
+    keep = 1.0 - neck
+    muscle = muscle + neck * (brain + extra_csf + dura + skull)
     fractions = {
-        "csf": csf + extra_csf,
-        "gm": gm,
-        "wm": wm,
-        "dura": dura,
-        "bone": skull,
+        "csf": (csf + extra_csf) * keep,
+        "gm": gm * keep,
+        "wm": wm * keep,
+        "dura": dura * keep,
+        "bone": skull * keep,
         "scalp": scalp,
         "muscle": muscle,
     }
@@ -351,10 +365,10 @@ def simulate_session(
     labels = _labels(fr, shape)
     meta = {
         "AgeMonths": age,
-        "BrainScale": round(float(dev.brain_scale(age, subject.size_factor)), 4),
+        "BrainScale": round(subject_scale(subject, age), 4),
         "MeanWhiteMatterMyelinationT1": round(float((m1 * fr["wm"]).sum() / max(fr["wm"].sum(), 1e-6)), 4),
         "MeanWhiteMatterMyelinationT2": round(float((m2 * fr["wm"]).sum() / max(fr["wm"].sum(), 1e-6)), 4),
-        "LesionRadiusMm": round(subject.lesion.radius_at(age) * float(dev.brain_scale(age, subject.size_factor)), 2)
+        "LesionRadiusMm": round(subject.lesion.radius_at(age) * subject_scale(subject, age), 2)
         if subject.lesion
         else 0.0,
         "scans": scan_meta,

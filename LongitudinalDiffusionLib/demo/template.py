@@ -31,6 +31,9 @@ class Template:
         ventricles: bool mask of the lateral ventricles.
         ventricle_push: (3, I, J, K) unit-scaled field pointing into the ventricles; sampling
             the template at ``x + d * push(x)`` grows the ventricles by about ``d`` mm.
+        white_matter_push: (3, I, J, K) the same for white matter, largest at the grey/white
+            interface: sampling at ``x + d * push(x)`` moves the interface outwards (thinner
+            cortex) by about ``d`` mm.
         maturation: in [0, 1]; 0 myelinates first (deep, posterior, inferior white matter),
             1 last (frontal, subcortical): the central-to-peripheral, posterior-to-anterior
             order of infant myelination.
@@ -45,12 +48,19 @@ class Template:
     outside_mm: np.ndarray
     ventricles: np.ndarray
     ventricle_push: np.ndarray
+    white_matter_push: np.ndarray
     maturation: np.ndarray
     centre_mm: np.ndarray
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.gm.shape
+
+    @functools.cached_property
+    def tissue_ml(self) -> float:
+        """Grey plus white matter volume of the template (ml)."""
+        voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        return float((self.gm.sum(dtype=np.float64) + self.wm.sum(dtype=np.float64)) * voxel_ml)
 
     def world_to_voxel(self, points_mm: np.ndarray) -> np.ndarray:
         """(3, N) MNI mm -> (3, N) template voxel coordinates."""
@@ -65,6 +75,13 @@ def _read(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _voxel_mm(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return affine[:3, :3] @ ijk + affine[:3, 3:4]
+
+
+def _unit_push(indicator: np.ndarray, sigma_mm: float) -> np.ndarray:
+    """Gradient of a blurred indicator, scaled so that its strongest point has length 1."""
+    push = np.stack(np.gradient(ndimage.gaussian_filter(indicator, sigma_mm))).astype(np.float32)
+    push /= max(float(np.sqrt((push**2).sum(0)).max()), 1e-6)
+    return push
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,9 +112,8 @@ def load_template() -> Template:
         sizes = ndimage.sum(cand, lab, index=np.arange(1, n + 1))
         keep = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
         ventricles = np.isin(lab, keep)
-    phi = ndimage.gaussian_filter(ventricles.astype(np.float32), 2.5)
-    push = np.stack(np.gradient(phi)).astype(np.float32)
-    push /= max(float(np.sqrt((push**2).sum(0)).max()), 1e-6)
+    push = _unit_push(ventricles.astype(np.float32), 2.5)
+    wm_push = _unit_push(wm, 1.5)
 
     # Maturation coordinate: depth below the cortex, anterior position, inferior position.
     depth = ndimage.distance_transform_edt(mask_u8 > 0)
@@ -115,6 +131,7 @@ def load_template() -> Template:
         outside_mm=outside_mm,
         ventricles=ventricles,
         ventricle_push=push,
+        white_matter_push=wm_push,
         maturation=maturation,
         centre_mm=centre,
     )
