@@ -158,10 +158,7 @@ def draw_subject(
 
 
 def _draw_lesion(rng: np.random.Generator, tpl: Template) -> Lesion:
-    # Centre in deep white matter, away from the cortex and the ventricles.
-    ok = (tpl.wm > 0.9) & ~ndimage.binary_dilation(tpl.ventricles, iterations=6)
-    ok &= ndimage.distance_transform_edt(tpl.brain > 0.5) > 22
-    cand = np.argwhere(ok)
+    cand = tpl.lesion_sites
     ijk = cand[rng.integers(len(cand))].astype(np.float64)
     centre = tpl.affine[:3, :3] @ ijk + tpl.affine[:3, 3]
     dirs = rng.normal(0, 1, (4, 3))

@@ -62,6 +62,14 @@ class Template:
         voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
         return float((self.gm.sum(dtype=np.float64) + self.wm.sum(dtype=np.float64)) * voxel_ml)
 
+    @functools.cached_property
+    def lesion_sites(self) -> np.ndarray:
+        """(N, 3) voxel indices where a lesion may be centred: deep white matter, more
+        than 22 mm from the brain surface and 6 mm from the ventricles."""
+        ok = (self.wm > 0.9) & ~ndimage.binary_dilation(self.ventricles, iterations=6)
+        ok &= ndimage.distance_transform_edt(self.brain > 0.5) > 22
+        return np.argwhere(ok)
+
     def world_to_voxel(self, points_mm: np.ndarray) -> np.ndarray:
         """(3, N) MNI mm -> (3, N) template voxel coordinates."""
         inv = np.linalg.inv(self.affine)
