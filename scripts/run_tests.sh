@@ -4,6 +4,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$here/scripts/setup_env.sh" test
+bash "$here/scripts/setup_tools.sh"
 venv="${LONGDIFF_VENV:-$here/.venv}"
 cd "$here"
 export MPLBACKEND=Agg

@@ -213,7 +213,10 @@ def _write_session(root: Path, subj: brain.BrainSubject, ses: str, session: brai
 def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, columns, delimiter="\t", extrasaction="ignore", lineterminator="\n")
+        # BIDS marks a missing value "n/a", never an empty cell.
+        writer = csv.DictWriter(
+            fh, columns, delimiter="\t", extrasaction="ignore", lineterminator="\n", restval="n/a"
+        )
         writer.writeheader()
         writer.writerows(rows)
 
@@ -225,6 +228,7 @@ def _write_top_level(root: Path, spec: CohortSpec, subjects: list[brain.BrainSub
             "Name": "LongitudinalDiffusion simulated infant cohort (SIMULATED DATA)",
             "BIDSVersion": "1.10.0",
             "DatasetType": "raw",
+            "Authors": ["LongitudinalDiffusion simulator (simulated data, no human subjects)"],
             "License": "Simulated from the ICBM 2009a template; see NOTICE-ICBM2009a.txt",
             "GeneratedBy": [GENERATOR],
             "Simulated": True,
