@@ -42,6 +42,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -53,18 +60,26 @@ def _cohort_arguments(p: argparse.ArgumentParser, subjects: int) -> None:
     p.add_argument("--subjects", type=_positive_int, default=subjects, help=f"number of subjects (default {subjects})")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cohort (default 0)")
     p.add_argument(
-        "--spacing", type=float, default=2.0, metavar="MM", help="isotropic voxel size in mm (default 2; 1 for 160x192x160)"
+        "--spacing",
+        type=_positive_float,
+        default=2.0,
+        metavar="MM",
+        help="isotropic voxel size in mm (default 2; 1 for 160x192x160)",
     )
     p.add_argument(
         "--fov",
-        type=float,
+        type=_positive_float,
         nargs=3,
         default=(160.0, 192.0, 160.0),
         metavar=("X", "Y", "Z"),
         help="field of view in mm, left-right, posterior-anterior, inferior-superior (default 160 192 160)",
     )
     p.add_argument(
-        "--lesions", type=_fraction, default=0.3, metavar="P", help="fraction of subjects with a focal lesion (default 0.3)"
+        "--lesions",
+        type=_fraction,
+        default=0.3,
+        metavar="P",
+        help="fraction of subjects with a focal lesion (default 0.3)",
     )
     p.add_argument(
         "--missing-visits",
@@ -210,8 +225,6 @@ def _cohort_spec(args: argparse.Namespace):
     from .demo.cohort import CohortSpec
 
     spacing = float(args.spacing)
-    if spacing <= 0:
-        raise LongitudinalDiffusionError(f"--spacing must be positive, got {spacing}")
     shape = tuple(max(8, int(round(f / spacing))) for f in args.fov)
     return CohortSpec(
         n_subjects=args.subjects,
@@ -247,7 +260,9 @@ def _subject_montage(subject, png: Path) -> Path:
         if tp.labels is not None and tp.age not in labels:
             labels[tp.age] = load_image(tp.labels, dtype=np.int16)
     simulated = _is_simulated(subject)
-    return montage_from_timepoints(subject.timepoints, png, title=subject.subject_id, simulated=simulated, labels=labels)
+    return montage_from_timepoints(
+        subject.timepoints, png, title=subject.subject_id, simulated=simulated, labels=labels
+    )
 
 
 def _is_simulated(subject) -> bool:
@@ -369,25 +384,25 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"  {p}")
         return 0
     _print_table(
-        [{"name": m.name, "method": m.method, "simulated": "yes" if m.simulated else "no", "path": m.path} for m in models],
+        [
+            {"name": m.name, "method": m.method, "simulated": "yes" if m.simulated else "no", "path": m.path}
+            for m in models
+        ],
         [("name", "name"), ("method", "method"), ("simulated", "trained on simulated data"), ("path", "card")],
     )
     return 0
 
 
 def cmd_complete_ages(args: argparse.Namespace) -> int:
-    from .catalog import find_model
     from .subject import load_subject, parse_age
 
-    subject = load_subject(args.subject, subject=args.subject_id)
+    load_subject(args.subject, subject=args.subject_id)
     for age in args.ages:
         parse_age(age, "months", "--ages")
-    find_model(args.model)
-    raise LongitudinalDiffusionError("the diffusion engine is not installed in this version")
+    return _run_task(args)
 
 
 def cmd_synthesize_modality(args: argparse.Namespace) -> int:
-    from .catalog import find_model
     from .subject import load_subject, parse_modality
 
     subject = load_subject(args.subject, subject=args.subject_id)
@@ -396,17 +411,22 @@ def cmd_synthesize_modality(args: argparse.Namespace) -> int:
         raise LongitudinalDiffusionError(
             f"--session {args.session}: not a session of {subject.subject_id} ({', '.join(subject.sessions())})"
         )
-    find_model(args.model)
-    raise LongitudinalDiffusionError("the diffusion engine is not installed in this version")
+    return _run_task(args)
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    from .catalog import find_model
     from .imaging import load_image
 
     source, target = load_image(args.source), load_image(args.target)
     if not source.same_geometry(target):
         log.warning("source and target geometries differ; the target will be resampled onto the source")
+    return _run_task(args)
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    """Checked input meets its model; the diffusion engine that runs it is not part of this version."""
+    from .catalog import find_model
+
     find_model(args.model)
     raise LongitudinalDiffusionError("the diffusion engine is not installed in this version")
 
@@ -426,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"longdiff: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `longdiff info ... | head`: the reader left, not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
+        sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
         print("longdiff: interrupted; nothing half-written was kept", file=sys.stderr)

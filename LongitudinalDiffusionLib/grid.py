@@ -175,9 +175,7 @@ class ModelGrid:
         center = None
         if self.center == "foreground":
             center = _foreground_center(array, affine, threshold)
-        return grid_affine(
-            affine, array.shape, self.shape, self.spacing, orientation=self.orientation, center=center
-        )
+        return grid_affine(affine, array.shape, self.shape, self.spacing, orientation=self.orientation, center=center)
 
     def _percentile_values(self, array: np.ndarray) -> tuple[float, float]:
         lo, hi = np.percentile(array, self.percentiles)

@@ -64,7 +64,7 @@ class Image:
         """Axis codes such as ``"RAS"`` or ``"LPS"`` (closest anatomical directions)."""
         return "".join(nib.aff2axcodes(self.affine))
 
-    def same_geometry(self, other: "Image", atol: float = 1e-4) -> bool:
+    def same_geometry(self, other: Image, atol: float = 1e-4) -> bool:
         """True when both images share shape and affine (within ``atol`` mm)."""
         return self.shape[:3] == other.shape[:3] and np.allclose(self.affine, other.affine, atol=atol)
 

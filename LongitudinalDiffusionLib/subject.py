@@ -28,11 +28,12 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,20 @@ _MODALITY_ALIASES: dict[str, Modality] = {
     **dict.fromkeys(("flair", "t2flair", "t2wflair", "flairt2", "flairw"), Modality.FLAIR),
     **dict.fromkeys(
         (
-            "t1ce", "t1c", "t1gd", "t1gad", "t1wce", "t1wgd", "t1post", "t1wpost",
-            "t1contrast", "t1enhanced", "cet1", "cet1w", "gdt1", "gdt1w",
+            "t1ce",
+            "t1c",
+            "t1gd",
+            "t1gad",
+            "t1wce",
+            "t1wgd",
+            "t1post",
+            "t1wpost",
+            "t1contrast",
+            "t1enhanced",
+            "cet1",
+            "cet1w",
+            "gdt1",
+            "gdt1w",
         ),
         Modality.T1CE,
     ),
@@ -379,8 +392,7 @@ class Subject:
             if a.modality is b.modality and abs(a.age - b.age) <= self.AGE_TOL:
                 raise InputError(
                     where,
-                    f"two {a.modality.value} images at age {a.age_label}: {_name(a)} and {_name(b)}; "
-                    "keep one of them",
+                    f"two {a.modality.value} images at age {a.age_label}: {_name(a)} and {_name(b)}; keep one of them",
                 )
 
     def ages(self) -> list[float]:
@@ -514,7 +526,7 @@ def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             header = cells
             continue
         if len(cells) > len(header):
-            if any(cells[len(header):]):
+            if any(cells[len(header) :]):
                 raise InputError(
                     f"{path}, row {number}", f"{len(cells)} cells but the header has {len(header)} columns"
                 )
@@ -631,7 +643,7 @@ def load_manifest(path: str | os.PathLike, *, subject_id: str | None = None) -> 
     for number, cells in rows:
         where = f"{path}, row {number}"
 
-        def cell(name: str) -> str:
+        def cell(name: str, cells: list[str] = cells) -> str:
             return cells[col[name]] if name in col else ""
 
         unit_cell = cell("age_unit")
@@ -691,7 +703,7 @@ def _resolve(base: Path, text: str) -> Path:
 
 def _strip_prefix(text: str, prefix: str) -> str:
     text = str(text).strip()
-    return text[len(prefix):] if text.startswith(prefix) else text
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 # -------------------------------------------------------------------------------- BIDS
@@ -738,8 +750,10 @@ def load_bids_subject(path: str | os.PathLike, *, subject: str | None = None) ->
     else:
         subjects = sorted(p.name for p in path.glob("sub-*") if p.is_dir())
         if len(subjects) != 1:
-            problem = "no sub-* folders: not a BIDS dataset or subject folder" if not subjects else (
-                f"the dataset has several subjects ({', '.join(subjects)}); pass subject= to pick one"
+            problem = (
+                "no sub-* folders: not a BIDS dataset or subject folder"
+                if not subjects
+                else (f"the dataset has several subjects ({', '.join(subjects)}); pass subject= to pick one")
             )
             raise InputError(path, problem)
         subdir, root, label = path / subjects[0], path, subjects[0][4:]
@@ -783,9 +797,7 @@ def load_bids_subject(path: str | os.PathLike, *, subject: str | None = None) ->
         raise InputError(subdir, "no ses-* session folders; a longitudinal subject needs sessions")
     for folder in folders:
         if folder.name not in ages:
-            raise InputError(
-                tsv, f"session folder {folder.name} is not listed in sessions.tsv, so its age is unknown"
-            )
+            raise InputError(tsv, f"session folder {folder.name} is not listed in sessions.tsv, so its age is unknown")
     for session in ages:
         if not (subdir / session).is_dir():
             logger.warning("%s: session %s is listed but has no folder; skipped", tsv, session)

@@ -38,7 +38,9 @@ def test_cohort_passes_the_bids_validator(tmp_path):
     )
     done = subprocess.run([exe, str(out), "--json"], capture_output=True, text=True, timeout=300)
     report = json.loads(done.stdout)
-    errors = [(e["key"], [f["file"]["relativePath"] for f in e.get("files", [])][:3]) for e in report["issues"]["errors"]]
+    errors = [
+        (e["key"], [f["file"]["relativePath"] for f in e.get("files", [])][:3]) for e in report["issues"]["errors"]
+    ]
     assert errors == []
     summary = report["summary"]
     assert summary["subjects"] == ["001", "002"]

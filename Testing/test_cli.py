@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +50,10 @@ def test_module_runs_as_a_program():
 def test_demo_data_writes_a_bids_cohort_and_a_montage(tmp_path, capsys):
     png = tmp_path / "first.png"
     out = tmp_path / "c"
-    assert main(["-q", "demo-data", str(out), "--subjects", "1", "--spacing", "6", "--no-heart", "--montage", str(png)]) == 0
+    assert (
+        main(["-q", "demo-data", str(out), "--subjects", "1", "--spacing", "6", "--no-heart", "--montage", str(png)])
+        == 0
+    )
     assert (out / "dataset_description.json").is_file()
     assert len(list(out.glob("sub-001/ses-*/anat/*_T2w.nii.gz"))) == 7
     import matplotlib.image
@@ -93,13 +95,45 @@ def test_info_reads_a_manifest_of_real_images(tmp_path, capsys):
     [
         (["info", "{tmp}/nowhere"], "nowhere: not found"),
         (["complete-ages", "{data}/sub-001", "--ages", "-3", "--model", "m", "--out", "{tmp}/o"], "impossible age"),
-        (["complete-ages", "{data}/sub-001", "--ages", "30", "--model", "nope", "--out", "{tmp}/o"], "no model named 'nope'"),
-        (["synthesize-modality", "{data}/sub-001", "--session", "ses-01", "--modality", "PD", "--model", "m",
-          "--out", "{tmp}/o"], "unknown modality 'PD'"),
-        (["synthesize-modality", "{data}/sub-001", "--session", "ses-99", "--modality", "FLAIR", "--model", "m",
-          "--out", "{tmp}/o"], "not a session of sub-001"),
+        (
+            ["complete-ages", "{data}/sub-001", "--ages", "30", "--model", "nope", "--out", "{tmp}/o"],
+            "no model named 'nope'",
+        ),
+        (
+            [
+                "synthesize-modality",
+                "{data}/sub-001",
+                "--session",
+                "ses-01",
+                "--modality",
+                "PD",
+                "--model",
+                "m",
+                "--out",
+                "{tmp}/o",
+            ],
+            "unknown modality 'PD'",
+        ),
+        (
+            [
+                "synthesize-modality",
+                "{data}/sub-001",
+                "--session",
+                "ses-99",
+                "--modality",
+                "FLAIR",
+                "--model",
+                "m",
+                "--out",
+                "{tmp}/o",
+            ],
+            "not a session of sub-001",
+        ),
         (["demo-data", "{data}", "--subjects", "1", *TINY], "not empty"),
-        (["interpolate", "{tmp}/a.nii.gz", "{tmp}/b.nii.gz", "--model", "m", "--out", "{tmp}/o"], "a.nii.gz: file not found"),
+        (
+            ["interpolate", "{tmp}/a.nii.gz", "{tmp}/b.nii.gz", "--model", "m", "--out", "{tmp}/o"],
+            "a.nii.gz: file not found",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_status_2(dataset, tmp_path, capsys, argv, message):

@@ -145,7 +145,7 @@ def test_brain_grows_and_ventricles_shrink_relative_to_it():
         ses = brain.simulate_session(subject, age, np.random.default_rng(0), modalities=("T1w",), **MEDIUM)
         lab = ses.labels.array
         voxel_ml = np.prod(MEDIUM["spacing"]) / 1000
-        vols.append(((np.isin(lab, (2, 3))).sum() * voxel_ml))
+        vols.append((np.isin(lab, (2, 3))).sum() * voxel_ml)
     assert all(b > a for a, b in zip(vols, vols[1:])), vols
     # Brain tissue roughly doubles in the first year (Knickmeyer et al. 2008).
     assert 1.6 < vols[2] / vols[0] < 2.6, vols

@@ -644,9 +644,7 @@ def test_the_embedded_icbm_maps_load_through_a_manifest(tmp_path):
     from LongitudinalDiffusionLib.demo.template import DATA
 
     (tmp_path / "manifest.tsv").write_text(
-        "file\tage_years\tmodality\n"
-        f"{DATA / 'icbm2009a_gm.nii.gz'}\t30\tT1w\n"
-        f"{DATA / 'icbm2009a_wm.nii.gz'}\t30\tT2w\n"
+        f"file\tage_years\tmodality\n{DATA / 'icbm2009a_gm.nii.gz'}\t30\tT1w\n{DATA / 'icbm2009a_wm.nii.gz'}\t30\tT2w\n"
     )
     subject = load_manifest(tmp_path / "manifest.tsv")
     assert subject.ages() == [360.0]

@@ -1,6 +1,6 @@
 """Print the white/grey-matter contrast of one simulated subject across ages (docs table).
 
-    python scripts/contrast_table.py [--seed 0] [--subject 1]
+python scripts/contrast_table.py [--seed 0] [--subject 1]
 """
 
 from __future__ import annotations

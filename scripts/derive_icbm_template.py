@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nilearn.datasets import load_mni152_gm_template  # noqa: F401  (locates the data folder)
+from nilearn.datasets import load_mni152_gm_template
 
 SRC = Path(load_mni152_gm_template.__code__.co_filename).parent / "data"
 OUT = Path(__file__).resolve().parents[1] / "LongitudinalDiffusionLib" / "demo" / "data" / "icbm2009a"

@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from LongitudinalDiffusionLib.cli import main as longdiff
 from LongitudinalDiffusionLib.figures import axial_display, to_ras, window
 from LongitudinalDiffusionLib.subject import load_bids_subject

@@ -132,11 +132,7 @@ def draw_subject(
         else:
             age = visit + rng.normal(0.0, 0.3)
         ages.append(float(np.clip(round(age, 2), 0.0, dev.MAX_AGE_MONTHS)))
-    keep = [
-        a
-        for i, a in enumerate(ages)
-        if i in (0, len(ages) - 1) or rng.uniform() >= missing_visit_probability
-    ]
+    keep = [a for i, a in enumerate(ages) if i in (0, len(ages) - 1) or rng.uniform() >= missing_visit_probability]
 
     lesion = None
     if rng.uniform() < lesion_probability:
@@ -224,11 +220,11 @@ def tissue_fractions(
     # closer to a structure makes it bigger (relatively large ventricles and white matter,
     # thin cortex in the newborn).
     vq = tpl.world_to_voxel(q)
-    for field, excess in (
+    for push, excess in (
         (tpl.ventricle_push, dev.ventricle_excess_mm(age, subject.ventricle_offset_mm)),
         (tpl.white_matter_push, dev.white_matter_excess_mm(age)),
     ):
-        q = q + float(excess) * np.stack([_sample(field[c], vq) for c in range(3)])
+        q = q + float(excess) * np.stack([_sample(push[c], vq) for c in range(3)])
     # The subject's own anatomy: a smooth random deformation of the template.
     wv = (q - subject.warp_origin_mm[:, None]) / _WARP_SPACING_MM
     p = q + np.stack([_sample(subject.warp[c], wv, order=1) for c in range(3)])

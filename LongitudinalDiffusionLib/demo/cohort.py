@@ -120,9 +120,7 @@ def _draw(spec: CohortSpec, index: int) -> brain.BrainSubject:
     )
 
 
-def _write(
-    root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None, jobs: int
-) -> None:
+def _write(root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None, jobs: int) -> None:
     subjects = [_draw(spec, i) for i in range(spec.n_subjects)]
     total = sum(len(s.ages) for s in subjects) + (1 if spec.heart else 0)
     done = 0
@@ -164,9 +162,7 @@ def _write_subject_by_index(root: Path, spec: CohortSpec, index: int) -> None:
     _write_subject(root, spec, _draw(spec, index), None)
 
 
-def _write_subject(
-    root: Path, spec: CohortSpec, subj: brain.BrainSubject, tick: Callable[[str], None] | None
-) -> None:
+def _write_subject(root: Path, spec: CohortSpec, subj: brain.BrainSubject, tick: Callable[[str], None] | None) -> None:
     sessions = []
     for k, age in enumerate(subj.ages):
         ses = f"{k + 1:02d}"
@@ -214,9 +210,7 @@ def _write_tsv(path: Path, rows: list[dict], columns: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         # BIDS marks a missing value "n/a", never an empty cell.
-        writer = csv.DictWriter(
-            fh, columns, delimiter="\t", extrasaction="ignore", lineterminator="\n", restval="n/a"
-        )
+        writer = csv.DictWriter(fh, columns, delimiter="\t", extrasaction="ignore", lineterminator="\n", restval="n/a")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -248,7 +242,10 @@ def _write_top_level(root: Path, spec: CohortSpec, subjects: list[brain.BrainSub
     write_json(
         root / "participants.json",
         {
-            "sex": {"Description": "sex (simulated; male heads drawn 3 % larger)", "Levels": {"F": "female", "M": "male"}},
+            "sex": {
+                "Description": "sex (simulated; male heads drawn 3 % larger)",
+                "Levels": {"F": "female", "M": "male"},
+            },
             "size_factor": {"Description": "linear head/brain size relative to the cohort norm"},
             "maturation_rate": {"Description": "speed of myelination relative to the norm (1 = typical)"},
             "ventricle_offset_mm": {"Description": "ventricle size offset (template mm)"},

@@ -121,23 +121,29 @@ class TissueParameters:
 TISSUES_1P5T: dict[str, TissueParameters] = {
     "air": TissueParameters(1.0, 1.0, 0.0, "no protons"),
     "lung": TissueParameters(
-        1300.0, 40.0, 0.15,
+        1300.0,
+        40.0,
+        0.15,
         "parenchyma about 0.2 g/ml, ~80 % air (Hatabu et al. 1999); T1 ~1.2-1.4 s at 1.5 T (Stadler et al. 2005)",
     ),
     "fat": TissueParameters(
-        250.0, 70.0, 0.90,
+        250.0,
+        70.0,
+        0.90,
         "subcutaneous fat, T1 250-350 ms, T2 ~60-70 ms at 1.5 T (de Bazelaire et al. 2004)",
     ),
-    "skeletal muscle": TissueParameters(
-        1000.0, 40.0, 0.76, "1008/44 ms at 1.5 T (Stanisz et al. 2005); ~76 % water"
-    ),
+    "skeletal muscle": TissueParameters(1000.0, 40.0, 0.76, "1008/44 ms at 1.5 T (Stanisz et al. 2005); ~76 % water"),
     "liver": TissueParameters(580.0, 46.0, 0.71, "576/46 ms at 1.5 T (Stanisz et al. 2005); ~71 % water"),
     "myocardium": TissueParameters(
-        950.0, 50.0, 0.78,
+        950.0,
+        50.0,
+        0.78,
         "native T1 ~950 ms (MOLLI, Messroghli et al. 2004), T2 ~50 ms (T2 mapping, Giri et al. 2009); ~78 % water",
     ),
     "blood": TissueParameters(
-        1550.0, 250.0, 0.87,
+        1550.0,
+        250.0,
+        0.87,
         "arterial blood T1 ~1450-1600 ms, T2 ~250-290 ms at 1.5 T (Stanisz et al. 2005); ~87 % water",
     ),
 }
@@ -373,7 +379,7 @@ class _Field:
         self.d = d
         self.width = width
 
-    def __and__(self, other: "_Field") -> "_Field":
+    def __and__(self, other: _Field) -> _Field:
         """Intersection: the farther surface decides (max of distances)."""
         first = self.d >= other.d
         return _Field(np.where(first, self.d, other.d), np.where(first, self.width, other.width))
@@ -441,9 +447,9 @@ class _Grid:
         self.spacing = tuple(float(v) for v in spacing)
         self.origin = origin
         self.xyz = [
-            (origin[i] + spacing[i] * np.arange(shape[i])).astype(np.float32).reshape(
-                [-1 if j == i else 1 for j in range(3)]
-            )
+            (origin[i] + spacing[i] * np.arange(shape[i]))
+            .astype(np.float32)
+            .reshape([-1 if j == i else 1 for j in range(3)])
             for i in range(3)
         ]
         self.full: Box = (slice(None), slice(None), slice(None))
@@ -504,7 +510,7 @@ def _surface_points(
     return points[(points - apex) @ axes[0] <= level + 1e-6]
 
 
-def _ventricles_ed(ed: "_Shape", apex: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ventricles_ed(ed: _Shape, apex: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Surface points of the LV epicardium and of the RV's outer wall at end-diastole."""
     e_l, e_s = axes[0], axes[1]
     lv = _surface_points(apex + ed.epi_centre * e_l, [ed.l_epi, ed.r_epi, ed.r_epi], axes, apex, ed.base)
