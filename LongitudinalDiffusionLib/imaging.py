@@ -211,6 +211,7 @@ def save_image(
     *,
     dtype: Any = np.float32,
     sidecar: dict[str, Any] | None = None,
+    description: str | None = None,
 ) -> Path:
     """Write ``image`` as NIfTI (atomically), plus a JSON sidecar when given.
 
@@ -219,6 +220,8 @@ def save_image(
         path: target file, ``.nii`` or ``.nii.gz``.
         dtype: on-disk voxel type (labels: ``np.uint8`` / ``np.int16``).
         sidecar: metadata written next to the image as ``<name>.json``.
+        description: stored in the NIfTI header's ``descrip`` field (80 characters), which
+            travels with the file even without its sidecar (Slicer and other viewers show it).
     """
     path = Path(path)
     arr = np.asarray(image.array)
@@ -228,6 +231,8 @@ def save_image(
     nii.header.set_xyzt_units("mm", "sec")
     nii.set_qform(image.affine, code=1)
     nii.set_sform(image.affine, code=1)
+    if description is not None:
+        nii.header["descrip"] = description.encode("ascii", "replace")[:80]
     atomic_write(path, lambda tmp: nib.save(nii, tmp))
     if sidecar is not None:
         try:

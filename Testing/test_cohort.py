@@ -85,6 +85,9 @@ def test_everything_says_simulated(cohort):
     for p in sidecars:
         assert json.loads(p.read_text())["Simulated"] is True, p
     assert (cohort / "NOTICE-ICBM2009a.txt").is_file()
+    # Even a NIfTI file separated from its sidecar says so, in its header.
+    for p in cohort.rglob("*.nii.gz"):
+        assert b"SIMULATED" in nib.load(p).header["descrip"].item(), p
 
 
 def test_labels_match_images_and_infant_contrast_inverts_with_age():

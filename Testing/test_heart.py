@@ -11,6 +11,7 @@ import csv
 import json
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -246,6 +247,8 @@ def test_write_heart(tmp_path) -> None:
     assert written == expected
     assert all(path.is_file() for path in written)
     assert not list(folder.glob(".tmp-*"))
+    for path in written[:6]:  # every NIfTI says it is simulated, in its own header
+        assert b"SIMULATED" in nib.load(path).header["descrip"].item(), path
 
     with open(folder / "manifest.tsv", encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))

@@ -5,3 +5,6 @@ from the ICBM 2009a template (see ``data/icbm2009a/NOTICE.txt``); ages, growth, 
 and MR contrast are modelled (``development``, ``physics``), images are computed from tissue
 relaxation times through the MR signal equations.
 """
+
+#: Written into the header of every NIfTI file the simulator makes.
+SIMULATED_NIFTI_DESCRIPTION = "SIMULATED data (LongitudinalDiffusion demo), not a patient"

@@ -30,7 +30,7 @@ from .. import __version__
 from ..errors import InputError
 from ..imaging import save_image, write_json
 from ..subject import bids_suffix
-from . import brain
+from . import SIMULATED_NIFTI_DESCRIPTION, brain
 from .template import DATA as TEMPLATE_DIR
 
 GENERATOR = {
@@ -196,13 +196,16 @@ def _write_session(root: Path, subj: brain.BrainSubject, ses: str, session: brai
         entities, suffix = bids_suffix(modality)
         name = "_".join([sid, f"ses-{ses}", *(f"{k}-{v}" for k, v in entities.items()), suffix])
         sidecar = {**session.meta["scans"][modality], **common}
-        save_image(image, anat / f"{name}.nii.gz", dtype=np.int16, sidecar=sidecar)
+        save_image(
+            image, anat / f"{name}.nii.gz", dtype=np.int16, sidecar=sidecar, description=SIMULATED_NIFTI_DESCRIPTION
+        )
     deriv = root / "derivatives" / "groundtruth" / sid / f"ses-{ses}" / "anat"
     save_image(
         session.labels,
         deriv / f"{sid}_ses-{ses}_dseg.nii.gz",
         dtype=np.uint8,
         sidecar={**common, "LesionRadiusMm": session.meta["LesionRadiusMm"]},
+        description=SIMULATED_NIFTI_DESCRIPTION,
     )
 
 

@@ -70,6 +70,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..imaging import Image, atomic_write, save_image, write_json
+from . import SIMULATED_NIFTI_DESCRIPTION
 from .physics import rician
 
 __all__ = [
@@ -928,8 +929,12 @@ def write_heart(cine: HeartCine, out_dir: str | Path, subject_id: str) -> list[P
     rows = []
     for k, (frame, label) in enumerate(zip(cine.frames, cine.labels)):
         stem = f"sub-{sid}_frame-{k:0{digits}d}"
-        image_path = save_image(frame, folder / f"{stem}_bssfp.nii.gz", dtype=np.float32)
-        label_path = save_image(label, folder / f"{stem}_dseg.nii.gz", dtype=np.uint8)
+        image_path = save_image(
+            frame, folder / f"{stem}_bssfp.nii.gz", dtype=np.float32, description=SIMULATED_NIFTI_DESCRIPTION
+        )
+        label_path = save_image(
+            label, folder / f"{stem}_dseg.nii.gz", dtype=np.uint8, description=SIMULATED_NIFTI_DESCRIPTION
+        )
         written += [image_path, label_path]
         rows.append((image_path.name, f"{cine.times_ms[k]:.1f}", phases[k], label_path.name))
 
