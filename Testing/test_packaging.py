@@ -77,3 +77,44 @@ def test_loaders_and_simulator_do_not_need_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"
+
+
+def test_extensions_index_entry():
+    """The entry the Extensions Index receives follows its schema's rules (v1.0.2)."""
+    import json
+
+    entry = json.loads((ROOT / "LongitudinalDiffusion.json").read_text())
+    allowed = {
+        "$schema",
+        "build_dependencies",
+        "build_subdirectory",
+        "category",
+        "scm_revision",
+        "scm_type",
+        "scm_url",
+        "enabled",
+        "tier",
+        "dicom_support_rule",
+    }
+    assert set(entry) <= allowed
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    # "Diffusion" on the index's list means diffusion MRI; synthesis is what this does.
+    assert entry["category"] == "Image Synthesis"
+    top = (ROOT / "CMakeLists.txt").read_text()
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', top).group(1).split()
+    assert entry["build_dependencies"] == depends
+    # The extension name must not start with "Slicer"; the repository's must.
+    assert not re.search(r"project\((\w+)\)", top).group(1).startswith("Slicer")
+    assert entry["scm_url"].rsplit("/", 1)[1].startswith("Slicer")
+    assert 1 <= entry["tier"] <= 5
+
+
+def test_module_requirements_are_lower_bounds_and_leave_torch_to_the_pytorch_extension():
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "LongitudinalDiffusion" / "Resources" / "requirements.txt").read_text().splitlines()
+    ]
+    reqs = [line for line in lines if line]
+    assert reqs and all(">=" in r and "==" not in r for r in reqs)
+    names = {re.split(r"[<>=!~ ]", r)[0].lower() for r in reqs}
+    assert not names & {"torch", "numpy", "simpleitk", "requests"}
