@@ -1,0 +1,877 @@
+"""The module panel's state and behaviour, without Slicer.
+
+:class:`Panel` drives the widgets of ``Resources/UI/LongitudinalDiffusion.ui``: the subject
+table, the task inputs, the model list and card, the backend choice and the Apply button
+with a status line that says what Apply is waiting for. It takes the widgets (any object
+with them as attributes, e.g. ``slicer.util.childWidgetVariables(uiWidget)``) and the
+``qt`` module, and never imports ``slicer``, ``qt`` or ``ctk`` itself, so the same code runs
+in Slicer (PythonQt) and in the headless tests (PySide6 through ``Testing/qt_shim.py``).
+
+It keeps to what PythonQt and PySide6 share:
+
+* Qt property values are read with ``widget.property("text")``: PythonQt exposes properties
+  as attributes (``lineEdit.text``), PySide6 as getter methods (``lineEdit.text()``), and
+  each spelling fails in the other. Setters (``setText``, ``setEnabled``) work in both.
+* Signals are connected with ``signal.connect(fn)`` to handlers that accept and ignore any
+  arguments (overloaded Qt5 signals may call them with either signature).
+* The panel's own events (Apply, load sample, ...) are plain-Python :class:`Signal` objects:
+  Qt signals declared in Python crash under PythonQt.
+* Enums are ``qt.Qt.X``; class enums go through :func:`_enum` (``qt.QLineEdit.Password`` in
+  PythonQt, ``qt.QLineEdit.EchoMode.Password`` in strict PySide6).
+
+Example (Slicer's Python console)::
+
+    ui = slicer.util.childWidgetVariables(uiWidget)
+    panel = Panel(ui, qt)
+    panel.loadSubjectFrom("/data/study/sub-01")
+    panel.refreshBackendInfo()
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from LongitudinalDiffusionLib.catalog import ENV_VAR, USER_DIR, ModelCard, list_models
+from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
+from LongitudinalDiffusionLib.subject import Modality, Subject, Timepoint, load_subject, parse_age
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COMPLETE_AGES",
+    "INTERPOLATE",
+    "SYNTHESIZE_MODALITY",
+    "TASKS",
+    "Panel",
+    "RunRequest",
+    "Signal",
+    "TorchInfo",
+    "cardHtml",
+    "cardTasks",
+    "installTranslator",
+    "normalizeTask",
+    "probeTorch",
+    "taskLabel",
+]
+
+# -------------------------------------------------------------------------- translation
+
+#: Translation context of this file (what ``slicer.i18n.getContext`` gives for it).
+CONTEXT = "LongitudinalDiffusionSlicer.panel"
+_translate: Callable[[str, str], str] | None = None
+
+
+def installTranslator(translate: Callable[[str, str], str] | None) -> None:
+    """Translate the panel's messages with ``translate(context, text)``.
+
+    In Slicer: ``installTranslator(slicer.i18n.translate)``. Without it, texts stay English.
+    """
+    global _translate
+    _translate = translate
+
+
+def _(text: str) -> str:
+    return text if _translate is None else _translate(CONTEXT, text)
+
+
+# ------------------------------------------------------------------------------- pieces
+
+
+class Signal:
+    """A plain-Python signal: ``connect(fn)``, ``disconnect(fn)``, ``emit(*args)``.
+
+    Used for the panel's own events; Qt signals declared in Python crash under PythonQt.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[Callable[..., Any]] = []
+
+    def connect(self, slot: Callable[..., Any]) -> None:
+        self._slots.append(slot)
+
+    def disconnect(self, slot: Callable[..., Any] | None = None) -> None:
+        """Remove ``slot``, or every slot when none is given."""
+        self._slots = [] if slot is None else [s for s in self._slots if s != slot]
+
+    def isConnected(self) -> bool:
+        return bool(self._slots)
+
+    def emit(self, *args: Any) -> None:
+        for slot in list(self._slots):
+            slot(*args)
+
+
+COMPLETE_AGES = "complete-ages"
+SYNTHESIZE_MODALITY = "synthesize-modality"
+INTERPOLATE = "interpolate"
+#: The tasks, in the order of the task combo box (ids are the `longdiff` command names).
+TASKS = (COMPLETE_AGES, SYNTHESIZE_MODALITY, INTERPOLATE)
+
+_TASK_ALIASES = {
+    COMPLETE_AGES: ("complete-ages", "complete-age", "completeages", "complete"),
+    SYNTHESIZE_MODALITY: (
+        "synthesize-modality",
+        "synthesise-modality",
+        "synthesize",
+        "synthesise",
+        "modality-synthesis",
+    ),
+    INTERPOLATE: ("interpolate", "interpolation", "interpolate-frames", "frames"),
+}
+_TASK_BY_ALIAS = {alias: task for task, aliases in _TASK_ALIASES.items() for alias in aliases}
+
+
+def taskLabel(task: str) -> str:
+    """The task's name as the task combo box shows it."""
+    labels = {
+        COMPLETE_AGES: _("Complete missing ages"),
+        SYNTHESIZE_MODALITY: _("Synthesize a missing modality"),
+        INTERPOLATE: _("Interpolate frames between two scans"),
+    }
+    return labels[task]
+
+
+def normalizeTask(text: Any) -> str | None:
+    """A task id from a card's spelling (``complete_ages``, ``Synthesise-Modality``, ...)."""
+    key = re.sub(r"[\s_]+", "-", str(text).strip().lower())
+    return _TASK_BY_ALIAS.get(key)
+
+
+def cardTasks(card: ModelCard) -> set[str] | None:
+    """The tasks a card declares (``"task"`` or ``"tasks"``); None when it declares none.
+
+    Unknown task names are kept as they are (they match no task of the panel).
+    """
+    declared = card.card.get("tasks", card.card.get("task"))
+    if declared is None or declared == [] or declared == "":
+        return None
+    if isinstance(declared, str):
+        declared = [declared]
+    return {normalizeTask(t) or str(t) for t in declared}
+
+
+def _sizes(values: Any, unit: str = "") -> str:
+    try:
+        text = " \u00d7 ".join(f"{float(v):g}" for v in values)
+    except (TypeError, ValueError):
+        return str(values)
+    return f"{text} {unit}".strip()
+
+
+def cardHtml(card: ModelCard) -> str:
+    """The rich-text card shown under the model combo box.
+
+    Lists the method, the tasks, what the model was trained on, its grid and modalities, and
+    a red "simulated data" badge for models trained on simulated data.
+    """
+    data = card.card
+    esc = html.escape
+    title = f"<b>{esc(card.name)}</b>"
+    if card.simulated:
+        title += (
+            ' &nbsp;<span style="background-color:#b71c1c; color:#ffffff; font-weight:bold;">'
+            f"&nbsp;{esc(_('simulated data'))}&nbsp;</span>"
+        )
+    rows = [(_("Method"), esc(card.method))]
+    tasks = cardTasks(card)
+    if tasks:
+        rows.append((_("Tasks"), esc(", ".join(taskLabel(t) if t in TASKS else t for t in sorted(tasks)))))
+    trained = data.get("trained_on")
+    if isinstance(trained, dict):
+        what = trained.get("description") or trained.get("dataset") or trained.get("name")
+        text = esc(str(what)) if what else ""
+        if trained.get("subjects") is not None:
+            text += (", " if text else "") + esc(f"{trained['subjects']} subjects")
+        if trained.get("simulated"):
+            text += (" \u2014 " if text else "") + esc(_("simulated data, not real anatomy"))
+        rows.append((_("Trained on"), text or esc(_("not stated"))))
+    elif trained:
+        rows.append((_("Trained on"), esc(str(trained))))
+    else:
+        rows.append((_("Trained on"), esc(_("not stated"))))
+    grid = data.get("grid")
+    if isinstance(grid, dict):
+        parts = []
+        if "shape" in grid:
+            parts.append(_sizes(grid["shape"], _("voxels")))
+        spacing = grid.get("spacing", grid.get("spacing_mm"))
+        if spacing is not None:
+            parts.append(_sizes(spacing, "mm"))
+        if grid.get("orientation"):
+            parts.append(str(grid["orientation"]))
+        rows.append((_("Grid"), esc(", ".join(parts)) or esc(_("not stated"))))
+    modalities = data.get("modalities")
+    if modalities:
+        rows.append((_("Modalities"), esc(", ".join(map(str, modalities)))))
+    for key in ("reference", "citation", "paper"):
+        if data.get(key):
+            rows.append((_("Reference"), esc(str(data[key]))))
+            break
+    lines = "".join(f"<br>{label}: {value}" for label, value in rows)
+    return f"{title}{lines}"
+
+
+@dataclass(frozen=True)
+class TorchInfo:
+    """What the PyTorch in this Python can use."""
+
+    version: str
+    cudaVersion: str | None
+    cudaAvailable: bool
+    devices: tuple[str, ...] = ()
+    mpsAvailable: bool = False
+
+
+def probeTorch() -> TorchInfo | None:
+    """The installed PyTorch and its GPUs; None when PyTorch is not installed.
+
+    Imports torch (about a second the first time). Raises whatever a broken install raises.
+    """
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    cuda = bool(torch.cuda.is_available())
+    devices = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ()
+    mps = getattr(torch.backends, "mps", None)
+    return TorchInfo(
+        version=str(torch.__version__),
+        cudaVersion=torch.version.cuda,
+        cudaAvailable=cuda,
+        devices=devices,
+        mpsAvailable=bool(mps is not None and mps.is_available()),
+    )
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a run needs, as checked by the panel (see :meth:`Panel.request`).
+
+    Args:
+        task: one of :data:`TASKS`.
+        subject: the subject.
+        model: the model card.
+        ages: months; the ages to generate (complete-ages), or the ages where the
+            modality is missing (synthesize-modality).
+        modality: the modality to synthesize (synthesize-modality).
+        scans: the two scans to interpolate between, younger first (interpolate).
+        frames: number of frames between them (interpolate).
+        backend: ``"local"`` or ``"remote"``.
+        device: ``"auto"``, ``"cuda"`` or ``"cpu"`` (local).
+        serverUrl: the server (remote).
+        token: the access token (remote); left out of ``repr`` so it never reaches a log.
+    """
+
+    task: str
+    subject: Subject
+    model: ModelCard
+    ages: tuple[float, ...] = ()
+    modality: Modality | None = None
+    scans: tuple[Timepoint, ...] = ()
+    frames: int | None = None
+    backend: str = "local"
+    device: str = "auto"
+    serverUrl: str = ""
+    token: str = field(default="", repr=False)
+
+
+def _enum(owner: Any, scope: str, name: str) -> Any:
+    """``owner.name`` (PythonQt; PySide6's forgiving mode) or ``owner.scope.name`` (strict PySide6)."""
+    value = getattr(owner, name, None)
+    return value if value is not None else getattr(getattr(owner, scope), name)
+
+
+def _volumeName(tp: Timepoint) -> str:
+    if tp.source is not None:
+        return tp.source.name
+    if tp.image is not None and tp.image.meta.get("name"):
+        return str(tp.image.meta["name"])
+    return _("(in-memory image)")
+
+
+def _months(ages: Iterable[float]) -> str:
+    return ", ".join(f"{a:.1f}" for a in ages)
+
+
+# -------------------------------------------------------------------------------- panel
+
+
+class Panel:
+    """The panel's state and behaviour.
+
+    Args:
+        ui: the widgets as attributes (``slicer.util.childWidgetVariables`` in Slicer,
+            ``qt_shim.loadUi`` in the tests).
+        qt: Slicer's ``qt`` module (or the test stand-in).
+        subjectLoader: reads a subject from a path (default ``load_subject``).
+        modelLister: lists the installed model cards (default ``catalog.list_models``).
+        torchProbe: reports the installed PyTorch (default :func:`probeTorch`).
+
+    Events the module connects to (plain-Python :class:`Signal` objects):
+        applyRequested(request): Apply was clicked with valid inputs (a :class:`RunRequest`).
+        sampleRequested(): "Load sample subject" was clicked.
+        addFromSceneRequested(node): "Add from scene" was clicked with a volume selected.
+        testConnectionRequested(url, token): "Test connection" was clicked with a valid URL.
+    """
+
+    #: Ages typed closer than this (months) to a scan's age are that scan's age: half the
+    #: table's 0.1-month resolution, so "6" matches a scan shown as "6.0".
+    AGE_MATCH_MONTHS = 0.05
+
+    def __init__(
+        self,
+        ui: Any,
+        qt: Any,
+        *,
+        subjectLoader: Callable[[Path], Subject] = load_subject,
+        modelLister: Callable[[], Sequence[ModelCard]] = list_models,
+        torchProbe: Callable[[], TorchInfo | None] = probeTorch,
+    ) -> None:
+        self.ui = ui
+        self.qt = qt
+        self._subjectLoader = subjectLoader
+        self._modelLister = modelLister
+        self._torchProbe = torchProbe
+        self._subject: Subject | None = None
+        self._allCards: list[ModelCard] = []
+        self._cards: list[ModelCard] = []
+        self._modelError: str | None = None
+        self._torchInfo: TorchInfo | None = None
+        self._torchChecked = False
+        self._reason = ""
+
+        self.applyRequested = Signal()
+        self.sampleRequested = Signal()
+        self.addFromSceneRequested = Signal()
+        self.testConnectionRequested = Signal()
+
+        self._setupWidgets()
+        self._connectWidgets()
+        self.setSubject(None)
+        self.onBackendChanged()
+        self.refreshModels()
+        self.onTaskChanged()
+
+    # ------------------------------------------------------------------------ set-up
+
+    def _setupWidgets(self) -> None:
+        qt, ui = self.qt, self.ui
+        self._fillCombo(ui.taskComboBox, [taskLabel(t) for t in TASKS])
+        self._fillCombo(ui.targetModalityComboBox, [m.value for m in Modality])
+        self._fillCombo(ui.deviceComboBox, ["auto", "cuda", "cpu"])
+        ui.tokenLineEdit.setEchoMode(_enum(qt.QLineEdit, "EchoMode", "Password"))
+        header = ui.timepointsTable.horizontalHeader()
+        header.setSectionResizeMode(0, _enum(qt.QHeaderView, "ResizeMode", "Stretch"))
+        for column in (1, 2):
+            header.setSectionResizeMode(column, _enum(qt.QHeaderView, "ResizeMode", "ResizeToContents"))
+        ui.progressBar.setRange(0, 100)
+        ui.progressBar.setValue(0)
+
+    @staticmethod
+    def _fillCombo(combo: Any, texts: Sequence[str]) -> None:
+        """Replace the items only when they differ (keeps the .ui's selection otherwise)."""
+        current = [combo.itemText(i) for i in range(combo.property("count"))]
+        if current == list(texts):
+            return
+        combo.blockSignals(True)
+        combo.clear()
+        for text in texts:
+            combo.addItem(text)
+        combo.setCurrentIndex(0)
+        combo.blockSignals(False)
+
+    def _connectWidgets(self) -> None:
+        ui = self.ui
+        ui.loadPathButton.clicked.connect(self.onLoadPath)
+        ui.loadSampleButton.clicked.connect(self.onLoadSample)
+        ui.addFromSceneButton.clicked.connect(self.onAddFromScene)
+        ui.timepointsTable.itemSelectionChanged.connect(self.updateApplyState)
+        ui.taskComboBox.currentIndexChanged.connect(self.onTaskChanged)
+        ui.agesLineEdit.textChanged.connect(self.updateApplyState)
+        ui.targetModalityComboBox.currentIndexChanged.connect(self.updateApplyState)
+        ui.framesSpinBox.valueChanged.connect(self.updateApplyState)
+        ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        ui.localRadioButton.toggled.connect(self.onBackendChanged)
+        ui.remoteRadioButton.toggled.connect(self.onBackendChanged)
+        ui.deviceComboBox.currentIndexChanged.connect(self.updateApplyState)
+        ui.serverUrlLineEdit.textChanged.connect(self.updateApplyState)
+        ui.testConnectionButton.clicked.connect(self.onTestConnection)
+        ui.applyButton.clicked.connect(self.onApply)
+
+    # ----------------------------------------------------------------------- subject
+
+    def subject(self) -> Subject | None:
+        """The loaded subject, or None."""
+        return self._subject
+
+    def setSubject(self, subject: Subject | None) -> None:
+        """Show ``subject`` in the table (one row per scan, youngest first); None clears it."""
+        qt, table = self.qt, self.ui.timepointsTable
+        self._subject = subject
+        table.blockSignals(True)
+        table.clearSelection()
+        table.setRowCount(0)
+        timepoints = subject.timepoints if subject is not None else []
+        table.setRowCount(len(timepoints))
+        right = qt.Qt.AlignRight | qt.Qt.AlignVCenter
+        for row, tp in enumerate(timepoints):
+            name = qt.QTableWidgetItem(_volumeName(tp))
+            name.setToolTip(tp.describe() + ("" if tp.source is None else f"\n{tp.source}"))
+            age = qt.QTableWidgetItem(f"{tp.age:.1f}")
+            age.setTextAlignment(right)
+            age.setToolTip(_("{age:g} months").format(age=round(tp.age, 3)))
+            modality = qt.QTableWidgetItem(tp.modality.value)
+            for column, item in enumerate((name, age, modality)):
+                table.setItem(row, column, item)
+        table.blockSignals(False)
+        self.updateApplyState()
+
+    def loadSubjectFrom(self, path: str | Path) -> Subject | None:
+        """Read a subject (BIDS subject or dataset folder, manifest .tsv) and show it.
+
+        On failure the previous subject stays, and the status line and the log say why.
+        """
+        try:
+            subject = self._subjectLoader(Path(path))
+        except (LongitudinalDiffusionError, OSError) as exc:
+            message = _("Could not load the subject: {error}").format(error=exc)
+            self.appendLog(message)
+            self.setStatus(message)
+            return None
+        self.setSubject(subject)
+        self.appendLog(
+            _("Loaded {subject} from {path}: {scans} scans at {ages} ages ({modalities}).").format(
+                subject=subject.subject_id,
+                path=path,
+                scans=len(subject.timepoints),
+                ages=len(subject.ages()),
+                modalities=", ".join(m.value for m in subject.modalities()),
+            )
+        )
+        return subject
+
+    def addTimepoint(self, timepoint: Timepoint, subjectId: str = "scene") -> bool:
+        """Add one scan (e.g. a scene volume the module converted) to the subject.
+
+        Returns False, with the reason in the status line, when the subject refuses it
+        (another scan of that modality at that age).
+        """
+        current = self._subject
+        try:
+            if current is None:
+                subject = Subject(subjectId, [timepoint])
+            else:
+                subject = Subject(current.subject_id, [*current.timepoints, timepoint], current.source, current.meta)
+        except InputError as exc:
+            self.setStatus(_("Could not add the scan: {error}").format(error=exc))
+            return False
+        self.setSubject(subject)
+        self.appendLog(_("Added {scan}.").format(scan=timepoint.describe()))
+        return True
+
+    def selectedTimepoints(self) -> list[Timepoint]:
+        """The scans whose rows are selected in the table, youngest first."""
+        if self._subject is None:
+            return []
+        rows = sorted({index.row() for index in self.ui.timepointsTable.selectionModel().selectedRows()})
+        return [self._subject.timepoints[r] for r in rows if 0 <= r < len(self._subject.timepoints)]
+
+    def onLoadPath(self, *_args: Any) -> None:
+        path = (self.ui.subjectPathLineEdit.property("currentPath") or "").strip()
+        if not path:
+            self.setStatus(_("Choose a BIDS subject folder or a manifest .tsv first."))
+            return
+        if self.loadSubjectFrom(path) is not None:
+            addToHistory = getattr(self.ui.subjectPathLineEdit, "addCurrentPathToHistory", None)
+            if addToHistory is not None:
+                addToHistory()
+
+    def onLoadSample(self, *_args: Any) -> None:
+        if not self.sampleRequested.isConnected():
+            self.setStatus(_("The sample subject is offered by Slicer's Sample Data module, not available here."))
+            return
+        self.sampleRequested.emit()
+
+    def onAddFromScene(self, *_args: Any) -> None:
+        selector = getattr(self.ui, "sceneVolumeSelector", None)
+        node = selector.currentNode() if selector is not None else None
+        if node is None:
+            self.setStatus(_("Choose a volume of the scene (left of 'Add from scene') first."))
+            return
+        if not self.addFromSceneRequested.isConnected():
+            self.setStatus(_("Adding scene volumes needs Slicer."))
+            return
+        self.addFromSceneRequested.emit(node)
+
+    # -------------------------------------------------------------------------- task
+
+    def currentTask(self) -> str:
+        """The chosen task's id (one of :data:`TASKS`)."""
+        index = self.ui.taskComboBox.property("currentIndex")
+        return TASKS[index] if isinstance(index, int) and 0 <= index < len(TASKS) else TASKS[0]
+
+    def setTask(self, task: str) -> None:
+        """Choose a task by id (also accepts the spellings :func:`normalizeTask` knows)."""
+        task = normalizeTask(task) or task
+        self.ui.taskComboBox.setCurrentIndex(TASKS.index(task))
+
+    def onTaskChanged(self, *_args: Any) -> None:
+        """Show only the inputs of the chosen task, list its models, re-check Apply."""
+        ui, task = self.ui, self.currentTask()
+        inputs = {
+            COMPLETE_AGES: (ui.agesLabel, ui.agesLineEdit),
+            SYNTHESIZE_MODALITY: (ui.targetModalityLabel, ui.targetModalityComboBox),
+            INTERPOLATE: (ui.framesLabel, ui.framesSpinBox),
+        }
+        for owner, widgets in inputs.items():
+            for widget in widgets:
+                widget.setVisible(owner == task)
+        self._fillModelCombo()
+        self.updateApplyState()
+
+    def parsedAges(self) -> list[float]:
+        """The ages typed in the ages field, in months, ascending.
+
+        Ages are separated by commas, semicolons or spaces (``"6, 9.5 12"`` gives
+        ``[6.0, 9.5, 12.0]``); decimals take a point.
+
+        Raises:
+            InputError: empty field; a token that is not an age (the message quotes it);
+                negative or impossible ages; an age given twice; an age the subject
+                already has.
+        """
+        where = _("Ages")
+        text = self.ui.agesLineEdit.property("text") or ""
+        tokens = [t for t in re.split(r"[,;\s]+", text.strip()) if t]
+        if not tokens:
+            raise InputError(where, _("enter the ages to generate, in months (e.g. 6, 9, 12)"))
+        ages: list[float] = []
+        for token in tokens:
+            try:
+                age = parse_age(token, "months")
+            except InputError as exc:
+                raise InputError(where, exc.problem) from None
+            for earlier in ages:
+                if abs(age - earlier) <= self.AGE_MATCH_MONTHS + 1e-9:
+                    raise InputError(where, _("{age} is given twice").format(age=token))
+            if self._subject is not None:
+                for tp in self._subject.timepoints:
+                    if abs(age - tp.age) <= self.AGE_MATCH_MONTHS + 1e-9:
+                        session = f", {tp.session}" if tp.session else ""
+                        raise InputError(
+                            where,
+                            _(
+                                "the subject already has scans at {age} months ({scanAge:.1f} mo{session}); "
+                                "remove it from the list"
+                            ).format(age=token, scanAge=tp.age, session=session),
+                        )
+            ages.append(age)
+        return sorted(ages)
+
+    def targetModality(self) -> Modality:
+        return Modality(self.ui.targetModalityComboBox.property("currentText"))
+
+    def missingAges(self, modality: Modality | str) -> list[float]:
+        """The subject's ages that have scans, but none of ``modality``."""
+        if self._subject is None:
+            return []
+        modality = Modality(modality)
+        have = {tp.age for tp in self._subject.timepoints if tp.modality is modality}
+        return [a for a in self._subject.ages() if all(abs(a - h) > Subject.AGE_TOL for h in have)]
+
+    def frames(self) -> int:
+        return int(self.ui.framesSpinBox.property("value"))
+
+    def _taskInputs(self) -> tuple[str, dict[str, Any]]:
+        """Check the chosen task's inputs: ``("", fields of the request)`` or ``(reason, {})``."""
+        task, subject = self.currentTask(), self._subject
+        if task == COMPLETE_AGES:
+            try:
+                ages = self.parsedAges()
+            except InputError as exc:
+                return str(exc), {}
+            return "", {"ages": tuple(ages)}
+        if task == SYNTHESIZE_MODALITY:
+            modality = self.targetModality()
+            missing = self.missingAges(modality)
+            if not missing:
+                return (
+                    _("{subject} already has {modality} at every age: nothing to synthesize.").format(
+                        subject=subject.subject_id, modality=modality.value
+                    ),
+                    {},
+                )
+            return "", {"modality": modality, "ages": tuple(missing)}
+        scans = self.selectedTimepoints()
+        if len(scans) < 2:
+            return _("Select the two scans to interpolate between in the table (Ctrl+click the second)."), {}
+        if len(scans) > 2:
+            return _("Select only two scans in the table ({count} are selected).").format(count=len(scans)), {}
+        if scans[0].modality is not scans[1].modality:
+            return (
+                _("The two scans must have the same modality ({first} and {second} are selected).").format(
+                    first=scans[0].describe(), second=scans[1].describe()
+                ),
+                {},
+            )
+        return "", {"scans": tuple(scans), "frames": self.frames()}
+
+    # ------------------------------------------------------------------------ models
+
+    def refreshModels(self, cards: Iterable[ModelCard] | None = None) -> None:
+        """List the models for the chosen task; ``cards`` defaults to the installed ones.
+
+        A card whose ``task``/``tasks`` does not name the chosen task is left out; a card
+        that names no task is offered for every task.
+        """
+        if cards is None:
+            try:
+                cards = self._modelLister()
+                self._modelError = None
+            except LongitudinalDiffusionError as exc:
+                cards = []
+                self._modelError = str(exc)
+                self.appendLog(_("Model cards could not be read: {error}").format(error=exc))
+        else:
+            self._modelError = None
+        self._allCards = list(cards)
+        self._fillModelCombo()
+        self.updateApplyState()
+
+    def models(self) -> list[ModelCard]:
+        """The models offered for the chosen task (the combo box's items, in order)."""
+        return list(self._cards)
+
+    def currentModel(self) -> ModelCard | None:
+        index = self.ui.modelComboBox.property("currentIndex")
+        return self._cards[index] if isinstance(index, int) and 0 <= index < len(self._cards) else None
+
+    def _fillModelCombo(self) -> None:
+        task, combo = self.currentTask(), self.ui.modelComboBox
+        previous = self.currentModel()
+        self._cards = [c for c in self._allCards if (cardTasks(c) is None or task in cardTasks(c))]
+        combo.blockSignals(True)
+        combo.clear()
+        for card in self._cards:
+            combo.addItem(f"{card.name} ({card.method})")
+            combo.setItemData(combo.property("count") - 1, str(card.path), self.qt.Qt.ToolTipRole)
+        names = [c.name for c in self._cards]
+        combo.setCurrentIndex(names.index(previous.name) if previous is not None and previous.name in names else 0)
+        combo.setEnabled(bool(self._cards))
+        combo.blockSignals(False)
+        self._showCard()
+
+    def onModelChanged(self, *_args: Any) -> None:
+        self._showCard()
+        self.updateApplyState()
+
+    def _showCard(self) -> None:
+        card = self.currentModel()
+        self.ui.modelCardLabel.setText(cardHtml(card) if card is not None else _("No model selected."))
+
+    def _noModelMessage(self) -> str:
+        if self._modelError:
+            return _("The model cards could not be read: {error}").format(error=self._modelError)
+        others = len(self._allCards)
+        message = _(
+            "No model installed for this task ({task}): put a model card (<name>.json) and its weights in "
+            "{folder} or in a folder named by {variable} (`longdiff models` lists them)."
+        ).format(task=taskLabel(self.currentTask()), folder=USER_DIR.expanduser(), variable=ENV_VAR)
+        if others:
+            message += " " + _("{count} installed model(s) are for other tasks.").format(count=others)
+        return message
+
+    # ----------------------------------------------------------------------- backend
+
+    def isRemote(self) -> bool:
+        return bool(self.ui.remoteRadioButton.property("checked"))
+
+    def device(self) -> str:
+        return str(self.ui.deviceComboBox.property("currentText"))
+
+    def serverUrl(self) -> str:
+        return (self.ui.serverUrlLineEdit.property("text") or "").strip()
+
+    def onBackendChanged(self, *_args: Any) -> None:
+        """Remote fields only with the remote choice, the device only with the local one."""
+        ui, remote = self.ui, self.isRemote()
+        for widget in (ui.serverUrlLabel, ui.serverUrlLineEdit, ui.tokenLabel, ui.tokenLineEdit):
+            widget.setEnabled(remote)
+        ui.testConnectionButton.setEnabled(remote)
+        for widget in (ui.deviceLabel, ui.deviceComboBox, ui.torchInfoLabel):
+            widget.setEnabled(not remote)
+        self.updateApplyState()
+
+    def refreshBackendInfo(self) -> None:
+        """Show the PyTorch version, whether CUDA works and the GPU names (imports torch)."""
+        try:
+            info = self._torchProbe()
+        except Exception as exc:  # a broken install raises anything (ImportError, OSError, ...)
+            info = None
+            text = _("PyTorch is installed but cannot be loaded: {error}").format(error=exc)
+        else:
+            if info is None:
+                text = _("PyTorch is not installed yet (it is installed on first use, after you agree).")
+            elif info.cudaAvailable:
+                names = "; ".join(f"cuda:{i} {name}" for i, name in enumerate(info.devices))
+                text = _("PyTorch {version} with CUDA {cuda}: {names}").format(
+                    version=info.version, cuda=info.cudaVersion, names=names or _("a GPU")
+                )
+            elif info.cudaVersion is None:
+                text = _("PyTorch {version}, a CPU-only build: no CUDA GPU will be used.").format(version=info.version)
+            else:
+                text = _(
+                    "PyTorch {version} (built for CUDA {cuda}) finds no usable GPU: check the NVIDIA driver. "
+                    "Runs use the CPU."
+                ).format(version=info.version, cuda=info.cudaVersion)
+            if info is not None and info.mpsAvailable:
+                text += " " + _("Apple GPU (MPS) available.")
+        self._torchInfo = info
+        self._torchChecked = True
+        self.ui.torchInfoLabel.setText(text)
+        self.updateApplyState()
+
+    def torchInfo(self) -> TorchInfo | None:
+        """What :meth:`refreshBackendInfo` found (None before, or when torch is missing)."""
+        return self._torchInfo
+
+    def _urlProblem(self) -> str:
+        url = self.serverUrl()
+        if not url:
+            return _("Enter the server URL (Backend section), e.g. https://server:8000.")
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            return _(
+                "The server URL must start with https:// (or http://) and name a server: '{url}' does not."
+            ).format(url=url)
+        return ""
+
+    def _backendProblem(self) -> str:
+        if self.isRemote():
+            return self._urlProblem()
+        info = self._torchInfo
+        if self.device() == "cuda" and self._torchChecked and info is not None and not info.cudaAvailable:
+            return _(
+                "The device is cuda, but PyTorch {version} sees no CUDA GPU: choose auto or cpu "
+                "(or install a CUDA build of PyTorch)."
+            ).format(version=info.version)
+        return ""
+
+    def onTestConnection(self, *_args: Any) -> None:
+        problem = self._urlProblem()
+        if problem:
+            self.setStatus(problem)
+            return
+        if not self.testConnectionRequested.isConnected():
+            self.setStatus(_("Remote servers are not supported in this version yet."))
+            return
+        self.testConnectionRequested.emit(self.serverUrl(), self.ui.tokenLineEdit.property("text") or "")
+
+    # --------------------------------------------------------------------------- run
+
+    def updateApplyState(self, *_args: Any) -> bool:
+        """Enable Apply when a subject is loaded, the task's inputs are valid, a model is
+        selected and the backend is usable; otherwise say in the status line what is missing.
+
+        Returns:
+            whether Apply is enabled.
+        """
+        reason = self._blockingReason()
+        ready = not reason
+        self.ui.applyButton.setEnabled(ready)
+        self._reason = reason
+        self.setStatus(reason if reason else self._readyMessage())
+        return ready
+
+    def statusReason(self) -> str:
+        """Why Apply is disabled ("" when it is enabled)."""
+        return self._reason
+
+    def _blockingReason(self) -> str:
+        if self._subject is None:
+            return _(
+                "Load a subject first: a BIDS subject folder or a manifest .tsv (Subject section), "
+                "or the sample subject."
+            )
+        problem, _fields = self._taskInputs()
+        if problem:
+            return problem
+        if self.currentModel() is None:
+            return self._noModelMessage()
+        return self._backendProblem()
+
+    def _where(self) -> str:
+        if self.isRemote():
+            return _("on {host}").format(host=urlparse(self.serverUrl()).hostname)
+        return _("on this computer ({device})").format(device=self.device())
+
+    def _readyMessage(self) -> str:
+        request = self.request()
+        model, where = request.model.name, self._where()
+        if request.task == COMPLETE_AGES:
+            return _("Ready: the subject at {ages} months, with {model} {where}.").format(
+                ages=_months(request.ages), model=model, where=where
+            )
+        if request.task == SYNTHESIZE_MODALITY:
+            return _("Ready: {modality} at {ages} months, with {model} {where}.").format(
+                modality=request.modality.value, ages=_months(request.ages), model=model, where=where
+            )
+        first, second = request.scans
+        return _("Ready: {frames} frames between {first} and {second}, with {model} {where}.").format(
+            frames=request.frames, first=first.describe(), second=second.describe(), model=model, where=where
+        )
+
+    def request(self) -> RunRequest:
+        """The run Apply would start.
+
+        Raises:
+            InputError: Apply is not possible; the message is the status line's.
+        """
+        reason = self._blockingReason()
+        if reason:
+            raise InputError(None, reason)
+        _problem, inputs = self._taskInputs()
+        remote = self.isRemote()
+        return RunRequest(
+            task=self.currentTask(),
+            subject=self._subject,
+            model=self.currentModel(),
+            backend="remote" if remote else "local",
+            device=self.device(),
+            serverUrl=self.serverUrl() if remote else "",
+            token=(self.ui.tokenLineEdit.property("text") or "") if remote else "",
+            **inputs,
+        )
+
+    def onApply(self, *_args: Any) -> None:
+        if not self.updateApplyState():
+            return
+        request = self.request()
+        if not self.applyRequested.isConnected():
+            message = _("The diffusion engine is not installed in this version: nothing was generated.")
+            self.appendLog(message)
+            self.setStatus(message)
+            return
+        self.appendLog(_("Starting: {status}").format(status=self._readyMessage()))
+        self.applyRequested.emit(request)
+
+    def setStatus(self, text: str) -> None:
+        self.ui.statusLabel.setText(text)
+
+    def setProgress(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` steps in the progress bar."""
+        self.ui.progressBar.setRange(0, max(int(total), 1))
+        self.ui.progressBar.setValue(max(0, min(int(done), int(total))))
+
+    def appendLog(self, text: str) -> None:
+        """Add a line to the log box (the .ui caps it at 5000 lines) and to Python's log."""
+        logger.info("%s", text)
+        self.ui.logTextEdit.appendPlainText(str(text))
