@@ -1,13 +1,24 @@
 """LongitudinalDiffusion: the 3D Slicer module.
 
-This file stays thin: module metadata here; the work is done by the pure-Python library
-``LongitudinalDiffusionLib``, which the module, the ``longdiff`` command line and the
-training code share.
+Thin by design: module metadata, the panel's wiring and the scene logic. The panel's
+behaviour is in ``LongitudinalDiffusionSlicer.panel``, the MRML glue in
+``LongitudinalDiffusionSlicer.mrml``, and the work in the ``LongitudinalDiffusionLib`` library
+(shared with the ``longdiff`` command line and the training code).
 """
 
+import logging
+import os
+
+import qt
+import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
 
 class LongitudinalDiffusion(ScriptedLoadableModule):
@@ -30,3 +41,124 @@ class LongitudinalDiffusion(ScriptedLoadableModule):
             "1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
             "McGill University. Demo data and demo models are simulated, not real patient data."
         )
+        slicer.app.connect("startupCompleted()", self.registerSampleData)
+
+    def registerSampleData(self):
+        from LongitudinalDiffusionSlicer import sampledata
+
+        icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LongitudinalDiffusion.png")
+        sampledata.registerSampleData(icon, lambda source: LongitudinalDiffusionLogic().loadSampleSubject())
+
+
+class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
+    """The panel: Subject, Task, Backend, Run and Results sections (Resources/UI)."""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        self.logic = LongitudinalDiffusionLogic()
+        if not self.logic.ensureDependencies():
+            label = qt.QLabel(_("The module needs Python packages that are not installed (see the log)."))
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            return
+        from LongitudinalDiffusionSlicer import panel
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LongitudinalDiffusion.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        panel.installTranslator(translate)
+        self.panel = panel.Panel(self.ui, qt, subjectLoader=self.logic.loadSubject)
+        self.panel.sampleRequested.connect(self.onLoadSample)
+        self.panel.addFromSceneRequested.connect(self.onAddFromScene)
+
+    def enter(self):
+        if getattr(self, "panel", None) is not None:
+            self.panel.refreshBackendInfo()
+
+    def onLoadSample(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the demo subject."), waitCursor=True):
+            self.panel.setSubject(self.logic.loadSampleSubject())
+
+    def onAddFromScene(self, node):
+        from LongitudinalDiffusionSlicer import mrml
+
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the volume."), waitCursor=True):
+            subject = mrml.subjectFromVolumes([node], node.GetAttribute(mrml.SUBJECT_ATTRIBUTE) or "scene")
+            self.panel.addTimepoint(subject.timepoints[0], subject.subject_id)
+
+
+class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
+    """Scene logic, usable from the Python console without the panel::
+
+    logic = slicer.util.getModuleLogic("LongitudinalDiffusion")
+    subject = logic.loadSubject("/data/cohort/sub-001")   # BIDS subject or manifest .tsv
+    """
+
+    def requirementsPath(self):
+        return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+
+    def ensureDependencies(self):
+        """Install missing Python packages, after the user agrees; True when all are there."""
+        from LongitudinalDiffusionSlicer import dependencies
+
+        requirements = self.requirementsPath()
+        if not dependencies.missingRequirements(requirements):
+            return True
+        try:
+            import slicer.packaging as packaging  # Slicer 5.11 and newer
+        except ImportError:
+            packaging = None
+        if packaging is not None:
+            packaging.pip_ensure(packaging.load_requirements(requirements), requester="LongitudinalDiffusion")
+        else:
+            missing = dependencies.missingRequirements(requirements)
+            question = _("LongitudinalDiffusion needs these Python packages:\n{packages}\n\nInstall them now?")
+            if not slicer.util.confirmOkCancelDisplay(question.format(packages="\n".join(missing))):
+                return False
+            slicer.util.pip_install(missing)
+        missing = dependencies.missingRequirements(requirements)
+        if missing:
+            logging.error("LongitudinalDiffusion: still missing %s", ", ".join(missing))
+        return not missing
+
+    def loadSubject(self, path):
+        """Read a subject (BIDS subject or dataset folder, manifest .tsv), show it in the
+        scene under its own subject-hierarchy item, and return the library Subject."""
+        from LongitudinalDiffusionSlicer import mrml
+
+        from LongitudinalDiffusionLib.subject import load_subject
+
+        subject = load_subject(path)
+        loaded = mrml.loadSubjectIntoScene(subject)
+        slicer.util.setSliceViewerLayers(background=loaded.volumeNodes[0], fit=True)
+        return subject
+
+    def loadSampleSubject(self):
+        """Simulate the demo subject (once, into Slicer's cache) and load it."""
+        from LongitudinalDiffusionSlicer import sampledata
+
+        return self.loadSubject(sampledata.sampleSubjectFolder(slicer.app.cachePath))
+
+
+class LongitudinalDiffusionTest(ScriptedLoadableModuleTest):
+    """Self-test for real Slicer: the demo subject into the scene, and back."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SampleSubjectRoundTrip()
+
+    def test_SampleSubjectRoundTrip(self):
+        from LongitudinalDiffusionSlicer import mrml
+
+        self.delayDisplay("Loading the simulated demo subject")
+        logic = LongitudinalDiffusionLogic()
+        subject = logic.loadSampleSubject()
+        volumes = mrml.subjectVolumes()
+        self.assertEqual(len(volumes), len(subject.timepoints))
+        back = mrml.subjectFromVolumes(volumes, subject.subject_id)
+        self.assertEqual(back.ages(), subject.ages())
+        self.delayDisplay("Test passed")

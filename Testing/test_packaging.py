@@ -118,3 +118,31 @@ def test_module_requirements_are_lower_bounds_and_leave_torch_to_the_pytorch_ext
     assert reqs and all(">=" in r and "==" not in r for r in reqs)
     names = {re.split(r"[<>=!~ ]", r)[0].lower() for r in reqs}
     assert not names & {"torch", "numpy", "simpleitk", "requests"}
+
+
+def test_module_file_follows_the_slicer_template_and_installs_nothing_at_import():
+    """Module, Widget, Logic and Test classes; pip only inside a method (first use, with consent)."""
+    import ast
+
+    source = (ROOT / "LongitudinalDiffusion" / "LongitudinalDiffusion.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert set(classes) == {
+        "LongitudinalDiffusion",
+        "LongitudinalDiffusionWidget",
+        "LongitudinalDiffusionLogic",
+        "LongitudinalDiffusionTest",
+    }
+    top_level = [node for node in tree.body if not isinstance(node, (ast.ClassDef, ast.FunctionDef))]
+    calls = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for stmt in top_level
+        for node in ast.walk(stmt)
+        if isinstance(node, ast.Call)
+    }
+    assert not calls & {"pip_install", "pip_ensure", "installTorch"}
+    ensure = next(
+        f for f in classes["LongitudinalDiffusionLogic"].body if getattr(f, "name", "") == "ensureDependencies"
+    )
+    text = ast.get_source_segment(source, ensure)
+    assert "confirmOkCancelDisplay" in text and "pip_ensure" in text  # asks before installing

@@ -3,12 +3,16 @@
     python scripts/make_docs_images.py
 
 Runs `longdiff demo` (seed 0, 2 mm) into a temporary folder, copies its figures to
-docs/images/, and draws the 128x128 icon (one simulated subject at three ages, T2w).
+docs/images/, draws the 128x128 icon (one simulated subject at three ages, T2w), and has
+the panel test (PySide6, offscreen) save its screenshot as docs/images/panel.png.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,6 +60,10 @@ def main() -> None:
         ):
             icon(subject, target)
             print(f"wrote {target}")
+    env = dict(os.environ, LONGDIFF_DOCS_IMAGES=str(ROOT / "docs" / "images"), QT_QPA_PLATFORM="offscreen")
+    test = "Testing/test_panel.py::test_a_model_card_is_listed_shown_and_enables_apply"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", test], cwd=ROOT, env=env, check=True)
+    print(f"wrote {ROOT / 'docs' / 'images' / 'panel.png'}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ bash "$here/scripts/setup_tools.sh"
 venv="${LONGDIFF_VENV:-$here/.venv}"
 cd "$here"
 export MPLBACKEND=Agg
+export QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}"  # the panel tests need no display
 # Style first (fast): the same rules for every contributor (pyproject.toml [tool.ruff]).
 "$venv/bin/ruff" check --quiet . && "$venv/bin/ruff" format --check --quiet . || {
   echo "run_tests: style check failed; 'ruff check --fix . && ruff format .' fixes most of it" >&2
