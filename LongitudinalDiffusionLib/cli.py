@@ -407,11 +407,28 @@ def cmd_synthesize_modality(args: argparse.Namespace) -> int:
 
     subject = load_subject(args.subject, subject=args.subject_id)
     parse_modality(args.modality, "--modality")
-    if args.session not in subject.sessions():
-        raise LongitudinalDiffusionError(
-            f"--session {args.session}: not a session of {subject.subject_id} ({', '.join(subject.sessions())})"
-        )
+    _session_age(subject, args.session)
     return _run_task(args)
+
+
+def _session_age(subject, session: str) -> float:
+    """The age of ``session``, given as a session label (ses-02) or an age in months."""
+    for tp in subject.timepoints:
+        if tp.session == session:
+            return tp.age
+    try:
+        age = float(session)
+    except ValueError:
+        age = None
+    if age is not None:
+        for known in subject.ages():
+            if abs(known - age) < 0.05:
+                return known
+    ages = ", ".join(f"{a:.1f}" for a in subject.ages())
+    sessions = ", ".join(subject.sessions()) or "none"
+    raise LongitudinalDiffusionError(
+        f"--session {session}: not a session of {subject.subject_id} (sessions: {sessions}; ages in months: {ages})"
+    )
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:

@@ -130,6 +130,16 @@ def test_info_reads_a_manifest_of_real_images(tmp_path, capsys):
             "not a session of sub-001",
         ),
         (["demo-data", "{data}", "--subjects", "1", *TINY], "not empty"),
+        (  # an age in months names a session too: the input is accepted, the model is what is missing
+            ["synthesize-modality", "{data}/sub-001", "--session", "6.03", "--modality", "FLAIR", "--model", "nope"]
+            + ["--out", "{tmp}/o"],
+            "no model named 'nope'",
+        ),
+        (
+            ["synthesize-modality", "{data}/sub-001", "--session", "7.5", "--modality", "FLAIR", "--model", "m"]
+            + ["--out", "{tmp}/o"],
+            "ages in months: 0.3, 2.9, 6.0",
+        ),
         (
             ["interpolate", "{tmp}/a.nii.gz", "{tmp}/b.nii.gz", "--model", "m", "--out", "{tmp}/o"],
             "a.nii.gz: file not found",
