@@ -2,7 +2,8 @@
 
 A model is a card (``<name>.json``: method, grid, modalities, training data, ...) next to
 its weights. This module only discovers cards and reports where it looked; loading and
-checking weights belongs with the models themselves.
+loading (:func:`load_model`) checks the weights' sha256, reads them with safetensors
+(never pickle) and builds the card's architecture, which must match key for key.
 
 Search order (first match of a name wins):
 
@@ -13,6 +14,7 @@ Search order (first match of a name wins):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -40,7 +42,12 @@ class ModelCard:
 
     @property
     def simulated(self) -> bool:
-        return bool(self.card.get("trained_on", {}).get("simulated", False))
+        return bool((self.card.get("trained_on") or {}).get("simulated", False))
+
+    @property
+    def trained(self) -> bool:
+        """False for a model with random weights (``trained_on`` is null)."""
+        return self.card.get("trained_on", {}) is not None
 
 
 def search_paths() -> list[Path]:
@@ -75,3 +82,246 @@ def find_model(name: str) -> ModelCard:
     have = ", ".join(m.name for m in models) or "none"
     where = ", ".join(str(p) for p in search_paths())
     raise InputError(None, f"no model named '{name}' (installed models: {have}; searched {where})")
+
+
+# ----------------------------------------------------------------------------- weights
+
+CARD_VERSION = 1
+WEIGHTS_SUFFIX = ".safetensors"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_card(
+    name: str,
+    method: str,
+    config: dict[str, Any],
+    *,
+    grid: dict[str, Any] | None = None,
+    modalities: list[str] | None = None,
+    age_range: tuple[float, float] | None = None,
+    trained_on: dict[str, Any] | None = None,
+    description: str = "",
+    version: str = "0",
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A model card in the catalog format (weights and checksum are added by :func:`save_model`).
+
+    ``trained_on`` says what the weights learnt from: ``{"dataset": ..., "subjects": n,
+    "simulated": bool}``, or ``None`` for untrained (random) weights.
+    """
+    from .models import method_task, paper_name
+
+    return {
+        "card_version": CARD_VERSION,
+        "name": name,
+        "method": method,
+        "paper": paper_name(method),
+        "task": method_task(method),
+        "version": version,
+        "description": description,
+        "config": config,
+        "grid": grid or {},
+        "modalities": list(modalities or []),
+        "age_range_months": list(age_range) if age_range else None,
+        "trained_on": trained_on,
+        "metrics": metrics or {},
+    }
+
+
+def save_model(model: Any, card: dict[str, Any], folder: str | os.PathLike) -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' sha256) atomically.
+
+    Returns the card's path. Nothing is left behind if either write fails.
+    """
+    from safetensors.torch import save_file
+
+    from .imaging import atomic_write, write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = card["name"]
+    weights = folder / f"{name}{WEIGHTS_SUFFIX}"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"method": card["method"], "name": name}))
+    card = {**card, "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
+    card_path = folder / f"{name}.json"
+    try:
+        write_json(card_path, card)
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        raise
+    return card_path
+
+
+@dataclass
+class LoadedModel:
+    """A checked, ready network and the card that describes it."""
+
+    card: ModelCard
+    network: Any
+    config: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return self.card.method
+
+
+def resolve_card(name_or_path: str | os.PathLike) -> ModelCard:
+    """A card by catalog name, or by the path of a ``.json`` card (or its weights)."""
+    path = Path(name_or_path)
+    if path.suffix in (".json", WEIGHTS_SUFFIX) and (path.exists() or path.with_suffix(".json").exists()):
+        path = path.with_suffix(".json")
+        try:
+            card = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(path, f"model card is not valid JSON ({exc})") from None
+        if not isinstance(card, dict) or "method" not in card:
+            raise InputError(path, "model card has no 'method' field")
+        return ModelCard(path.stem, path, card)
+    return find_model(str(name_or_path))
+
+
+def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu") -> LoadedModel:
+    """Find, checksum and load a model; clear errors for every way it can be broken.
+
+    Weights are read with safetensors (no pickled code runs). The network is built from
+    the card's method and config, then must match the weights key for key and shape for
+    shape.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import build
+
+    mc = name_or_path if isinstance(name_or_path, ModelCard) else resolve_card(name_or_path)
+    card = mc.card
+    entry = card.get("weights") or {}
+    if not entry.get("file"):
+        raise InputError(mc.path, "model card names no weights file ('weights': {'file': ...})")
+    weights = (mc.path.parent / entry["file"]).resolve()
+    if weights.parent != mc.path.parent.resolve():
+        raise InputError(mc.path, f"weights file '{entry['file']}' must sit next to the card")
+    if not weights.is_file():
+        raise InputError(weights, f"weights of model '{mc.name}' are missing")
+    expected = entry.get("sha256")
+    if not expected:
+        raise InputError(mc.path, "model card has no sha256 of its weights")
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise InputError(
+            weights, f"checksum mismatch (sha256 {actual[:12]}..., card says {expected[:12]}...): corrupt or altered"
+        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(weights, f"not a readable safetensors file ({exc})") from None
+    config = card.get("config") or {}
+    try:
+        network = build(mc.method, config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(mc.path, f"cannot build a '{mc.method}' network from the card's config ({exc})") from None
+    check_state_dict(network, state, weights)
+    network.load_state_dict(state, strict=True)
+    network.eval().requires_grad_(False)
+    return LoadedModel(mc, network.to(torch.device(device) if not isinstance(device, torch.device) else device), config)
+
+
+def check_state_dict(network: Any, state: dict[str, Any], source: str | os.PathLike | None) -> None:
+    """Raise a readable InputError unless ``state`` fits ``network`` key for key and shape for shape."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise InputError(source, "weights do not match the card's architecture; " + "; ".join(parts))
+
+
+def create_untrained(
+    method: str,
+    folder: str | os.PathLike,
+    *,
+    scale: str = "tiny",
+    name: str | None = None,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """A model of ``method`` with random weights, as a catalog entry (card + weights).
+
+    For trying a pipeline end to end before weights exist: its card says it is untrained
+    (``trained_on`` is null) and every result made with it carries that in its provenance.
+    """
+    import torch
+
+    from .models import METHODS, build, default_config, default_grid
+
+    config = config or default_config(method, scale)
+    torch.manual_seed(seed)
+    network = build(method, config)
+    grids = {"grid": default_grid(method, config)}
+    if "sr_image_size" in config:
+        grids["sr_grid"] = default_grid(method, config, "sr_image_size")
+    modalities = config.get("modalities") or ([config["target"]] if "target" in config else ["T1w"])
+    name = name or f"{method}-{scale}-untrained"
+    card = new_card(
+        name,
+        method,
+        config,
+        grid=grids["grid"],
+        modalities=list(modalities),
+        trained_on=None,
+        description=f"{METHODS[method][2]} at {scale} scale with RANDOM weights (untrained): for testing only.",
+    )
+    card.update(grids)
+    return save_model(network, card, folder)
+
+
+def import_checkpoint(
+    method: str,
+    checkpoint: str | os.PathLike,
+    folder: str | os.PathLike,
+    *,
+    name: str,
+    config: dict[str, Any] | None = None,
+    card_fields: dict[str, Any] | None = None,
+) -> Path:
+    """Convert a checkpoint written by a method's upstream research code into a catalog
+    entry (safetensors + card). The checkpoint is read with ``weights_only=True``: a file
+    that needs pickled code to load is refused."""
+    from .models import default_grid, method_module
+
+    module = method_module(method)
+    importer = getattr(module, "import_upstream_checkpoint", None)
+    if importer is None:
+        raise InputError(checkpoint, f"no importer for {method} checkpoints (upstream published none)")
+    network, report = importer(checkpoint, config)
+    report = dict(report)
+    config = report.pop("config", None) or config or module.default_config("paper")
+    card = new_card(
+        name,
+        method,
+        config,
+        grid=default_grid(method, config),
+        modalities=config.get("modalities") or ([config["target"]] if "target" in config else []),
+        trained_on={"dataset": "unknown (imported upstream checkpoint)", "simulated": False},
+        description=f"imported from {Path(checkpoint).name}",
+    )
+    card["import_report"] = report
+    card.update(card_fields or {})
+    return save_model(network, card, folder)

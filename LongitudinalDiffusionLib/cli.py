@@ -7,6 +7,8 @@
     longdiff complete-ages SUBJECT --ages 6 9 --model NAME --out DIR
     longdiff synthesize-modality SUBJECT --session ses-02 --modality FLAIR --model NAME --out DIR
     longdiff interpolate SOURCE TARGET --frames 8 --model NAME --out DIR
+    longdiff init-model METHOD         a model with random weights, to try a pipeline
+    longdiff import-model METHOD CKPT  an upstream checkpoint into the catalog
 
 Every command explains itself with ``--help``. Errors in the input are reported as one line
 naming the file and the problem, with exit status 2; nothing half-made is left on disk.
@@ -186,8 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path)
     p.add_argument("target", type=Path)
     p.add_argument("--frames", type=_positive_int, default=8, help="number of frames (default 8)")
+    p.add_argument("--labels", type=Path, help="the source's label map, carried along the deformation")
     _task_arguments(p)
     p.set_defaults(func=cmd_interpolate)
+
+    from .models import METHODS, SCALES
+
+    p = add(
+        "init-model",
+        help="create a model with random weights (to try a pipeline)",
+        description="Write a catalog entry (card + safetensors) of METHOD with random weights. Results made with "
+        "it say they come from an untrained model.",
+    )
+    p.add_argument("method", choices=list(METHODS))
+    p.add_argument("--scale", choices=SCALES, default="tiny", help="network and grid size (default tiny)")
+    p.add_argument("--name", help="model name (default METHOD-SCALE-untrained)")
+    p.add_argument("--out", type=Path, default=Path("~/.longdiff/models").expanduser(), help="catalog folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_model)
+
+    p = add(
+        "import-model",
+        help="convert an upstream research checkpoint (cWDM, DDM) into a catalog model",
+        description="Read CHECKPOINT with torch.load(weights_only=True) (no pickled code runs), check every tensor "
+        "against the method's architecture, and write safetensors + card with its sha256.",
+    )
+    p.add_argument("method", choices=["cwdm", "ddm"])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--out", type=Path, default=Path("~/.longdiff/models").expanduser(), help="catalog folder")
+    p.set_defaults(func=cmd_import_model)
     return parser
 
 
@@ -197,9 +227,20 @@ def _subject_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _task_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model name (see `longdiff models`)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", required=True, help="model name (see `longdiff models`) or path of a model card .json")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written whole at the end, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    g = p.add_argument_group("sampling (defaults from the model card)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result (default 0)")
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), help="sampler")
+    g.add_argument("--steps", type=_positive_int, help="network evaluations per sample")
+    g.add_argument("--eta", type=_fraction, help="DDIM stochasticity (0 deterministic, 1 DDPM-like)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (SADM)")
+    g.add_argument(
+        "--samples", type=_positive_int, default=1, metavar="K", help="draw K samples: mean + standard-deviation map"
+    )
+    g.add_argument("--capture", type=int, default=0, metavar="N", help="keep N denoising intermediates as frames")
+    g.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -385,7 +426,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     _print_table(
         [
-            {"name": m.name, "method": m.method, "simulated": "yes" if m.simulated else "no", "path": m.path}
+            {
+                "name": m.name,
+                "method": m.method,
+                "simulated": "UNTRAINED" if not m.trained else "yes" if m.simulated else "no",
+                "path": m.path,
+            }
             for m in models
         ],
         [("name", "name"), ("method", "method"), ("simulated", "trained on simulated data"), ("path", "card")],
@@ -394,58 +440,118 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_complete_ages(args: argparse.Namespace) -> int:
-    from .subject import load_subject, parse_age
+    from .subject import load_subject
+    from .tasks import complete_ages
 
-    load_subject(args.subject, subject=args.subject_id)
-    for age in args.ages:
-        parse_age(age, "months", "--ages")
-    return _run_task(args)
+    subject = load_subject(args.subject, subject=args.subject_id)
+    _check_out(args)
+    result = _with_progress(args, lambda opts: complete_ages(subject, args.ages, args.model, options=opts))
+    return _report(args, result)
 
 
 def cmd_synthesize_modality(args: argparse.Namespace) -> int:
-    from .subject import load_subject, parse_modality
+    from .subject import load_subject
+    from .tasks import synthesize_modality
 
     subject = load_subject(args.subject, subject=args.subject_id)
-    parse_modality(args.modality, "--modality")
-    _session_age(subject, args.session)
-    return _run_task(args)
-
-
-def _session_age(subject, session: str) -> float:
-    """The age of ``session``, given as a session label (ses-02) or an age in months."""
-    for tp in subject.timepoints:
-        if tp.session == session:
-            return tp.age
-    try:
-        age = float(session)
-    except ValueError:
-        age = None
-    if age is not None:
-        for known in subject.ages():
-            if abs(known - age) < 0.05:
-                return known
-    ages = ", ".join(f"{a:.1f}" for a in subject.ages())
-    sessions = ", ".join(subject.sessions()) or "none"
-    raise LongitudinalDiffusionError(
-        f"--session {session}: not a session of {subject.subject_id} (sessions: {sessions}; ages in months: {ages})"
+    _check_out(args)
+    result = _with_progress(
+        args, lambda opts: synthesize_modality(subject, args.session, args.modality, args.model, options=opts)
     )
+    return _report(args, result)
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from .imaging import load_image
+    from .tasks import interpolate_frames
 
     source, target = load_image(args.source), load_image(args.target)
     if not source.same_geometry(target):
         log.warning("source and target geometries differ; the target will be resampled onto the source")
-    return _run_task(args)
+    _check_out(args)
+    result = _with_progress(
+        args,
+        lambda opts: interpolate_frames(
+            args.source, args.target, args.frames, args.model, source_labels=args.labels, options=opts
+        ),
+    )
+    return _report(args, result)
 
 
-def _run_task(args: argparse.Namespace) -> int:
-    """Checked input meets its model; the diffusion engine that runs it is not part of this version."""
-    from .catalog import find_model
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from .catalog import create_untrained
 
-    find_model(args.model)
-    raise LongitudinalDiffusionError("the diffusion engine is not installed in this version")
+    path = create_untrained(args.method, args.out, scale=args.scale, name=args.name, seed=args.seed)
+    print(f"wrote {path} (random weights, {args.scale} scale: for trying the pipeline, not for use)")
+    return 0
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from .catalog import import_checkpoint
+
+    path = import_checkpoint(args.method, args.checkpoint, args.out, name=args.name)
+    print(f"wrote {path}")
+    return 0
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise LongitudinalDiffusionError(f"{out}: output folder is not empty (use --overwrite to replace it)")
+
+
+def _with_progress(args: argparse.Namespace, run):
+    """Run a task with one tqdm bar per stage (stage, step/total, ETA) on stderr."""
+    from .tasks import RunOptions
+
+    bars: dict[str, object] = {}
+
+    def progress(event) -> None:
+        if args.quiet or event.message == "done":
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(event.stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bars.clear()
+            bar = bars[event.stage] = tqdm(
+                total=event.total, desc=event.stage, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
+        bar.update(event.step - bar.n)
+
+    opts = RunOptions(
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        guidance=args.guidance,
+        seed=args.seed,
+        capture=args.capture,
+        n_samples=args.samples,
+        device=args.device,
+        progress=progress,
+    )
+    try:
+        return run(opts)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _report(args: argparse.Namespace, result) -> int:
+    files = result.save(args.out, overwrite=args.overwrite)
+    prov = result.provenance
+    trained = (prov.extra or {}).get("trained_on") if prov else None
+    print(f"{result.task}: {len(result.images)} image(s), {sum(len(s.frames) for s in result.series)} frame(s) "
+          f"in {result.timings.get('total_s', 0):.2f} s with model {prov.model if prov else '?'}")  # fmt: skip
+    if prov is not None and trained is None:
+        print("note: the model is UNTRAINED (random weights); the images show the pipeline, not a prediction")
+    for f in files:
+        if f.name.endswith(".nii.gz") and "frames" not in f.parts:
+            print(f"  {f}")
+    print(f"  {args.out / 'result.json'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

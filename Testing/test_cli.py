@@ -167,3 +167,120 @@ def test_models_lists_cards_from_the_environment(tmp_path, capsys, monkeypatch):
     (tmp_path / "broken.json").write_text("{not json")
     assert main(["models"]) == 2
     assert "broken.json: model card is not valid JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tasks end to end
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("catalog")
+    for method in ("interval", "cwdm", "ddm"):
+        assert main(["-q", "init-model", method, "--out", str(folder)]) == 0
+    return folder
+
+
+def test_init_model_and_models_listing(catalog, capsys, monkeypatch):
+    monkeypatch.setenv("LONGDIFF_MODELS", str(catalog))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("interval-tiny-untrained", "cwdm-tiny-untrained", "ddm-tiny-untrained"):
+        assert name in out
+    card = json.loads((catalog / "cwdm-tiny-untrained.json").read_text())
+    assert card["trained_on"] is None and len(card["weights"]["sha256"]) == 64
+    assert card["grid"]["shape"] == card["config"]["image_size"]
+
+
+def test_complete_ages_from_the_command_line(dataset, catalog, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGDIFF_MODELS", str(catalog))
+    out = tmp_path / "gen"
+    argv = ["complete-ages", str(dataset / "sub-001"), "--ages", "7.5", "--model", "interval-tiny-untrained"]
+    assert main([*argv, "--out", str(out), "--steps", "3", "--samples", "2", "--capture", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "sample 2/2: 7.5 mo: generate" in captured.err and "3/3" in captured.err  # progress bars per stage
+    assert "UNTRAINED" in captured.out
+    summary = json.loads((out / "result.json").read_text())
+    assert sorted(i["kind"] for i in summary["images"]) == ["mean", "std"]
+    mean = nib.load(out / summary["images"][0]["file"])
+    ses = sorted((dataset / "sub-001").glob("ses-*/anat/*_T1w.nii.gz"))[0]
+    assert mean.shape == nib.load(ses).shape and np.allclose(mean.affine, nib.load(ses).affine)
+    assert {s["name"] for s in summary["series"]} == {"timeline", "denoising-7.5mo"}
+    # Asking again without --overwrite refuses, and leaves the result alone.
+    assert main([*argv, "--out", str(out), "-q"]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "result.json").exists()
+
+
+def test_synthesize_and_interpolate_from_the_command_line(dataset, catalog, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGDIFF_MODELS", str(catalog))
+    ses = dataset / "sub-002" / "ses-03" / "anat"
+    t1 = next(ses.glob("*_T1w.nii.gz"))
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    t1.rename(hidden / t1.name)  # the session loses its T1w
+    try:
+        argv = ["-q", "synthesize-modality", str(dataset / "sub-002"), "--session", "ses-03", "--modality", "T1w"]
+        assert main([*argv, "--model", "cwdm-tiny-untrained", "--out", str(tmp_path / "syn"), "--steps", "2"]) == 0
+    finally:
+        (hidden / t1.name).rename(t1)
+    syn = json.loads((tmp_path / "syn" / "result.json").read_text())
+    assert syn["images"][0]["modality"] == "T1w"
+    assert nib.load(tmp_path / "syn" / syn["images"][0]["file"]).shape == nib.load(t1).shape
+
+    a, b = sorted(ses.glob("*.nii.gz"))[:2]
+    assert main(["-q", "interpolate", str(a), str(b), "--frames", "3", "--model", "ddm-tiny-untrained"]
+                + ["--out", str(tmp_path / "frames")]) == 0  # fmt: skip
+    frames = json.loads((tmp_path / "frames" / "result.json").read_text())["series"][0]["frames"]
+    assert [f["time"] for f in frames] == [0.0, 0.5, 1.0]
+    field = nib.load(tmp_path / "frames" / frames[1]["displacement"])
+    assert field.shape == (*nib.load(a).shape, 1, 3) and field.header.get_intent()[0] == "vector"
+
+
+def test_interrupt_leaves_nothing_behind(dataset, catalog, tmp_path):
+    """Ctrl-C in the middle of sampling: exit 130, a message, and no output folder."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "never"
+    env = {**os.environ, "LONGDIFF_MODELS": str(catalog), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "LongitudinalDiffusionLib", "complete-ages", str(dataset / "sub-001")]
+    cmd += ["--ages", "7.5", "--model", "interval-tiny-untrained", "--out", str(out), "--steps", "1000"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "/1000" not in seen and time.time() < deadline:  # wait until sampling is under way
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing half-written was kept" in err
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_import_an_upstream_checkpoint(tmp_path, capsys):
+    """A DDM checkpoint in the upstream layout (torch.save of a state dict) becomes a catalog model;
+    a file that needs pickled code to load is refused."""
+    import torch
+
+    from LongitudinalDiffusionLib.models import ddm
+
+    config = ddm.default_config("paper")
+    net = ddm.build(config)
+    state = {ddm.key_to_upstream(k): v for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "I100_E1_gen_G.pth")
+    assert main(["import-model", "ddm", str(tmp_path / "I100_E1_gen_G.pth"), "--name", "ddm-up"]
+                + ["--out", str(tmp_path / "cat")]) == 0  # fmt: skip
+    card = json.loads((tmp_path / "cat" / "ddm-up.json").read_text())
+    assert card["method"] == "ddm" and card["import_report"]["loaded"] == len(state)
+    from LongitudinalDiffusionLib.catalog import load_model
+
+    loaded = load_model(tmp_path / "cat" / "ddm-up.json")
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[key], value)
+
+    torch.save({"weights": state, "evil": Path("x")}, tmp_path / "pickled.pth")
+    assert (
+        main(["import-model", "ddm", str(tmp_path / "pickled.pth"), "--name", "bad", "--out", str(tmp_path / "c2")])
+        == 2
+    )
+    assert "pickled.pth" in capsys.readouterr().err and not (tmp_path / "c2" / "bad.json").exists()

@@ -1,0 +1,83 @@
+"""The five published methods, one module each, behind one small registry.
+
+Every method module exposes ``METHOD``, ``TASK``, ``default_config(scale)``,
+``build(config)`` (one ``nn.Module`` with every learned part) and ``loss(...)``, plus its
+inference function(s). Modules are imported on first use so that listing methods costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from ..errors import LongitudinalDiffusionError
+
+#: registry name -> (module, task, the paper's name)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "cas-diffcom": ("cas_diffcom", "complete-ages", "Cas-DiffCom"),
+    "sadm": ("sadm", "complete-ages", "SADM"),
+    "interval": ("interval", "complete-ages", "Time-interval conditional DM (arXiv 2411.05860)"),
+    "cwdm": ("cwdm", "synthesize-modality", "cWDM"),
+    "ddm": ("ddm", "interpolate", "DDM"),
+}
+SCALES = ("paper", "demo", "tiny")
+
+
+def method_module(method: str) -> ModuleType:
+    """The module implementing ``method`` (a registry name such as ``"cwdm"``)."""
+    if method not in METHODS:
+        raise LongitudinalDiffusionError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    return importlib.import_module(f".{METHODS[method][0]}", __name__)
+
+
+def method_task(method: str) -> str:
+    if method not in METHODS:
+        raise LongitudinalDiffusionError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    return METHODS[method][1]
+
+
+def paper_name(method: str) -> str:
+    return METHODS.get(method, ("", "", method))[2]
+
+
+def default_config(method: str, scale: str = "paper") -> dict[str, Any]:
+    if scale not in SCALES:
+        raise LongitudinalDiffusionError(f"unknown scale '{scale}' (expected one of {', '.join(SCALES)})")
+    return method_module(method).default_config(scale)
+
+
+def build(method: str, config: dict[str, Any]):
+    """A freshly initialised network of ``method`` for ``config``."""
+    return method_module(method).build(config)
+
+
+#: field of view (mm, along R, A, S) a default grid covers, by the kind of data a method is for
+BRAIN_FOV = (160.0, 192.0, 160.0)
+HEART_FOV = (128.0, 128.0, 120.0)
+
+
+def default_grid(method: str, config: dict[str, Any], key: str = "image_size") -> dict[str, Any]:
+    """A model grid (``ModelGrid`` fields) for a config: the config's ``image_size`` over the
+    field of view of the method's data, intensities as the method expects them.
+
+    cWDM at paper scale keeps the upstream 1 mm BraTS grid; everything else spreads its
+    grid over the brain (or, for DDM, the heart) field of view.
+    """
+    shape = [int(v) for v in config[key]]
+    fov = HEART_FOV if method == "ddm" else BRAIN_FOV
+    spacing = [round(f / s, 4) for f, s in zip(fov, shape)]
+    if method == "cwdm" and shape == [224, 224, 160]:
+        spacing = [1.0, 1.0, 1.0]
+    value_range = config.get("value_range") or ([0.0, 1.0] if method == "cwdm" else [-1.0, 1.0])
+    percentiles = [0.1, 99.9] if method == "cwdm" else [0.5, 99.5]
+    return {
+        "shape": shape,
+        "spacing": spacing,
+        "orientation": "RAS",
+        "percentiles": percentiles,
+        "value_range": [float(v) for v in value_range],
+        "interpolation": "linear",
+        "center": "fov",
+    }

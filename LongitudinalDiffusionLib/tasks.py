@@ -1,0 +1,688 @@
+"""What a user asks for, on real volumes: complete missing ages, synthesise a missing
+modality, interpolate the frames between two scans.
+
+Each task takes images on their own geometry, puts them on the model's grid (the card's
+:class:`~.grid.ModelGrid`), runs the method, and brings every output back onto the input's
+exact geometry and intensity units. It returns a :class:`Result` and never touches a GUI
+or the disk; :meth:`Result.save` writes it (atomically: a finished folder or nothing).
+
+``n_samples=K`` draws K samples (seeds ``seed`` .. ``seed+K-1``) and returns their mean as
+the result plus a voxel-wise standard-deviation map, so a user sees where a generated
+image is uncertain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .catalog import LoadedModel, load_model
+from .diffusion import SamplerSettings, resolve_device
+from .errors import InputError, LongitudinalDiffusionError
+from .grid import GridRecord, ModelGrid, resample_to
+from .imaging import Image, check_array, load_image, save_image, write_json
+from .models import method_module, method_task, paper_name
+from .progress import CancelToken, ProgressCallback, ProgressEvent
+from .subject import Modality, Provenance, Subject, Timepoint, parse_age, parse_modality
+
+log = logging.getLogger(__name__)
+
+TASKS = ("complete-ages", "synthesize-modality", "interpolate")
+#: two ages closer than this (months, ~1.5 days) are the same visit
+SAME_AGE = 0.05
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class ResultImage:
+    """One output volume on the input's geometry."""
+
+    name: str
+    image: Image
+    kind: str = "generated"  # generated | mean | std | labels
+    age: float | None = None
+    modality: str | None = None
+
+
+@dataclass
+class FrameSeries:
+    """Frames to scrub through: DDM frames (gamma), a completed timeline (months) or the
+    denoising intermediates (sampler step). ``fields`` holds each frame's displacement in
+    mm along R, A, S (shape (I, J, K, 3)) when the method has one."""
+
+    name: str
+    frames: list[Image]
+    times: list[float]
+    unit: str
+    labels: list[Image] | None = None
+    generated: list[bool] | None = None
+    fields: list[Image] | None = None
+
+
+@dataclass
+class Result:
+    task: str
+    images: list[ResultImage]
+    series: list[FrameSeries] = field(default_factory=list)
+    provenance: Provenance | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def image(self, kind: str = "generated", age: float | None = None) -> Image:
+        """The first output of ``kind`` (and at ``age`` months, if given)."""
+        for r in self.images:
+            if r.kind == kind and (age is None or (r.age is not None and abs(r.age - age) < SAME_AGE)):
+                return r.image
+        raise KeyError(f"no {kind} image" + (f" at {age} months" if age is not None else ""))
+
+    def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+        """Write every output as NIfTI with a provenance sidecar, frames under
+        ``frames/<series>/``, and ``result.json`` listing it all.
+
+        The files are written into a temporary folder next to ``folder`` and moved into
+        place at the end: a failure or a cancel leaves no partial result.
+        """
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise InputError(folder, "output folder is not empty (use overwrite to replace it)")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            listing = self._write(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return [folder / p for p in listing]
+
+    def _write(self, root: Path) -> list[str]:
+        prov = self.provenance.to_dict() if self.provenance else {}
+        files: list[str] = []
+        summary: dict[str, Any] = {"task": self.task, "images": [], "series": [], "provenance": prov}
+        for r in self.images:
+            rel = f"{r.name}.nii.gz"
+            check_array(r.image.array, rel)
+            dtype = np.int16 if r.kind == "labels" else np.float32
+            save_image(r.image, root / rel, dtype=dtype, sidecar={**prov, "kind": r.kind, "age_months": r.age})
+            files.append(rel)
+            summary["images"].append({"file": rel, "kind": r.kind, "age_months": r.age, "modality": r.modality})
+        for s in self.series:
+            entries = []
+            for i, frame in enumerate(s.frames):
+                entry: dict[str, Any] = {"index": i, "time": s.times[i], "unit": s.unit}
+                rel = f"frames/{s.name}/frame-{i:03d}.nii.gz"
+                check_array(frame.array, rel)
+                save_image(frame, root / rel, dtype=np.float32)
+                entry["file"] = rel
+                if s.generated is not None:
+                    entry["generated"] = bool(s.generated[i])
+                if s.labels is not None:
+                    entry["labels"] = f"frames/{s.name}/labels-{i:03d}.nii.gz"
+                    save_image(s.labels[i], root / entry["labels"], dtype=np.int16)
+                if s.fields is not None:
+                    entry["displacement"] = f"frames/{s.name}/displacement-{i:03d}.nii.gz"
+                    _save_vector(s.fields[i], root / entry["displacement"])
+                entries.append(entry)
+                files.extend(v for k, v in entry.items() if k in ("file", "labels", "displacement"))
+            summary["series"].append({"name": s.name, "unit": s.unit, "frames": entries})
+        write_json(root / "result.json", summary)
+        files.append("result.json")
+        return files
+
+
+def _save_vector(image: Image, path: Path) -> None:
+    """A displacement field (I, J, K, 3) as a NIfTI vector image (intent VECTOR, mm)."""
+    import nibabel as nib
+
+    data = np.asarray(image.array, dtype=np.float32)[:, :, :, None, :]
+    img = nib.Nifti1Image(data, image.affine)
+    img.header.set_intent("vector")
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class RunOptions:
+    """How to run any task; ``None`` fields take the model card's defaults."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    guidance: float | None = None
+    seed: int | None = 0
+    capture: int = 0
+    n_samples: int = 1
+    device: str = "auto"
+    progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
+
+    def settings(self, loaded: LoadedModel, key: str = "sampler") -> SamplerSettings:
+        base = SamplerSettings.from_dict(loaded.config.get(key))
+        return base.merged(name=self.sampler, steps=self.steps, eta=self.eta, guidance=self.guidance).merged(
+            capture=self.capture
+        )
+
+
+def _options(options: RunOptions | None, kwargs: dict[str, Any]) -> RunOptions:
+    opts = dataclasses.replace(options or RunOptions(), **kwargs)
+    if opts.n_samples < 1:
+        raise LongitudinalDiffusionError(f"n_samples must be at least 1, not {opts.n_samples}")
+    return opts
+
+
+def _prefixed(progress: ProgressCallback | None, prefix: str) -> ProgressCallback | None:
+    if progress is None or not prefix:
+        return progress
+    return lambda e: progress(dataclasses.replace(e, stage=f"{prefix}{e.stage}"))
+
+
+def _load(model: str | os.PathLike | LoadedModel, device: torch.device, task: str) -> LoadedModel:
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    loaded.network.to(device)
+    if method_task(loaded.method) != task:
+        raise LongitudinalDiffusionError(
+            f"model '{loaded.card.name}' is a {paper_name(loaded.method)} model for "
+            f"'{method_task(loaded.method)}', not for '{task}'"
+        )
+    return loaded
+
+
+def _grid(loaded: LoadedModel, key: str = "grid") -> ModelGrid:
+    spec = loaded.card.card.get(key)
+    if not spec:
+        raise InputError(loaded.card.path, f"model card has no '{key}' (the model's grid)")
+    return ModelGrid.from_dict(spec)
+
+
+def _image(tp: Timepoint) -> Image:
+    return tp.image if tp.image is not None else load_image(tp.source)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)[None, None]
+
+
+def _units_only(record: GridRecord) -> GridRecord:
+    """A record that maps a spread (std) back without the offset of the intensity map."""
+    b0, b1 = record.value_range
+    return dataclasses.replace(record, lo=0.0, hi=float(record.hi - record.lo), value_range=(0.0, float(b1 - b0)))
+
+
+def _identity_units(record: GridRecord) -> GridRecord:
+    return dataclasses.replace(record, lo=0.0, hi=1.0, value_range=(0.0, 1.0))
+
+
+def _provenance(loaded: LoadedModel, task: str, settings: SamplerSettings, inputs: list[Timepoint], **extra: Any):
+    card = loaded.card.card
+    return Provenance(
+        model=loaded.card.name,
+        model_version=str(card.get("version", "")),
+        method=paper_name(loaded.method),
+        seed=settings.seed,
+        steps=settings.steps,
+        sampler=settings.name,
+        inputs=Provenance.inputs_from(inputs),
+        task=task,
+        simulated_inputs=any("SIMULATED" in str(_image_meta(tp)) for tp in inputs),
+        extra={"trained_on": card.get("trained_on"), "library": __version__, **extra},
+    )
+
+
+def _image_meta(tp: Timepoint) -> Any:
+    return tp.image.meta if tp.image is not None else {}
+
+
+def _samples(
+    opts: RunOptions, run: Callable[[int, ProgressCallback | None], list[np.ndarray]]
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Run ``run(seed, progress)`` n_samples times; mean (and std) of each output array."""
+    draws = []
+    for k in range(opts.n_samples):
+        seed = None if opts.seed is None else opts.seed + k
+        prefix = f"sample {k + 1}/{opts.n_samples}: " if opts.n_samples > 1 else ""
+        draws.append(run(seed, _prefixed(opts.progress, prefix)))
+    if opts.n_samples == 1:
+        return draws[0], None
+    stacks = [np.stack([d[i] for d in draws]) for i in range(len(draws[0]))]
+    return [s.mean(axis=0) for s in stacks], [s.std(axis=0) for s in stacks]
+
+
+def _emit_done(opts: RunOptions, stage: str, t0: float) -> None:
+    if opts.progress is not None:
+        opts.progress(ProgressEvent(stage, 1, 1, time.perf_counter() - t0, 0.0, "done"))
+
+
+# ----------------------------------------------------------------------------- complete ages
+
+
+def complete_ages(
+    subject: Subject,
+    ages: Sequence[float],
+    model: str | os.PathLike | LoadedModel,
+    *,
+    modality: str | Modality | None = None,
+    options: RunOptions | None = None,
+    **kwargs: Any,
+) -> Result:
+    """Generate ``subject``'s images at ``ages`` (months) it was not scanned at.
+
+    The modality defaults to the model's (its card's first modality). Cas-DiffCom and the
+    time-interval model are guided by the subject's scan nearest in age; SADM reads the
+    whole timeline and fills the gaps in age order. Outputs land on the geometry of the
+    nearest real scan.
+    """
+    opts = _options(options, kwargs)
+    targets = sorted({parse_age(a, "months", "--ages") for a in ages})
+    if not targets:
+        raise LongitudinalDiffusionError("no ages to generate were given")
+    device = resolve_device(opts.device)
+    loaded = _load(model, device, "complete-ages")
+    mod = parse_modality(modality or (loaded.card.card.get("modalities") or ["T1w"])[0], "modality")
+    real = sorted((tp for tp in subject.timepoints if tp.modality == mod), key=lambda tp: tp.age)
+    if not real:
+        have = ", ".join(m.value for m in subject.modalities()) or "none"
+        raise InputError(subject.source, f"{subject.subject_id} has no {mod.value} scan to start from (has: {have})")
+    for age in targets:
+        if any(abs(tp.age - age) < SAME_AGE for tp in real):
+            raise InputError(subject.source, f"{subject.subject_id} already has a {mod.value} scan at {age:g} months")
+    age_range = loaded.card.card.get("age_range_months")
+    if age_range:
+        lo, hi = age_range
+        outside = [a for a in targets if not lo - 1e-6 <= a <= hi + 1e-6]
+        if outside:
+            raise LongitudinalDiffusionError(
+                f"age(s) {', '.join(f'{a:g}' for a in outside)} months lie outside the ages model "
+                f"'{loaded.card.name}' was trained on ({lo:g} to {hi:g} months)"
+            )
+    t0 = time.perf_counter()
+    runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
+    images, series, settings, extra = runner[loaded.method](
+        loaded, real, targets, mod, opts, device, subject.subject_id
+    )
+    prov = _provenance(loaded, "complete-ages", settings, real, target_ages=targets, n_samples=opts.n_samples, **extra)
+    _emit_done(opts, "complete-ages", t0)
+    return Result("complete-ages", images, series, prov, {"total_s": time.perf_counter() - t0})
+
+
+def _nearest(real: list[Timepoint], age: float) -> Timepoint:
+    return min(real, key=lambda tp: (abs(tp.age - age), tp.age))
+
+
+def _age_outputs(
+    subject_id: str, mod: Modality, age: float, mean: Image, std: Image | None, kind: str = "generated"
+) -> list[ResultImage]:
+    stem = f"{subject_id}_age-{age:05.1f}mo_{mod.value}"
+    out = [ResultImage(f"{stem}_{kind}", mean, kind if std is None else "mean", age, mod.value)]
+    if std is not None:
+        out.append(ResultImage(f"{stem}_std", std, "std", age, mod.value))
+    return out
+
+
+def _denoising_series(name: str, grid: ModelGrid, record: GridRecord, intermediates: list) -> FrameSeries | None:
+    if not intermediates:
+        return None
+    frames = [grid.inverse(it.x0[0, 0].numpy(), record) for it in intermediates]
+    return FrameSeries(name, frames, [float(it.t) for it in intermediates], "step")
+
+
+def _complete_cascade(loaded, real, targets, mod, opts, device, sid):
+    mod_cas = method_module("cas-diffcom")
+    grid, sr_grid = _grid(loaded), _grid(loaded, "sr_grid")
+    settings = opts.settings(loaded)
+    refine_settings = opts.settings(loaded, "refine_sampler")
+    images, series = [], []
+    for age in targets:
+        guide = _nearest(real, age)
+        guide_img = _image(guide)
+        low = grid.forward(guide_img)
+        high_ref = sr_grid.forward(guide_img)
+        captured: dict[str, list] = {}
+
+        def run(seed, progress, age=age, guide=guide, low=low, captured=captured):
+            out = mod_cas.complete(
+                loaded.network,
+                _tensor(low.array, device),
+                torch.tensor([guide.age], dtype=torch.float32),
+                torch.tensor([age], dtype=torch.float32),
+                config=loaded.config,
+                settings=settings.merged(seed=seed),
+                refine_settings=refine_settings.merged(seed=None if seed is None else seed + 1),
+                device=device,
+                progress=_prefixed(progress, f"{age:g} mo: "),
+                cancel=opts.cancel,
+            )
+            captured.update(out.intermediates)
+            return [out.high_res[0, 0].numpy()]
+
+        mean, std = _samples(opts, run)
+        image = sr_grid.inverse(mean[0], high_ref.record)
+        spread = sr_grid.inverse(std[0], _units_only(high_ref.record)) if std else None
+        images += _age_outputs(sid, mod, age, image, spread)
+        for stage, g, rec in (("generate", grid, low.record), ("refine", sr_grid, high_ref.record)):
+            s = _denoising_series(f"denoising-{stage}-{age:g}mo", g, rec, captured.get(stage, []))
+            if s:
+                series.append(s)
+    series.insert(0, _timeline(real, images))
+    return images, series, settings, {"guidance_ages": [_nearest(real, a).age for a in targets]}
+
+
+def _complete_interval(loaded, real, targets, mod, opts, device, sid):
+    mod_int = method_module("interval")
+    grid = _grid(loaded)
+    settings = opts.settings(loaded)
+    images, series = [], []
+    for age in targets:
+        source = _nearest(real, age)
+        fwd = grid.forward(_image(source))
+        captured: list = []
+
+        def run(seed, progress, age=age, source=source, fwd=fwd, captured=captured):
+            out = mod_int.generate(
+                loaded.network,
+                _tensor(fwd.array, device),
+                torch.tensor([age - source.age], dtype=torch.float32),
+                config=loaded.config,
+                settings=settings.merged(seed=seed),
+                device=device,
+                progress=_prefixed(progress, f"{age:g} mo: "),
+                cancel=opts.cancel,
+            )
+            captured[:] = out.intermediates
+            return [out.sample[0, 0].numpy()]
+
+        mean, std = _samples(opts, run)
+        image = grid.inverse(mean[0], fwd.record)
+        spread = grid.inverse(std[0], _units_only(fwd.record)) if std else None
+        images += _age_outputs(sid, mod, age, image, spread)
+        s = _denoising_series(f"denoising-{age:g}mo", grid, fwd.record, captured)
+        if s:
+            series.append(s)
+    series.insert(0, _timeline(real, images))
+    return images, series, settings, {"source_ages": [_nearest(real, a).age for a in targets]}
+
+
+def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
+    """SADM reads the timeline up to each missing age and generates it (paper Alg. 2). A
+    model holds ``max_frames`` slots, so each target sees the ``max_frames - 1`` latest
+    timepoints before it, real or generated earlier in this run."""
+    mod_sadm = method_module("sadm")
+    grid = _grid(loaded)
+    settings = opts.settings(loaded)
+    ref = grid.forward(_image(real[0]))
+    if targets[0] < real[0].age - SAME_AGE:
+        raise LongitudinalDiffusionError(
+            f"SADM generates forward in time: {targets[0]:g} months is before the first scan ({real[0].age:g} months); "
+            "use Cas-DiffCom or the time-interval model for earlier ages"
+        )
+    capacity = int(loaded.config.get("max_frames", 12))
+    on_grid = {tp.age: torch.as_tensor(grid.forward(_image(tp), reference=ref.record).array) for tp in real}
+    captured: dict[float, list] = {}
+
+    def run(seed, progress):
+        timeline = dict(on_grid)
+        generator = None
+        outputs = []
+        for age in targets:
+            window = sorted(a for a in timeline if a < age)[-(capacity - 1) :] + [age]
+            frames = torch.zeros((1, len(window), 1, *grid.shape))
+            present = torch.zeros((1, len(window)), dtype=torch.bool)
+            for i, a in enumerate(window[:-1]):
+                frames[0, i, 0], present[0, i] = timeline[a], True
+            if generator is None:
+                generator = _generator(seed)
+            out = mod_sadm.fill_sequence(
+                loaded.network,
+                frames,
+                torch.tensor([window], dtype=torch.float32),
+                present,
+                config=loaded.config,
+                settings=settings.merged(seed=seed),
+                generator=generator,
+                device=device,
+                progress=_prefixed(progress, f"{age:g} mo: "),
+                cancel=opts.cancel,
+            )
+            timeline[age] = out.frames[0, -1, 0]
+            captured[age] = out.intermediates.get(len(window) - 1, [])
+            outputs.append(timeline[age].numpy())
+        return outputs
+
+    mean, std = _samples(opts, run)
+    images, series = [], []
+    for i, age in enumerate(targets):
+        image = grid.inverse(mean[i], ref.record)
+        spread = grid.inverse(std[i], _units_only(ref.record)) if std else None
+        images += _age_outputs(sid, mod, age, image, spread)
+        s = _denoising_series(f"denoising-{age:g}mo", grid, ref.record, captured.get(age, []))
+        if s:
+            series.append(s)
+    series.insert(0, _timeline(real, images))
+    return images, series, settings, {"max_frames": capacity}
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    from .diffusion import make_generator
+
+    return make_generator(seed)[0]
+
+
+def _timeline(real: list[Timepoint], images: list[ResultImage]) -> FrameSeries:
+    """Real and generated scans in age order, the subject's completed history."""
+    items = [(tp.age, _image(tp), False) for tp in real]
+    items += [(r.age, r.image, True) for r in images if r.kind in ("generated", "mean")]
+    items.sort(key=lambda x: x[0])
+    ref = items[0][1]
+    frames = [img if img.same_geometry(ref) else resample_to(img, ref.affine, ref.shape) for _, img, _ in items]
+    return FrameSeries("timeline", frames, [a for a, _, _ in items], "months", generated=[g for _, _, g in items])
+
+
+# ----------------------------------------------------------------------------- missing modality
+
+
+def synthesize_modality(
+    subject: Subject,
+    session: str | float,
+    modality: str | Modality,
+    model: str | os.PathLike | LoadedModel,
+    *,
+    options: RunOptions | None = None,
+    **kwargs: Any,
+) -> Result:
+    """Generate ``modality`` of one session (a session label or an age in months) from the
+    modalities that session has (cWDM). The output lands on the session's geometry."""
+    opts = _options(options, kwargs)
+    target = parse_modality(modality, "--modality")
+    visit = _session_timepoints(subject, session)
+    device = resolve_device(opts.device)
+    loaded = _load(model, device, "synthesize-modality")
+    have = {tp.modality: tp for tp in visit}
+    if target in have:
+        raise InputError(subject.source, f"session {session} already has a {target.value} scan")
+    cfg = loaded.config
+    if cfg.get("any_missing"):
+        needed = [parse_modality(m) for m in cfg["modalities"]]
+        if target not in needed:
+            raise LongitudinalDiffusionError(f"model '{loaded.card.name}' does not synthesise {target.value}")
+        cond_mods = [m for m in needed if m != target]
+    else:
+        if parse_modality(cfg["target"]) != target:
+            raise LongitudinalDiffusionError(
+                f"model '{loaded.card.name}' synthesises {cfg['target']}, not {target.value}"
+            )
+        cond_mods = [parse_modality(m) for m in cfg["conditions"]]
+    missing = [m.value for m in cond_mods if m not in have]
+    if missing:
+        raise InputError(
+            subject.source,
+            f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
+        )
+    grid = _grid(loaded)
+    first = grid.forward(_image(have[cond_mods[0]]))
+    on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
+    settings = opts.settings(loaded)
+    mod_cwdm = method_module("cwdm")
+    t0 = time.perf_counter()
+    captured: list = []
+    if cfg.get("any_missing"):
+        order = [parse_modality(m) for m in cfg["modalities"]]
+        stack = np.zeros((len(order), *grid.shape), np.float32)
+        for m, sample in zip(cond_mods, on_grid):
+            stack[order.index(m)] = sample.array
+        mask = torch.tensor([[0.0 if m == target else 1.0 for m in order]])
+    else:
+        stack, mask = np.stack([s.array for s in on_grid]).astype(np.float32), None
+    conditions = torch.as_tensor(stack)[None].to(device)
+
+    def run(seed, progress):
+        out = mod_cwdm.synthesize(
+            loaded.network,
+            conditions,
+            config=cfg,
+            settings=settings.merged(seed=seed),
+            mask=mask,
+            device=device,
+            progress=progress,
+            cancel=opts.cancel,
+        )
+        captured[:] = out.intermediates
+        return [out.sample[0, 0].numpy()]
+
+    mean, std = _samples(opts, run)
+    # The result takes the intensity scale of the first condition's percentile range:
+    # a synthetic modality has no units of its own.
+    record = first.record
+    image = grid.inverse(mean[0], record)
+    spread = grid.inverse(std[0], _units_only(record)) if std else None
+    age = visit[0].age
+    sid = subject.subject_id
+    images = _age_outputs(sid, target, age, image, spread, kind="generated")
+    series = [s for s in [_denoising_series("denoising", grid, record, captured)] if s]
+    prov = _provenance(
+        loaded, "synthesize-modality", settings, [have[m] for m in cond_mods], target=target.value, session=str(session)
+    )
+    _emit_done(opts, "synthesize-modality", t0)
+    return Result("synthesize-modality", images, series, prov, {"total_s": time.perf_counter() - t0})
+
+
+def _session_timepoints(subject: Subject, session: str | float) -> list[Timepoint]:
+    visit = [tp for tp in subject.timepoints if tp.session is not None and tp.session == str(session)]
+    if not visit:
+        try:
+            age = float(session)
+        except (TypeError, ValueError):
+            age = None
+        if age is not None:
+            visit = [tp for tp in subject.timepoints if abs(tp.age - age) < SAME_AGE]
+    if not visit:
+        sessions = ", ".join(subject.sessions()) or "none"
+        ages = ", ".join(f"{a:.1f}" for a in subject.ages())
+        raise LongitudinalDiffusionError(
+            f"--session {session}: not a session of {subject.subject_id} (sessions: {sessions}; ages in months: {ages})"
+        )
+    return visit
+
+
+# ----------------------------------------------------------------------------- frames between scans
+
+
+def interpolate_frames(
+    source: Image | Timepoint | str | os.PathLike,
+    target: Image | Timepoint | str | os.PathLike,
+    n_frames: int,
+    model: str | os.PathLike | LoadedModel,
+    *,
+    source_labels: Image | str | os.PathLike | None = None,
+    options: RunOptions | None = None,
+    **kwargs: Any,
+) -> Result:
+    """``n_frames`` frames from ``source`` (gamma 0) to ``target`` (gamma 1) with DDM, each
+    with its displacement field; ``source_labels`` are carried along the deformation.
+    Frames land on the source's geometry (the target is resampled onto it)."""
+    opts = _options(options, kwargs)
+    if int(n_frames) < 2:
+        raise LongitudinalDiffusionError(f"at least 2 frames are needed (source and target), not {n_frames}")
+    device = resolve_device(opts.device)
+    loaded = _load(model, device, "interpolate")
+    src_img, tgt_img = (_as_image(x) for x in (source, target))
+    grid = _grid(loaded)
+    src = grid.forward(src_img)
+    tgt = grid.forward(tgt_img, reference=src.record)
+    labels = None
+    if source_labels is not None:
+        lab_img = source_labels if isinstance(source_labels, Image) else load_image(source_labels, dtype=np.int16)
+        if not lab_img.same_geometry(src_img):
+            raise InputError(
+                getattr(source_labels, "meta", {}).get("source"), "labels do not match the source's geometry"
+            )
+        labels = _tensor(grid.forward(lab_img, labels=True, reference=src.record).array, device)
+    gammas = torch.linspace(0.0, 1.0, int(n_frames))
+    t0 = time.perf_counter()
+    out = method_module("ddm").interpolate(
+        loaded.network,
+        _tensor(src.array, device),
+        _tensor(tgt.array, device),
+        gammas,
+        config=loaded.config,
+        source_labels=labels,
+        device=device,
+        progress=opts.progress,
+        cancel=opts.cancel,
+    )
+    frames = [grid.inverse(out.frames[i, 0].cpu().numpy(), src.record) for i in range(len(gammas))]
+    frame_labels = None
+    if out.labels is not None:
+        frame_labels = [
+            grid.inverse(out.labels[i, 0].cpu().numpy(), src.record, labels=True) for i in range(len(gammas))
+        ]
+    fields = [_displacement_mm(out.fields[i].cpu().numpy(), grid, src.record) for i in range(len(gammas))]
+    series = FrameSeries("frames", frames, [float(g) for g in gammas], "gamma", frame_labels, fields=fields)
+    inputs = [Timepoint(0.0, "T1w", src_img, _path_of(source)), Timepoint(0.0, "T1w", tgt_img, _path_of(target))]
+    settings = SamplerSettings(name="ddim", steps=1, seed=None)
+    prov = _provenance(loaded, "interpolate", settings, inputs, n_frames=int(n_frames))
+    prov.inputs = [{"file": None if p is None else str(p)} for p in (_path_of(source), _path_of(target))]
+    _emit_done(opts, "interpolate", t0)
+    images = [ResultImage("frame-last", frames[-1], "generated")]
+    if frame_labels is not None:
+        images.append(ResultImage("frame-last_labels", frame_labels[-1], "labels"))
+    return Result("interpolate", images, [series], prov, {"total_s": time.perf_counter() - t0})
+
+
+def _as_image(x: Image | Timepoint | str | os.PathLike) -> Image:
+    if isinstance(x, Image):
+        return x
+    if isinstance(x, Timepoint):
+        return _image(x)
+    return load_image(x)
+
+
+def _path_of(x: Any) -> Path | None:
+    if isinstance(x, Timepoint):
+        return x.source
+    if isinstance(x, (str, os.PathLike)):
+        return Path(x)
+    return None
+
+
+def _displacement_mm(field_vox: np.ndarray, grid: ModelGrid, record: GridRecord) -> Image:
+    """A grid displacement (3, I, J, K) in grid voxels -> (I, J, K, 3) in RAS mm on the input's geometry."""
+    mm = np.einsum("ab,bijk->aijk", record.grid_affine[:3, :3], field_vox)
+    comps = [grid.inverse(mm[a], _identity_units(record)).array for a in range(3)]
+    return Image(np.stack(comps, axis=-1).astype(np.float32), record.affine)
