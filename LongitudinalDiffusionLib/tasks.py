@@ -534,7 +534,10 @@ def synthesize_modality(
             subject.source,
             f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
         )
-    grid = _grid(loaded)
+    if cfg.get("preprocessing") == "brats":
+        grid = _BratsGrid([_image(have[m]) for m in cond_mods])
+    else:
+        grid = _grid(loaded)
     first = grid.forward(_image(have[cond_mods[0]]))
     on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)
@@ -570,7 +573,12 @@ def synthesize_modality(
     # a synthetic modality has no units of its own.
     record = first.record
     image = grid.inverse(mean[0], record)
-    spread = grid.inverse(std[0], _units_only(record)) if std else None
+    if std is None:
+        spread = None
+    elif isinstance(grid, _BratsGrid):
+        spread = grid.inverse(std[0], record, spread=True)
+    else:
+        spread = grid.inverse(std[0], _units_only(record))
     age = visit[0].age
     sid = subject.subject_id
     images = _age_outputs(sid, target, age, image, spread, kind="generated")
@@ -580,6 +588,41 @@ def synthesize_modality(
     )
     _emit_done(opts, "synthesize-modality", t0)
     return Result("synthesize-modality", images, series, prov, {"total_s": time.perf_counter() - t0})
+
+
+class _BratsGrid:
+    """The upstream cWDM preprocessing in the role of a model grid: BraTS arrays as stored
+    (240x240x155), percentile-normalised, cropped/padded to 224x224x160; the way back sets
+    values <= 0.04 to 0 and restores the shape. Outputs stay in [0, 1] as upstream's do."""
+
+    def __init__(self, images: list[Image]) -> None:
+        from .models.cwdm import BRATS_SHAPE
+
+        first = images[0]
+        for img in images:
+            if img.shape != BRATS_SHAPE or not img.same_geometry(first):
+                raise InputError(
+                    img.meta.get("source"),
+                    f"upstream cWDM weights need BraTS volumes of {BRATS_SHAPE} voxels sharing one geometry "
+                    f"(this one is {img.shape})",
+                )
+        self.affine = first.affine
+
+    def forward(self, image: Image, reference: Any = None) -> Any:
+        from .models.cwdm import preprocess_brats
+
+        array, record = preprocess_brats(np.asarray(image.array))
+        return dataclasses.make_dataclass("BratsSample", ["array", "record"])(array, record)
+
+    def inverse(self, array: Any, record: Any, *, spread: bool = False) -> Image:
+        """Back onto the BraTS array; ``spread`` maps a standard-deviation map (no threshold)."""
+        from .models.cwdm import postprocess_brats
+
+        if spread:
+            c = int(record["crop"])
+            out = np.pad(np.asarray(array, np.float32), ((c, c), (c, c), (0, 0)))[..., : record["input_shape"][2]]
+            return Image(out, self.affine)
+        return Image(postprocess_brats(np.asarray(array), record), self.affine)
 
 
 def _session_timepoints(subject: Subject, session: str | float) -> list[Timepoint]:

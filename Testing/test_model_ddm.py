@@ -75,7 +75,7 @@ def test_configs_are_json_and_paper_matches_upstream():
     assert paper["network"]["field"]["decoder_channels"] == [32, 32, 32, 8, 8, 3]
     assert paper["schedule"] == {"kind": "linear", "beta_start": 1e-6, "beta_end": 1e-2, "num_steps": 2000}
     assert paper["loss"] == {"lambda": 20.0, "lambda_R": 1.0, "ncc_window": 9}
-    assert paper["image_size"] == [32, 128, 128] and paper["normalisation"] == "minmax_pm1"
+    assert paper["image_size"] == [128, 128, 32] and paper["normalisation"] == "minmax_pm1"
     model = ddm.build(paper)
     assert sum(p.numel() for p in model.parameters()) == UPSTREAM_PAPER_PARAMETERS
     for scale in ("demo", "tiny"):

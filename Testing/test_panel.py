@@ -336,7 +336,7 @@ def test_a_model_card_is_listed_shown_and_enables_apply(gui, demoSubject, tmp_pa
 
     # Apply: without an engine connected it says so; with one, it receives the request.
     gui.qtbot.mouseClick(ui.applyButton, QtCore.Qt.MouseButton.LeftButton)
-    assert "diffusion engine is not installed" in status(gui)
+    assert "Running from the panel is not connected" in status(gui)
     received = []
     panel.applyRequested.connect(received.append)
     gui.qtbot.mouseClick(ui.applyButton, QtCore.Qt.MouseButton.LeftButton)

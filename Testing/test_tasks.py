@@ -216,3 +216,41 @@ def test_catalog_refuses_broken_model_files(models, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="must sit next to the card"):
         load_model(tmp_path / "m.json")
+
+
+def test_upstream_cwdm_weights_use_the_brats_preprocessing(tmp_path):
+    """A card made from an upstream checkpoint runs on BraTS arrays as stored (240x240x155),
+    comes back on them, with the <=0.04 background rule."""
+    from LongitudinalDiffusionLib.catalog import import_checkpoint
+    from LongitudinalDiffusionLib.imaging import Image
+    from LongitudinalDiffusionLib.models import cwdm
+    from LongitudinalDiffusionLib.subject import Timepoint
+
+    config = cwdm.default_config("tiny", target="T2w")
+    config["image_size"] = [224, 224, 160]
+    torch.manual_seed(0)
+    torch.save(cwdm.build(config).state_dict(), tmp_path / "t2_gen.pt")
+    config["preprocessing"] = "brats"
+    card = import_checkpoint("cwdm", tmp_path / "t2_gen.pt", tmp_path / "cat", name="cwdm-t2", config=config)
+    assert json.loads(card.read_text())["config"]["preprocessing"] == "brats"
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    head = np.zeros((240, 240, 155), np.float32)
+    head[40:200, 30:210, 20:140] = 1.0
+    visit = [
+        Timepoint(30 * 12, m, Image(head * rng.uniform(50, 100, head.shape).astype(np.float32), affine), None, "ses-01")
+        for m in ("T1w", "T1ce", "FLAIR")
+    ]
+    subject = Subject("sub-brats", visit, None)
+    out = synthesize_modality(subject, "ses-01", "T2w", card, steps=2).image("generated")
+    assert out.shape == (240, 240, 155) and np.array_equal(out.affine, affine)
+    assert out.array.min() >= 0 and out.array.max() <= 1
+    assert not ((out.array > 0) & (out.array <= 0.04)).any()
+    assert (out.array[:8] == 0).all() and (out.array[-8:] == 0).all()  # the cropped rim comes back empty
+
+    small = Subject(
+        "sub-x", [Timepoint(1, m, Image(head[:200], affine), None, "ses-01") for m in ("T1w", "T1ce", "FLAIR")], None
+    )
+    with pytest.raises(InputError, match="BraTS volumes of"):
+        synthesize_modality(small, "ses-01", "T2w", card, steps=2)

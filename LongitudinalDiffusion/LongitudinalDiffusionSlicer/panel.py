@@ -856,7 +856,10 @@ class Panel:
             return
         request = self.request()
         if not self.applyRequested.isConnected():
-            message = _("The diffusion engine is not installed in this version: nothing was generated.")
+            message = _(
+                "Running from the panel is not connected in this version: nothing was generated. "
+                "Use longdiff or LongitudinalDiffusionLib.tasks from the Python console."
+            )
             self.appendLog(message)
             self.setStatus(message)
             return

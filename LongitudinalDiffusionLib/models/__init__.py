@@ -70,7 +70,11 @@ def default_grid(method: str, config: dict[str, Any], key: str = "image_size") -
     spacing = [round(f / s, 4) for f, s in zip(fov, shape)]
     if method == "cwdm" and shape == [224, 224, 160]:
         spacing = [1.0, 1.0, 1.0]
-    value_range = config.get("value_range") or ([0.0, 1.0] if method == "cwdm" else [-1.0, 1.0])
+    if key == "image_size" and config.get("spacing_mm"):
+        spacing = [float(v) for v in config["spacing_mm"]]
+    value_range = (
+        config.get("value_range") or config.get("intensity_range") or ([0.0, 1.0] if method == "cwdm" else [-1.0, 1.0])
+    )
     percentiles = [0.1, 99.9] if method == "cwdm" else [0.5, 99.5]
     return {
         "shape": shape,

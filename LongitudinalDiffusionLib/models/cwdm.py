@@ -546,7 +546,9 @@ def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = No
     if config is None:
         target = UPSTREAM_CHECKPOINTS.get(name)
         source = "file name" if target else "default (file name not recognised)"
-        config = default_config("paper", target=target or "T1w")
+        # Upstream weights learnt BraTS arrays as stored: tasks must use the BraTS pre- and
+        # post-processing, not a resampling grid.
+        config = {**default_config("paper", target=target or "T1w"), "preprocessing": "brats"}
     else:
         source = "config"
     try:

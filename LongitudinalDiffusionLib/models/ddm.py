@@ -336,7 +336,9 @@ def default_config(scale: str = "paper") -> dict:
 
     "paper": upstream ``config/DDM_train.json`` (networks above, linear beta 1e-6..1e-2 over 2000
     steps, lambda 20, Adam 2e-4, batch 1, 800 epochs) on the ACDC grid 128x128x32 at
-    1.5x1.5x3.15 mm, stored (D, H, W) = (32, 128, 128) with D the slice axis. "demo" keeps the
+    1.5x1.5x3.15 mm, stored on the model grid's (I, J, K) = (R, A, S) axes as 128x128x32 with
+    the slices along K (the networks are fully convolutional: the axis order only places the
+    grid). "demo" keeps the
     paper's networks (they are small: 1.08 M parameters, as upstream's) on a 32^3 grid at 4 mm
     (Choice: the heart phantom fits, and a training step takes about 0.5 s on 2 CPU cores);
     "tiny" (0.2 M parameters, 16^3, 100 steps) is for tests.
@@ -347,7 +349,7 @@ def default_config(scale: str = "paper") -> dict:
     field = {"in_channels": 2, "encoder_channels": [16, 32, 32, 32, 32], "decoder_channels": [32, 32, 32, 8, 8, 3]}
     steps = 2000
     if scale == "paper":
-        size, spacing = [32, 128, 128], [3.15, 1.5, 1.5]
+        size, spacing = [128, 128, 32], [1.5, 1.5, 3.15]
     elif scale == "demo":
         size, spacing = [32, 32, 32], [4.0, 4.0, 4.0]
     elif scale == "tiny":

@@ -77,13 +77,14 @@ CONTEXT, GAP, TARGET = 0, 1, 2
 def default_config(scale: str = "paper") -> dict:
     """The method's configuration at ``"paper"``, ``"demo"`` or ``"tiny"`` size (JSON types).
 
-    ``paper`` is the published setting: volumes 32x128x128, 12 frames, upstream's ViViT
-    patch (8, 32, 32), dimension 1024, 3 heads of 8 and depth 3, with T = 1000 and w = 0.1.
+    ``paper`` is the published setting: volumes 128x128x32 (I, J, K; slices along K), 12 frames,
+    upstream's ViViT patch (32, 32, 8) in the same axis order, dimension 1024, 3 heads of 8 and
+    depth 3, with T = 1000 and w = 0.1.
     ``demo`` trains on a 2-core CPU at 32^3. ``tiny`` is for tests.
     """
     if scale == "paper":
-        image_size, max_frames = [32, 128, 128], 12
-        attention = {"patch_size": [8, 32, 32], "dim": 1024, "depth": 3, "heads": 3, "head_dim": 8, "mlp_dim": 2048}
+        image_size, max_frames = [128, 128, 32], 12
+        attention = {"patch_size": [32, 32, 8], "dim": 1024, "depth": 3, "heads": 3, "head_dim": 8, "mlp_dim": 2048}
         unet = {"channels": [64, 128, 192, 256], "attention_levels": [False, False, False, True], "num_res_blocks": 2}
         unet |= {"norm_num_groups": 32, "num_head_channels": 64}
         schedule = {"kind": "cosine", "num_steps": 1000, "s": 0.008}
