@@ -330,7 +330,8 @@ def _age_outputs(
     subject_id: str, mod: Modality, age: float, mean: Image, std: Image | None, kind: str = "generated"
 ) -> list[ResultImage]:
     stem = f"{subject_id}_age-{age:05.1f}mo_{mod.value}"
-    out = [ResultImage(f"{stem}_{kind}", mean, kind if std is None else "mean", age, mod.value)]
+    kind = kind if std is None else "mean"
+    out = [ResultImage(f"{stem}_{kind}", mean, kind, age, mod.value)]
     if std is not None:
         out.append(ResultImage(f"{stem}_std", std, "std", age, mod.value))
     return out

@@ -1,7 +1,7 @@
 """Real MRML without the Slicer application: a scene bootstrapped on PyPI ``slicer-core``.
 
 Tests import this module (it is a plain helper, not a conftest) and call
-:func:`bootstrapScene`, which follows ``shared/notes/headless.md``:
+:func:`bootstrapScene`, which sets up what the Slicer application would:
 
 1. a ``vtkMRMLScene`` with the ``default`` crosshair node;
 2. a ``vtkSlicerApplicationLogic`` on the scene, its colour logic with the default colour

@@ -1,5 +1,5 @@
 """Cas-DiffCom: a cascaded diffusion model for longitudinal infant brain MRI completion
-(Guo, Tao, Cai, Zhu et al., arXiv 2402.13776; paper: /work/shared/papers/cas-diffcom.md).
+(Guo, Tao, Cai, Zhu et al., arXiv 2402.13776).
 
 Stage 1 (``generate``, sec. 2.1, Fig. 1b) draws a low-resolution volume z0 of the subject at a
 target age from a guidance image of the same subject and the two ages, with the asynchronous
@@ -220,7 +220,7 @@ class SuperResolutionRefiner(nn.Module):
 
     The low-res image z0 is up-sampled 2x by a learned ``ConvTranspose3d`` ("we adopt
     transposed convolution blocks instead of bilinear interpolation"), concatenated with the
-    high-res x_t and denoised by a MONAI ``DiffusionModelUNet`` (upstream notes, MONAI) that
+    high-res x_t and denoised by a MONAI ``DiffusionModelUNet`` that
     predicts eps. :meth:`upsample` does not depend on x_t or t and runs once per sample.
 
     Choice: kernel 4, stride 2, padding 1 (exactly 2x, each output voxel mixes 2 input voxels

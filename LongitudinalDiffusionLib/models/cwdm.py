@@ -7,7 +7,7 @@ Haar subbands of the target volume (:mod:`.wavelets`, section 2), the subbands o
 conditions are concatenated to the noisy input, the network predicts x0, and every
 predicted x0 is clipped in image space (IDWT, clamp to [0, 1], DWT).
 
-Upstream facts (pfriedri/cwdm @1e4a1e5, /work/shared/notes/upstream.md section 2) that this
+Upstream facts (pfriedri/cwdm @1e4a1e5; summarised in docs/methods.md) that this
 module reproduces:
 
 - network: guided-diffusion ``UNetModel`` with dims=3, 64 base channels, channel_mult
@@ -31,7 +31,7 @@ Choices:
 
 - The U-Net is written here rather than taken from MONAI's ``DiffusionModelUNet``: the
   upstream weights must load key for key, and MONAI's middle block always has attention
-  (upstream.md, MONAI gaps). Attention is left out entirely since upstream uses none.
+  (MONAI 1.6). Attention is left out entirely since upstream uses none.
 - Noise is drawn directly in wavelet space. Upstream draws it in image space and takes its
   DWT; the Haar DWT is orthonormal, so both are i.i.d. standard normal.
 - "Any missing" mode (beyond upstream; the paper, section 4.1.2, names a single model as
@@ -182,7 +182,7 @@ class EmbedSequential(nn.Sequential):
 
 
 class WaveletUNet(nn.Module):
-    """The cWDM denoiser: guided-diffusion's 3D U-Net without attention (upstream.md section 2).
+    """The cWDM denoiser: guided-diffusion's 3D U-Net without attention (pfriedri/cwdm).
 
     Module names follow guided-diffusion (``time_embed``, ``input_blocks``, ``middle_block``,
     ``output_blocks``, ``out``) so upstream state dicts load unchanged.

@@ -1,6 +1,6 @@
 """DDM: the diffusion deformable model for frames between two scans (Kim & Ye, MICCAI 2022;
-paper: /work/shared/papers/ddm.md; upstream facts: /work/shared/notes/upstream.md
-sec. 4, code torchDDM/DDM @1d3a92b, read but not copied).
+upstream code torchDDM/DDM @1d3a92b, read but not copied;
+see docs/methods.md).
 
 Two modules trained end to end (paper sec. 2.1, Fig. 1):
 

@@ -1,14 +1,13 @@
 """Time-interval conditional diffusion model for longitudinal MRI ("Conditional Diffusion Model
-for Longitudinal Medical Image Generation", arXiv 2411.05860; paper:
-/work/shared/papers/conditional-longitudinal-dm.md).
+for Longitudinal Medical Image Generation", arXiv 2411.05860).
 
 The target scan is generated from a source scan S of the same subject and the time interval
 Delta between the two visits: S and Delta are injected into eps_theta(x_t, t, S, Delta) of an
 attention U-Net (Method Summary; Mechanisms 1-2), trained with the eps loss, linear beta
 1e-4..0.02 over T=1000 steps, Adam lr 1e-3, batch 1 (Mechanism 3), at 128x160x128. No code was
-published (upstream notes, sec. 5), so the architecture is ours where the paper is silent:
+published (docs/methods.md), so the architecture is ours where the paper is silent:
 
-* The U-Net is MONAI's ``DiffusionModelUNet`` (upstream notes, MONAI) with attention at the
+* The U-Net is MONAI's ``DiffusionModelUNet`` with attention at the
   deeper levels (and its mid block), fed ``[x_t, S]`` concatenated on the channel axis.
 * Delta (months; negative = backwards in time, towards an earlier visit) is embedded by
   :class:`~.layers.ScalarEmbedding` and *added* to the timestep embedding ("We aggregate

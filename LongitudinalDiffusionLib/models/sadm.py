@@ -6,7 +6,7 @@ with classifier-free guidance (sec. 3.2, Alg. 1). Missing and future frames are 
 one at a time in age order, each conditioned on every earlier frame, real or generated
 (Alg. 2).
 
-Upstream (ubc-tea/SADM-..., ``notes/upstream.md`` sec. 3) is a "minimal" version of the
+Upstream (ubc-tea/SADM-..., docs/methods.md) is a "minimal" version of the
 paper. It uses a ViViT with patch (8, 32, 32) on 32x128x128 volumes, 11 context frames, a
 BatchNorm ``ContextUnet`` (n_feat=8), linear betas 1e-4..0.02 with n_T=400, ancestral DDPM
 with sigma^2 = beta_t, context dropout 0.1 and guidance w=0.2.

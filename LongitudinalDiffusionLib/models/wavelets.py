@@ -2,13 +2,13 @@
 
 cWDM (Friedrich et al. 2024, arXiv 2411.17203, section 2) runs the diffusion on
 ``x = DWT(y)``, the eight level-1 Haar subbands of a volume ``y``, each at half the
-resolution. Upstream (pfriedri/cwdm ``DWT_IDWT/DWT_IDWT_layer.py``, upstream.md section 2)
+resolution. Upstream (pfriedri/cwdm ``DWT_IDWT/DWT_IDWT_layer.py``)
 builds the transform from matrix products; here it is one ``conv3d`` with eight fixed
 2x2x2 kernels and stride 2 (the Haar atoms do not overlap, so the transposed convolution
 with the same kernels is the exact inverse). No new dependency: PyWavelets is only the
 reference in the tests.
 
-Subband order (upstream.md, checked against ``pywt.dwtn(x, "haar")``): LLL, LLH, LHL, LHH,
+Subband order (upstream's, checked against ``pywt.dwtn(x, "haar")``): LLL, LLH, LHL, LHH,
 HLL, HLH, HHL, HHH, the first letter on axis D of (N, C, D, H, W), i.e. pywt keys aaa, aad,
 ada, add, daa, dad, dda, ddd. Channel layout: subband-major per input channel, so channel
 ``8 * c + k`` is subband ``k`` of input channel ``c`` (the upstream concatenates, image by
