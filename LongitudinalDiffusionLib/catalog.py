@@ -236,21 +236,9 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu")
 
 def check_state_dict(network: Any, state: dict[str, Any], source: str | os.PathLike | None) -> None:
     """Raise a readable InputError unless ``state`` fits ``network`` key for key and shape for shape."""
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise InputError(source, "weights do not match the card's architecture; " + "; ".join(parts))
+    from .models import check_weights
+
+    check_weights(network.state_dict(), state, source, "weights do not match the card's architecture")
 
 
 def create_untrained(

@@ -287,7 +287,7 @@ def test_import_reports_schedule_mismatch_and_names_bad_keys(tiny, tmp_path):
     message = str(err.value)
     assert "missing: field_fn.keepblock.conv.weight (upstream field_fn.keepblock.block.0.weight)" in message
     assert "unexpected: denoise_fn.spare.weight" in message
-    assert "mis-shaped: denoise_fn.mid.0.attn.qkv.weight (3, 3, 1, 1, 1)" in message
+    assert "mis-shaped (file vs model): denoise_fn.mid.0.attn.qkv.weight (3, 3, 1, 1, 1)" in message
     assert err.value.source == str(path)
 
     path.write_bytes(b"not a checkpoint")

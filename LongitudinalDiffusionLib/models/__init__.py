@@ -9,10 +9,12 @@ nothing.
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from ..errors import LongitudinalDiffusionError
+from ..errors import InputError, LongitudinalDiffusionError
 
 #: registry name -> (module, task, the paper's name)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -85,3 +87,39 @@ def default_grid(method: str, config: dict[str, Any], key: str = "image_size") -
         "interpolation": "linear",
         "center": "fov",
     }
+
+
+def check_weights(
+    expected: Mapping[str, Any],
+    given: Mapping[str, Any],
+    source: str | os.PathLike | None,
+    what: str,
+    *,
+    show_expected: Callable[[str], str] = str,
+    show_given: Callable[[str], str] = str,
+    limit: int = 5,
+) -> None:
+    """Raise one readable InputError unless ``given`` has exactly the tensors of ``expected``
+    (a network's state dict), name for name and shape for shape.
+
+    ``what`` opens the message (e.g. "weights do not match the card's architecture");
+    ``show_*`` turn key names into what the user knows them as (an importer shows upstream's).
+    """
+    missing = [show_expected(k) for k in expected if k not in given]
+    unexpected = [show_given(k) for k in given if k not in expected]
+    mis_shaped = [
+        f"{show_given(k)} {tuple(given[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{label}: {', '.join(items[:limit])}" + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped (file vs model)", mis_shaped),
+        )
+        if items
+    ]
+    if problems:
+        raise InputError(source, f"{what}: " + "; ".join(problems))

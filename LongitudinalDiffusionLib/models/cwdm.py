@@ -56,6 +56,7 @@ from torch import nn
 from ..diffusion import SampleOutput, SamplerSettings, Schedule, sample
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
+from . import check_weights
 from .layers import sinusoidal_embedding
 from .wavelets import from_wavelet, to_wavelet
 
@@ -522,11 +523,6 @@ def synthesize(
 # --------------------------------------------------------------------------------------
 # Published checkpoints
 # --------------------------------------------------------------------------------------
-def _first(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = None) -> tuple[WaveletUNet, dict]:
     """Load an upstream cWDM checkpoint (e.g. huggingface pfriedri/cwdm ``t2_gen.pt``).
 
@@ -567,30 +563,14 @@ def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = No
         state = {k[len("module.") :]: v for k, v in state.items()}
 
     model = build(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mis_shaped = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mis_shaped:
-        problems = [
-            f"{label}: {_first(keys)}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("mis-shaped (file vs model)", mis_shaped),
-            )
-            if keys
-        ]
-        net = config["network"]
-        raise InputError(
-            path,
-            f"does not match the cWDM U-Net (in_channels={net['in_channels']}, "
-            f"model_channels={net['model_channels']}, channel_mult={net['channel_mult']}): " + "; ".join(problems),
-        )
+    net = config["network"]
+    check_weights(
+        model.state_dict(),
+        state,
+        path,
+        f"does not match the cWDM U-Net (in_channels={net['in_channels']}, "
+        f"model_channels={net['model_channels']}, channel_mult={net['channel_mult']})",
+    )
     model.load_state_dict(state, strict=True)
     model.eval()
     report = {

@@ -50,6 +50,7 @@ from torch import nn
 from ..diffusion import Schedule
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Stage
+from . import check_weights
 from .layers import sinusoidal_embedding
 
 METHOD = "ddm"
@@ -666,20 +667,15 @@ def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = No
         else:
             ignored.append(key)
 
-    missing = [f"{k} (upstream {key_to_upstream(k)})" for k in expected if k not in weights]
-    unexpected = [origin[k] for k in weights if k not in expected]
-    misshaped = [
-        f"{origin[k]} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in weights.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        if items
-    ]
-    if problems:
-        raise InputError(path, "does not fit the DDM network of this config; " + "; ".join(problems))
+    check_weights(
+        expected,
+        weights,
+        path,
+        "does not fit the DDM network of this config",
+        show_expected=lambda k: f"{k} (upstream {key_to_upstream(k)})",
+        show_given=lambda k: origin[k],
+        limit=8,
+    )
     model.load_state_dict(weights, strict=True)
     report = {
         "path": str(path),
