@@ -149,7 +149,9 @@ def save_model(model: Any, card: dict[str, Any], folder: str | os.PathLike) -> P
     name = card["name"]
     weights = folder / f"{name}{WEIGHTS_SUFFIX}"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"method": card["method"], "name": name}))
+    # One metadata key: safetensors writes a metadata dict in no fixed order, and the sha256
+    # of identical weights must not change from one save to the next.
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"method": card["method"]}))
     card = {**card, "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
     card_path = folder / f"{name}.json"
     try:

@@ -58,23 +58,29 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _cohort_arguments(p: argparse.ArgumentParser, subjects: int) -> None:
+def _cohort_arguments(
+    p: argparse.ArgumentParser,
+    subjects: int,
+    spacing: float = 2.0,
+    fov: tuple[float, float, float] = (160.0, 192.0, 160.0),
+) -> None:
     p.add_argument("--subjects", type=_positive_int, default=subjects, help=f"number of subjects (default {subjects})")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cohort (default 0)")
     p.add_argument(
         "--spacing",
         type=_positive_float,
-        default=2.0,
+        default=spacing,
         metavar="MM",
-        help="isotropic voxel size in mm (default 2; 1 for 160x192x160)",
+        help=f"isotropic voxel size in mm (default {spacing:g}; 1 gives 160x192x160)",
     )
     p.add_argument(
         "--fov",
         type=_positive_float,
         nargs=3,
-        default=(160.0, 192.0, 160.0),
+        default=fov,
         metavar=("X", "Y", "Z"),
-        help="field of view in mm, left-right, posterior-anterior, inferior-superior (default 160 192 160)",
+        help="field of view in mm, left-right, posterior-anterior, inferior-superior "
+        f"(default {' '.join(f'{v:g}' for v in fov)})",
     )
     p.add_argument(
         "--lesions",
@@ -91,6 +97,7 @@ def _cohort_arguments(p: argparse.ArgumentParser, subjects: int) -> None:
         help="probability that an intermediate visit is missed, as in real studies (default 0: every visit present)",
     )
     p.add_argument("--no-heart", action="store_true", help="skip the beating-heart phantom")
+    p.add_argument("--hearts", type=_positive_int, default=1, metavar="N", help="number of heart phantoms (default 1)")
     jobs = min(4, os.cpu_count() or 1)
     p.add_argument(
         "--jobs",
@@ -124,11 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "demo",
         help="run the demo on the embedded simulated data (the main job)",
-        description="Simulate a small longitudinal cohort, then draw one subject across ages and modalities "
-        "(and the heart phantom's frames). Writes OUT/cohort (BIDS) and OUT/figures/*.png.",
+        description="Simulate a small longitudinal cohort, then run the three tasks on it with the bundled demo "
+        "models: a hidden visit generated, a hidden contrast synthesised, the heart's frames from end-diastole "
+        "to end-systole, and tissue volumes by age. Writes OUT/cohort (BIDS), OUT/results/<task>/ (NIfTI with "
+        "provenance) and OUT/figures/*.png.",
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder")
-    _cohort_arguments(p, subjects=4)
+    # The demo models work on a 5 mm grid of this field of view: simulating on it costs a
+    # fraction of 2 mm and needs no resampling (any other grid works; it is resampled).
+    _cohort_arguments(p, subjects=4, spacing=5.0, fov=(160.0, 200.0, 160.0))
+    p.add_argument("--no-models", action="store_true", help="only simulate and draw the cohort (no generation)")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=cmd_demo)
 
     p = add(
@@ -193,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_interpolate)
 
     from .models import METHODS, SCALES
+
+    p = add(
+        "evaluate",
+        help="compare models with simple baselines on held-out subjects (needs the training/ folder)",
+        description="Run models and baselines on the same held-out cases of a cohort and write evaluation.md, "
+        "evaluation.csv and cases.csv. All options are those of `python -m training.evaluate`.",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_evaluate)
 
     p = add(
         "init-model",
@@ -275,6 +298,7 @@ def _cohort_spec(args: argparse.Namespace):
         lesion_probability=args.lesions,
         missing_visit_probability=args.missing_visits,
         heart=not args.no_heart,
+        n_hearts=args.hearts,
     )
 
 
@@ -378,6 +402,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"heart:   {heart}")
     print()
     print(f"{subject.subject_id}: {subject.summary()}")
+    if args.no_models:
+        return 0
+    from .demo.showcase import run_showcase
+
+    progress, close = _stage_bars(args)
+    try:
+        show = run_showcase(cohort, args.out, device=args.device, seed=args.seed, progress=progress)
+    finally:
+        close()
+    print()
+    for line in show.lines:
+        print(line)
+    for name, path in {**show.results, **show.figures}.items():
+        print(f"  {name + ':':18s} {path}")
     return 0
 
 
@@ -478,6 +516,21 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return _report(args, result)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Hand over to ``training/evaluate.py`` of the source tree this library belongs to."""
+    try:
+        from training import evaluate
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "training" / "evaluate.py").is_file():
+            raise LongitudinalDiffusionError(
+                "longdiff evaluate needs the project's training/ folder (a source checkout of LongitudinalDiffusion)"
+            ) from None
+        sys.path.insert(0, str(root))
+        from training import evaluate
+    return evaluate.main(args.rest)
+
+
 def cmd_init_model(args: argparse.Namespace) -> int:
     from .catalog import create_untrained
 
@@ -500,10 +553,9 @@ def _check_out(args: argparse.Namespace) -> None:
         raise LongitudinalDiffusionError(f"{out}: output folder is not empty (use --overwrite to replace it)")
 
 
-def _with_progress(args: argparse.Namespace, run):
-    """Run a task with one tqdm bar per stage (stage, step/total, ETA) on stderr."""
-    from .tasks import RunOptions
-
+def _stage_bars(args: argparse.Namespace):
+    """A progress callback drawing one tqdm bar per stage (stage, step/total, ETA) on stderr,
+    and a function that closes the open bar."""
     bars: dict[str, object] = {}
 
     def progress(event) -> None:
@@ -513,14 +565,25 @@ def _with_progress(args: argparse.Namespace, run):
 
         bar = bars.get(event.stage)
         if bar is None:
-            for other in bars.values():
-                other.close()
-            bars.clear()
+            close()
             bar = bars[event.stage] = tqdm(
                 total=event.total, desc=event.stage, unit="step", dynamic_ncols=True, file=sys.stderr
             )
         bar.update(event.step - bar.n)
 
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+
+    return progress, close
+
+
+def _with_progress(args: argparse.Namespace, run):
+    """Run a task with the sampling options of the command line and progress bars."""
+    from .tasks import RunOptions
+
+    progress, close = _stage_bars(args)
     opts = RunOptions(
         sampler=args.sampler,
         steps=args.steps,
@@ -535,8 +598,7 @@ def _with_progress(args: argparse.Namespace, run):
     try:
         return run(opts)
     finally:
-        for bar in bars.values():
-            bar.close()
+        close()
 
 
 def _report(args: argparse.Namespace, result) -> int:
@@ -556,7 +618,12 @@ def _report(args: argparse.Namespace, result) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "evaluate":  # every option belongs to training.evaluate
+        args = argparse.Namespace(verbose=False, quiet=False, rest=argv[command + 1 :], func=cmd_evaluate)
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="longdiff: %(levelname)s: %(message)s"
     )

@@ -208,16 +208,35 @@ def cine_montage(folder: str | os.PathLike, out: str | os.PathLike, *, title: st
         rows = list(csv.DictReader(fh, delimiter="\t"))
     frames = {float(r["time_ms"]): load_image(folder / r["file"]) for r in rows}
     labels = {float(r["time_ms"]): load_image(folder / r["labels"], dtype=np.int16) for r in rows if r.get("labels")}
-    first = labels[min(labels)]
-    ijk = np.argwhere(np.asarray(first.array) == 1).mean(0) if np.any(first.array == 1) else np.array(first.shape) / 2
-    focus = (first.affine @ np.append(ijk, 1.0))[:3]
+    return frames_montage(
+        frames, labels, out, title=title or f"{folder.parent.name}: end-diastole to end-systole", unit="ms"
+    )
+
+
+def frames_montage(
+    frames: Mapping[float, Image],
+    labels: Mapping[float, Image] | None,
+    out: str | os.PathLike,
+    *,
+    title: str,
+    unit: str,
+    row: str = "bSSFP",
+) -> Path:
+    """Heart frames in one row and the labels overlaid in a second, through the left
+    ventricle's centre (label 1) of the first frame; columns keyed by time in ``unit``."""
+    focus = None
+    if labels:
+        first = labels[min(labels)]
+        arr = np.asarray(first.array)
+        ijk = np.argwhere(arr == 1).mean(0) if np.any(arr == 1) else np.array(first.shape) / 2
+        focus = (first.affine @ np.append(ijk, 1.0))[:3]
     return subject_montage(
-        {"bSSFP": frames},
+        {row: dict(frames)},
         out,
-        labels=labels,
-        title=title or f"{folder.parent.name}: end-diastole to end-systole",
+        labels=dict(labels) if labels else None,
+        title=title,
         simulated=True,
-        age_unit="ms",
+        age_unit=unit,
         focus_mm=focus,
         label_colours=HEART_COLOURS,
     )

@@ -159,7 +159,7 @@ def test_models_lists_cards_from_the_environment(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LONGDIFF_MODELS", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert main(["models"]) == 0
-    assert "no models installed" in capsys.readouterr().out
+    assert "cwdm-demo" in capsys.readouterr().out  # the bundled demo models
     (tmp_path / "tiny-ddm.json").write_text(json.dumps({"method": "ddm", "trained_on": {"simulated": True}}))
     assert main(["models"]) == 0
     out = capsys.readouterr().out

@@ -56,7 +56,7 @@ def test_configs_follow_the_paper_and_are_json():
     assert len(paper["network"]["generator"]["channels"]) == 4  # 4 residual blocks per encoder
     demo = cd.build(cd.default_config("demo"))
     millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (demo.generator, demo.refiner)]
-    assert all(1.0 < m < 3.0 for m in millions), millions
+    assert all(0.3 < m < 3.0 for m in millions), millions  # CPU-sized
     with pytest.raises(ValueError, match="scale"):
         cd.default_config("huge")
 

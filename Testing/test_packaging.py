@@ -46,6 +46,17 @@ def test_every_module_file_is_packaged():
     assert _listed(cmake, "MODULE_PYTHON_RESOURCES") == resources
 
 
+def test_every_bundled_model_is_packaged():
+    models = ROOT / "Resources" / "Models"
+    bundled = {p.name for p in models.iterdir() if p.suffix in (".json", ".safetensors")}
+    assert _listed(ROOT / "CMakeLists.txt", "BUNDLED_MODELS") == bundled
+    cards = [p for p in models.glob("*.json")]
+    for card in cards:
+        assert (models / f"{card.stem}.safetensors").is_file(), card
+    total = sum((models / name).stat().st_size for name in bundled)
+    assert total < 30e6, f"bundled models take {total / 1e6:.1f} MB"
+
+
 def test_extension_metadata():
     top = (ROOT / "CMakeLists.txt").read_text()
     assert re.search(r"^project\(LongitudinalDiffusion\)", top, re.M)

@@ -113,6 +113,9 @@ def modelsDir(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("LONGDIFF_MODELS", str(folder))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    import LongitudinalDiffusionLib.catalog as catalog
+
+    monkeypatch.setattr(catalog, "BUNDLED_DIR", tmp_path / "no-bundled-models")  # the panel's own cards only
     return folder
 
 

@@ -53,6 +53,7 @@ class CohortSpec:
     missing_visit_probability: float = 0.0
     heart: bool = True
     heart_frames: int = 10
+    n_hearts: int = 1
 
     def __post_init__(self) -> None:
         if self.n_subjects < 1:
@@ -61,6 +62,8 @@ class CohortSpec:
             raise ValueError(f"shape must be three sizes of at least 8 voxels, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be three positive sizes in mm, got {self.spacing}")
+        if self.n_hearts < 1:
+            raise ValueError(f"n_hearts must be at least 1, got {self.n_hearts}")
         for name in ("lesion_probability", "missing_visit_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -122,7 +125,7 @@ def _draw(spec: CohortSpec, index: int) -> brain.BrainSubject:
 
 def _write(root: Path, spec: CohortSpec, progress: Callable[[str, int, int], None] | None, jobs: int) -> None:
     subjects = [_draw(spec, i) for i in range(spec.n_subjects)]
-    total = sum(len(s.ages) for s in subjects) + (1 if spec.heart else 0)
+    total = sum(len(s.ages) for s in subjects) + (spec.n_hearts if spec.heart else 0)
     done = 0
 
     def tick(what: str, n: int = 1) -> None:
@@ -146,9 +149,11 @@ def _write(root: Path, spec: CohortSpec, progress: Callable[[str, int, int], Non
     if spec.heart:
         from .heart import simulate_heart, write_heart
 
-        cine = simulate_heart(np.random.default_rng([spec.seed, 1_000_000]), n_frames=spec.heart_frames)
-        write_heart(cine, root / "cardiac", "heart01")
-        tick("cardiac phantom")
+        for k in range(spec.n_hearts):
+            # Heart k is seeded by (seed, 1_000_000 + k): heart01 is the same whatever n_hearts is.
+            cine = simulate_heart(np.random.default_rng([spec.seed, 1_000_000 + k]), n_frames=spec.heart_frames)
+            write_heart(cine, root / "cardiac", f"heart{k + 1:02d}")
+            tick(f"cardiac phantom {k + 1}")
 
 
 def _mp_context():

@@ -23,6 +23,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "interval": ("interval", "complete-ages", "Time-interval conditional DM (arXiv 2411.05860)"),
     "cwdm": ("cwdm", "synthesize-modality", "cWDM"),
     "ddm": ("ddm", "interpolate", "DDM"),
+    # Not a diffusion method, but trained, carded and loaded the same way: it segments
+    # real and generated images for overlays and tissue trajectories.
+    "tissue-seg": ("..segmentation", "segment", "tissue segmentation (MONAI SegResNet)"),
 }
 SCALES = ("paper", "demo", "tiny")
 
@@ -31,7 +34,8 @@ def method_module(method: str) -> ModuleType:
     """The module implementing ``method`` (a registry name such as ``"cwdm"``)."""
     if method not in METHODS:
         raise LongitudinalDiffusionError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
-    return importlib.import_module(f".{METHODS[method][0]}", __name__)
+    name = METHODS[method][0]
+    return importlib.import_module(name if name.startswith("..") else f".{name}", __name__)
 
 
 def method_task(method: str) -> str:
@@ -44,10 +48,12 @@ def paper_name(method: str) -> str:
     return METHODS.get(method, ("", "", method))[2]
 
 
-def default_config(method: str, scale: str = "paper") -> dict[str, Any]:
+def default_config(method: str, scale: str = "paper", **options: Any) -> dict[str, Any]:
+    """The method's config at ``scale``; ``options`` are the method's own (e.g. cWDM's
+    ``target``, the segmentation model's ``anatomy``)."""
     if scale not in SCALES:
         raise LongitudinalDiffusionError(f"unknown scale '{scale}' (expected one of {', '.join(SCALES)})")
-    return method_module(method).default_config(scale)
+    return method_module(method).default_config(scale, **options)
 
 
 def build(method: str, config: dict[str, Any]):
@@ -68,12 +74,13 @@ def default_grid(method: str, config: dict[str, Any], key: str = "image_size") -
     grid over the brain (or, for DDM, the heart) field of view.
     """
     shape = [int(v) for v in config[key]]
-    fov = HEART_FOV if method == "ddm" else BRAIN_FOV
+    fov = HEART_FOV if method == "ddm" or config.get("anatomy") == "heart" else BRAIN_FOV
     spacing = [round(f / s, 4) for f, s in zip(fov, shape)]
     if method == "cwdm" and shape == [224, 224, 160]:
         spacing = [1.0, 1.0, 1.0]
-    if key == "image_size" and config.get("spacing_mm"):
-        spacing = [float(v) for v in config["spacing_mm"]]
+    given = config.get("spacing_mm" if key == "image_size" else "sr_spacing_mm")
+    if given:
+        spacing = [float(v) for v in given]
     value_range = (
         config.get("value_range") or config.get("intensity_range") or ([0.0, 1.0] if method == "cwdm" else [-1.0, 1.0])
     )

@@ -292,17 +292,17 @@ def default_config(scale: str = "paper") -> dict:
         }
         size, sr_size = [80, 96, 80], [160, 192, 160]
     elif scale == "demo":
-        gen = {"channels": [16, 32, 48, 64], "groups": 8, "heads": 4}
+        gen = {"channels": [16, 32, 32], "groups": 8, "heads": 4}
         ref = {
             "up_channels": 4,
-            "channels": [16, 32, 48, 64],
-            "attention_levels": [False, False, False, True],
+            "channels": [16, 32, 32],
+            "attention_levels": [False, False, True],
             "num_res_blocks": 1,
             "norm_num_groups": 8,
             "num_head_channels": 16,
             "use_flash_attention": True,
         }
-        size, sr_size = [40, 48, 40], [80, 96, 80]
+        size, sr_size = [16, 20, 16], [32, 40, 32]
     elif scale == "tiny":
         gen = {"channels": [8, 16], "groups": 4, "heads": 2}
         ref = {
@@ -326,8 +326,8 @@ def default_config(scale: str = "paper") -> dict:
         "refine_sampler": {"name": "ddim", "steps": 5 if tiny else 50, "eta": 0.0, "seed": 0},
         "image_size": size,
         "sr_image_size": sr_size,
-        "spacing_mm": [2.0, 2.0, 2.0] if scale == "paper" else [4.0, 4.0, 4.0],
-        "sr_spacing_mm": [1.0, 1.0, 1.0] if scale == "paper" else [2.0, 2.0, 2.0],
+        "spacing_mm": {"paper": [2.0, 2.0, 2.0], "demo": [10.0, 10.0, 10.0]}.get(scale, [4.0, 4.0, 4.0]),
+        "sr_spacing_mm": {"paper": [1.0, 1.0, 1.0], "demo": [5.0, 5.0, 5.0]}.get(scale, [2.0, 2.0, 2.0]),
         "intensity_range": [-1.0, 1.0],
         "age_unit": "months",
         "optimizer": {"name": "adam", "lr": 2e-4},

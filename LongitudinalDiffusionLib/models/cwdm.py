@@ -291,8 +291,8 @@ _SCALES = {
         dict(name="ddpm", steps=None, variance="fixed_large", seed=42, amp=False),
     ),
     "demo": (
-        dict(model_channels=16, channel_mult=[1, 2, 2, 4], num_res_blocks=2, num_groups=8),
-        [32, 32, 32],
+        dict(model_channels=16, channel_mult=[1, 2, 2], num_res_blocks=2, num_groups=8),
+        [32, 40, 32],
         dict(name="ddim", steps=50, eta=0.0, variance="fixed_large", seed=42),
     ),
     "tiny": (
@@ -315,7 +315,7 @@ def _in_channels(conditions: Sequence[str], any_missing: bool) -> int:
 
 
 def default_config(scale: str = "paper", *, target: str = "T1w", any_missing: bool = False) -> dict:
-    """The configuration at a scale: "paper" (upstream sizes), "demo" (CPU, 32^3) or "tiny" (tests).
+    """The configuration at a scale: "paper" (upstream sizes), "demo" (CPU, 32x40x32 at 5 mm) or "tiny" (tests).
 
     With ``any_missing`` one network synthesises whichever of the four contrasts is missing
     (``target`` is then None and ``conditions`` lists all four).
@@ -339,6 +339,7 @@ def default_config(scale: str = "paper", *, target: str = "T1w", any_missing: bo
         "prediction": "sample",
         "sampler": SamplerSettings(**sampler).to_dict(),
         "image_size": list(image_size),
+        **({"spacing_mm": [5.0, 5.0, 5.0]} if scale == "demo" else {}),
         "intensity": {"percentiles": [0.1, 99.9], "range": [0.0, 1.0]},
         "modalities": list(MODALITIES),
         "any_missing": any_missing,

@@ -1,0 +1,267 @@
+"""The training entry point (training/train.py): every method trains on a tiny simulated cohort,
+learns, resumes exactly, exports a model the catalog loads, and trains as two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training package sits next to the library, not inside it
+    sys.path.insert(0, str(ROOT))
+
+from LongitudinalDiffusionLib import catalog  # noqa: E402
+from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort  # noqa: E402
+from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError  # noqa: E402
+from LongitudinalDiffusionLib.models import METHODS, default_config, default_grid  # noqa: E402
+from training import train as tt  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """3 subjects x 7 sessions x 4 contrasts at 10 mm, and 2 beating hearts of 4 frames."""
+    spec = CohortSpec(n_subjects=3, seed=0, shape=(16, 20, 16), spacing=(10.0, 10.0, 10.0), lesion_probability=0.0,
+                      heart=True, n_hearts=2, heart_frames=4)  # fmt: skip
+    return write_cohort(tmp_path_factory.mktemp("data") / "cohort", spec)
+
+
+def tiny(method: str, root: Path, model: dict | None = None, **train) -> dict:
+    """A raw config at the library's "tiny" scale: 4 steps (Cas-DiffCom: 2 per stage), one
+    held-out subject (or heart), validation and checkpoints every 2 steps."""
+    settings = {"steps": 4, "lr": 1e-3, "val_every": 2, "ckpt_every": 2, "log_every": 1, "val_cases": 2}
+    raw = {
+        "method": method,
+        "scale": "tiny",
+        "model": model or {},
+        "data": {"root": str(root), "n_val": 1},
+        "train": {**settings, "val_sampler_steps": 2, **train},
+    }
+    if method == "cas-diffcom" and "stages" not in train:
+        raw["train"]["stages"] = [{"name": "generator", "steps": 2}, {"name": "refiner", "steps": 2}]
+    return raw
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- every method
+
+#: every method, and the tissue model for the heart as well as the brain
+CASES = [(m, {}) for m in METHODS] + [("tissue-seg", {"anatomy": "heart"})]
+CASE_IDS = [m + "".join(f"-{v}" for v in o.values()) for m, o in CASES]
+
+
+def good_scores(record: dict, method: str) -> bool:
+    if method == "tissue-seg":
+        return 0 <= record["dice"] <= 1
+    return math.isfinite(record["psnr"]) and -1 <= record["ssim"] <= 1
+
+
+@pytest.mark.parametrize("method, model", CASES, ids=CASE_IDS)
+def test_every_method_trains_validates_and_exports_a_model_the_catalog_loads(method, model, cohort, tmp_path):
+    run = tmp_path / "run"
+    result = tt.Trainer(tt.resolve_config(tiny(method, cohort, model)), run, device="cpu", progress=False).run()
+    assert (result.stopped, result.step) == ("completed", 4)
+
+    logged = records(run)
+    losses = [r["loss"] for r in logged if r["kind"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    scores = [r for r in logged if r["kind"].startswith("val")]
+    assert scores and all(good_scores(r, method) and math.isfinite(r["loss"]) for r in scores)
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert json.loads((run / "config.json").read_text())["method"] == method
+
+    loaded = catalog.load_model(result.export)
+    card = loaded.card.card
+    config = tt.model_config(method, "tiny", model)
+    hearts = method == "ddm" or model.get("anatomy") == "heart"
+    assert card["method"] == method and card["config"] == config
+    assert card["grid"] == default_grid(method, config)
+    assert card["trained_on"]["simulated"] is True and card["trained_on"]["subjects"] == (1 if hearts else 2)
+    assert card["training"]["steps"] == 4 and card["training"]["stopped"] == "completed"
+    if method == "cas-diffcom":
+        assert card["sr_grid"]["shape"] == [16, 16, 16]
+        assert set(card["metrics"]) >= {"generator", "refiner"}
+        assert all(good_scores(card["metrics"][s], method) for s in ("generator", "refiner"))
+    else:
+        assert good_scores(card["metrics"], method)
+    if hearts:
+        assert card["modalities"] == [] and card["age_range_months"] is None
+    else:
+        low, high = card["age_range_months"]
+        assert 0 <= low < high <= 24 and card["modalities"]
+
+    # the exported weights are the EMA of the checkpoint, not the last raw weights
+    ckpt = tt.read_checkpoint(result.checkpoint)
+    exported = loaded.network.state_dict()
+    assert all(torch.equal(exported[k], ckpt["ema"][k]) for k in exported)
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in exported)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_loss_on_a_fixed_batch_decreases_and_every_trained_parameter_learns(method, cohort, tmp_path):
+    config = tt.resolve_config(tiny(method, cohort))
+    trainer = tt.Trainer(config, tmp_path / "run", device="cpu", progress=False)
+    for stage in trainer.stages:
+        trainer.enter_stage(stage)
+        items = trainer.dataset(stage)
+        batch = trainer.collate([items[0], items[len(items) // 2]], stage)
+        frozen = {k: v.clone() for k, v in trainer.model.named_parameters() if not v.requires_grad}
+        before = trainer.loss_on(batch, seed=3)
+        for _ in range(6):
+            assert math.isfinite(trainer.train_step(batch)["loss"])
+        assert trainer.loss_on(batch, seed=3) < before, stage.label
+        # no parameter of the stage is left out of the loss (so DDP needs no unused-parameter search) ...
+        trained = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        assert trained and [n for n, p in trained if p.grad is None] == []
+        # ... and the other stage is left as it was
+        assert all(torch.equal(v, dict(trainer.model.named_parameters())[k]) for k, v in frozen.items())
+    if method == "cas-diffcom":
+        assert [s.name for s in trainer.stages] == ["generator", "refiner"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method", ["cas-diffcom", "sadm"])
+def test_a_resumed_run_continues_bitwise_as_if_never_stopped(method, cohort, tmp_path):
+    raw = tiny(method, cohort, steps=5, val_every=0, ckpt_every=2)
+    if method == "cas-diffcom":
+        raw["train"]["stages"] = [{"name": "generator", "steps": 2}, {"name": "refiner", "steps": 3}]
+    straight = tt.Trainer(tt.resolve_config(raw), tmp_path / "a", device="cpu", progress=False).run()
+
+    if method == "sadm":  # 2 training timelines: step 3 is mid-epoch; items read by 2 loader workers
+        raw["data"]["workers"] = 2
+    config = tt.resolve_config(raw)
+    first = tt.Trainer(config, tmp_path / "b", device="cpu", progress=False).run(until=3)
+    assert (first.stopped, first.step, first.export) == ("until", 3, None)
+    if method == "cas-diffcom":  # the run died after step 3, before its checkpoint: back to step 2
+        tt.checkpoints(tmp_path / "b")[-1].unlink()
+    with pytest.raises(LongitudinalDiffusionError, match="--resume"):
+        tt.Trainer(config, tmp_path / "b", device="cpu", progress=False)
+    resumed = tt.Trainer(config, tmp_path / "b", device="cpu", progress=False, resume=True)
+    assert resumed.step == (2 if method == "cas-diffcom" else 3)
+    second = resumed.run()
+    assert second.step == straight.step == 5
+
+    a, b = tt.read_checkpoint(straight.checkpoint), tt.read_checkpoint(second.checkpoint)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["ema_updates"] == b["ema_updates"] == 5
+    assert torch.equal(a["rng"][0]["loss"], b["rng"][0]["loss"])
+    # the log holds each step once: what was logged after the checkpoint resumed from is gone
+    losses = [[r["loss"] for r in records(run) if r["kind"] == "train"] for run in (tmp_path / "a", tmp_path / "b")]
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
+    exported = [catalog.load_model(r.export) for r in (straight, second)]
+    weights = [m.network.state_dict() for m in exported]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert exported[0].card.card["metrics"] == exported[1].card.card["metrics"]
+
+
+def test_a_termination_signal_stops_at_the_end_of_the_step_with_a_checkpoint(cohort, tmp_path):
+    config = tt.resolve_config(tiny("interval", cohort, val_every=0, ckpt_every=0))
+    trainer = tt.Trainer(config, tmp_path / "run", device="cpu", progress=False)
+    step, before = trainer.train_step, signal.getsignal(signal.SIGTERM)
+
+    def step_and_get_terminated(batch):  # the job is pre-empted during the second step
+        out = step(batch)
+        if trainer.step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_and_get_terminated
+    result = trainer.run()
+    assert (result.stopped, result.step, result.export) == ("interrupted", 2, None)
+    assert [p.name for p in tt.checkpoints(tmp_path / "run")] == ["step-00000002.pt"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are given back
+    again = tt.Trainer(config, tmp_path / "run", device="cpu", progress=False, resume=True).run()
+    assert (again.stopped, again.step) == ("completed", 4) and again.export is not None
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_the_command_line_stops_on_its_time_budget_and_still_exports(cohort, tmp_path, capsys):
+    path = tmp_path / "ddm-tiny.json"
+    path.write_text(json.dumps(tiny("ddm", cohort, steps=1000)))
+    argv = ["--config", str(path), "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    assert tt.main([*argv, "--time-budget", "0", "--export", str(tmp_path / "models")]) == 0
+    card = json.loads((tmp_path / "models" / "ddm-tiny.json").read_text())
+    assert card["training"]["stopped"] == "time budget" and card["training"]["steps"] == 1
+    assert catalog.load_model(tmp_path / "models" / "ddm-tiny.json").method == "ddm"
+    # the same run folder again without --resume: refused, with the way out in the message
+    assert tt.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_configs_are_refused_with_the_reason(cohort, tmp_path, capsys):
+    with pytest.raises(InputError, match=r"unknown key\(s\) in train: stepz"):
+        tt.resolve_config({**tiny("interval", cohort), "train": {"stepz": 3}})
+    with pytest.raises(InputError, match="unknown or missing method 'gan'"):
+        tt.resolve_config({**tiny("interval", cohort), "method": "gan"})
+    with pytest.raises(InputError, match="unknown stage 'decoder'"):
+        tt.resolve_config(tiny("cas-diffcom", cohort, stages=["generator", "decoder"]))
+    with pytest.raises(InputError, match="one stage"):
+        tt.resolve_config(tiny("interval", cohort, stages=["generator"]))
+    with pytest.raises(InputError, match="train.lr must be"):
+        tt.resolve_config(tiny("interval", cohort, lr=-1))
+    with pytest.raises(InputError, match="config is for method 'sadm'"):
+        tt.resolve_config(tiny("sadm", cohort), method="cwdm")
+    no_data = tt.resolve_config({**tiny("interval", cohort), "data": {}})
+    with pytest.raises(InputError, match="no dataset"):
+        tt.Trainer(no_data, tmp_path / "run", device="cpu")
+    # arguments of a method's default config pass through it, and what follows from them follows
+    cwdm = tt.resolve_config(tiny("cwdm", cohort, {"target": "FLAIR"}))["model"]
+    assert cwdm["target"] == "FLAIR" and cwdm["conditions"] == ["T1w", "T1ce", "T2w"]
+    heart = tt.resolve_config(tiny("tissue-seg", cohort, {"anatomy": "heart"}))["model"]
+    assert heart["classes"] == ["background", "blood pool", "myocardium"]
+    assert tt.main(["--method", "sadm", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_every_method_has_a_demo_and_a_paper_config():
+    for method in METHODS:
+        for scale in ("demo", "paper"):
+            config, path = tt.load_config(scale, method)
+            assert path == tt.CONFIG_DIR / f"{method}-{scale}.json"
+            assert (config["method"], config["scale"]) == (method, scale)
+            assert config["export"]["name"] and config["train"]["steps"] >= 1
+            if scale == "paper":  # the published architecture and schedule, unchanged
+                published = default_config(method, "paper")
+                assert {k: config["model"][k] for k in published} == published
+    assert len(list(tt.CONFIG_DIR.glob("*.json"))) == 2 * len(METHODS)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_two_cpu_processes_train_one_model_with_gloo(cohort, tmp_path):
+    path = tmp_path / "interval-tiny.json"
+    path.write_text(json.dumps(tiny("interval", cohort, steps=3, val_every=0, ckpt_every=0, val_cases=2)))
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launch, "-m", "training.train", "--config", str(path), "--out", str(run), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    saved = tt.checkpoints(run)
+    assert len(saved) == 1  # one writer
+    ckpt = tt.read_checkpoint(saved[0])
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3
+    assert len(ckpt["fingerprints"]) == 2 and len(set(ckpt["fingerprints"])) == 1  # identical replicas
+    assert not torch.equal(ckpt["rng"][0]["loss"], ckpt["rng"][1]["loss"])  # each process its own noise
+    card = catalog.load_model(run / "model" / "interval-tiny.json").card.card
+    assert card["training"]["processes"] == 2 and card["metrics"]["cases"] == 2

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduce the bundled demo models and their evaluation table on a CPU:
+#   simulate the training cohort, train every method with its demo config (each stops at its
+#   time budget, see training/configs/*-demo.json), export to Resources/Models, then evaluate
+#   all of them against the baselines on the held-out subjects into docs/evaluation/.
+# Usage: bash scripts/train_demo_models.sh [WORKDIR]   (default: ./demo-training)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="${1:-$here/demo-training}"
+bash "$here/scripts/setup_env.sh" test
+py="$here/.venv/bin/python"
+cd "$here"
+if [ ! -d "$work/cohort5" ]; then
+  "$here/.venv/bin/longdiff" -q demo-data "$work/cohort5" --subjects 16 --hearts 6 --seed 11 \
+    --spacing 5 --fov 160 200 160
+fi
+for method in cwdm ddm interval cas-diffcom sadm tissue-seg; do
+  echo "== training $method"
+  "$py" -m training.train --method "$method" --config demo --data "$work/cohort5" --out "$work/runs/$method" \
+    --device cpu --no-progress
+done
+"$py" -m training.evaluate --data "$work/cohort5" --out "$here/docs/evaluation" \
+  --model cas-diffcom=cas-diffcom-demo --model sadm=sadm-demo --model interval=interval-demo \
+  --model cwdm=cwdm-demo --model ddm=ddm-demo

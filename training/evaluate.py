@@ -1,0 +1,875 @@
+"""Each model against simple baselines on held-out subjects: does it beat them, and by how much?
+
+``python -m training.evaluate --data COHORT --model cwdm=NAME --model ddm=NAME --out DIR``
+(or ``longdiff evaluate``) runs every given model on the held-out subjects (or hearts) of a
+cohort - a BIDS dataset plus ``cardiac/sub-*/cine`` folders, as ``longdiff demo-data cohort``
+writes it - and the baselines of ``training/baselines.py`` on exactly the same cases:
+
+* **missing age** (Cas-DiffCom, SADM, the time-interval model): each interior scan of the
+  model's modality (one with real scans before and after it) is hidden in turn - its whole
+  session is taken out - and the model completes the subject at that age
+  (:func:`~LongitudinalDiffusionLib.tasks.complete_ages`). Baselines: a copy of the real
+  scan nearest in age, and the age-weighted linear interpolation of the two neighbouring
+  real scans.
+* **missing modality** (cWDM): in each held-out session the model's target contrast is
+  hidden (every contrast in turn for an any-missing model) and the model synthesises it
+  from the session's other contrasts
+  (:func:`~LongitudinalDiffusionLib.tasks.synthesize_modality`). Baselines: the session's
+  nearest available contrast (T1w <- T1ce, T1ce <- T1w, T2w <- FLAIR, FLAIR <- T2w, then the
+  others) histogram-matched to a reference of the target contrast - the mean quantile
+  function of the **training** subjects' scans of that contrast, each subject's scan nearest
+  in age to the hidden session (contrast changes with age in infancy); with no training
+  subjects left, the held-out subject's own other session nearest in age - and the same
+  contrast unchanged (on data whose contrasts share a similar intensity scale, such as the
+  simulated cohort, the plain copy can score as well as the matched one, so it is kept
+  as a baseline too). The hidden image is never read by any baseline.
+* **frames** (DDM): for each held-out heart, source = the first frame (end-diastole), target
+  = the last (end-systole); the model makes all ``n`` frames at ``gamma = k / (n - 1)``
+  (:func:`~LongitudinalDiffusionLib.tasks.interpolate_frames`, the source labels carried
+  along) and frame ``k`` is compared with real frame ``k`` (the cine's frames are equally
+  spaced in time; a warning is logged when they are not). Baselines: the linear intensity
+  blend ``(1 - gamma) source + gamma target`` and the identity warp (the source and its
+  labels). The two ends (gamma 0 and 1, the inputs) are left out.
+
+Metrics, per case, on the truth's geometry:
+
+* intensities of the prediction and the truth are both mapped with the **truth's** 0.5th and
+  99.5th percentiles onto [0, 1] and clipped (so units do not matter, and a few outliers do
+  not set the scale);
+* **PSNR** = 10 log10(1 / MSE) in dB over the whole volume (MONAI ``PSNRMetric``, max 1);
+* **SSIM**: 3D SSIM over the whole volume (MONAI ``SSIMMetric``, Gaussian window of 11
+  voxels - fewer when a side is shorter - sigma 1.5, data range 1);
+* **Dice** (frames): for each label class present in the truth or the prediction (background
+  excluded) 2|P and T| / (|P| + |T|), then the mean over those classes.
+
+Primary metric: PSNR for missing age, PSNR for missing modality, Dice for frames. A model
+"beats" the baselines when its mean primary metric over the cases exceeds that of the best
+baseline (the one with the highest mean) on the same cases; the table gives the paired
+mean difference, its standard error and the number of cases won - and the same numbers
+for the model against every other baseline.
+
+Outputs in ``--out``: ``evaluation.md`` (the table with these notes), ``evaluation.csv``
+(one row per method and entry: mean and sample standard deviation of each metric) and
+``cases.csv`` (every case's numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from LongitudinalDiffusionLib import __version__
+from LongitudinalDiffusionLib.catalog import LoadedModel, load_model
+from LongitudinalDiffusionLib.diffusion import resolve_device
+from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
+from LongitudinalDiffusionLib.imaging import Image, atomic_write, load_image
+from LongitudinalDiffusionLib.models import METHODS, method_task, paper_name
+from LongitudinalDiffusionLib.progress import ProgressCallback, Stage
+from LongitudinalDiffusionLib.subject import Modality, Subject, Timepoint, load_bids_subject, parse_modality
+from LongitudinalDiffusionLib.tasks import SAME_AGE, complete_ages, interpolate_frames, synthesize_modality
+
+from . import baselines as bl
+from .data import Cohort, open_cohort, split
+
+log = logging.getLogger(__name__)
+
+#: the metric each task is judged on
+PRIMARY = {"complete-ages": "psnr", "synthesize-modality": "psnr", "interpolate": "dice", "segment": "dice"}
+TASK_TITLE = {
+    "complete-ages": "missing age",
+    "synthesize-modality": "missing modality",
+    "interpolate": "frames",
+    "segment": "tissue segmentation",
+}
+BASELINES = {
+    "complete-ages": ("nearest timepoint", "linear interpolation"),
+    "synthesize-modality": ("nearest contrast, histogram-matched", "nearest contrast, unchanged"),
+    "interpolate": ("linear blend", "identity warp"),
+    "segment": ("gaussian mixture",),
+}
+METRICS = ("psnr", "ssim", "dice")
+METRIC_TITLE = {"psnr": "PSNR (dB)", "ssim": "SSIM", "dice": "Dice"}
+METRIC_NAME = {"psnr": "PSNR", "ssim": "SSIM", "dice": "Dice"}
+PERCENTILES = (0.5, 99.5)
+#: subjects (and hearts) held out when none are named: the last ones in sorted order
+DEFAULT_HELD_OUT_SUBJECTS = 2
+DEFAULT_HELD_OUT_HEARTS = 1
+SUMMARY_FIELDS = [
+    "method",
+    "task",
+    "model",
+    "trained",
+    "entry",
+    "role",
+    "cases",
+    *(f"{m}_{s}" for m in METRICS for s in ("mean", "sd")),
+    "primary",
+    "best_baseline",
+    "primary_difference",
+    "primary_difference_se",
+    "cases_won",
+    "model_beats",
+]
+CASE_FIELDS = ["method", "model", "subject", "case", "entry", "psnr", "ssim", "dice"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def normalise(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays mapped with the truth's 0.5th/99.5th percentiles onto [0, 1], clipped."""
+    truth = np.asarray(truth, np.float64)
+    lo, hi = np.percentile(truth, PERCENTILES)
+    scale = hi - lo if hi > lo else 1.0
+
+    def to_unit(a: np.ndarray) -> np.ndarray:
+        return np.clip((np.asarray(a, np.float64) - lo) / scale, 0.0, 1.0).astype(np.float32)
+
+    return to_unit(prediction), to_unit(truth)
+
+
+def _batch(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)[None, None]
+
+
+def _check_shapes(prediction: np.ndarray, truth: np.ndarray) -> None:
+    if np.shape(prediction) != np.shape(truth):
+        raise LongitudinalDiffusionError(
+            f"prediction shape {np.shape(prediction)} differs from the truth's {np.shape(truth)}"
+        )
+
+
+def psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR in dB of two volumes already in [0, 1] (MONAI ``PSNRMetric``, max value 1)."""
+    from monai.metrics import PSNRMetric
+
+    _check_shapes(prediction, truth)
+    return float(PSNRMetric(max_val=1.0)(_batch(prediction), _batch(truth)).item())
+
+
+def ssim(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """3D SSIM of two volumes already in [0, 1] (MONAI ``SSIMMetric``, Gaussian window of 11
+    voxels or the largest odd size that fits the shortest side, sigma 1.5, data range 1)."""
+    from monai.metrics import SSIMMetric
+
+    _check_shapes(prediction, truth)
+    if np.ndim(truth) != 3:
+        raise LongitudinalDiffusionError(f"3D SSIM needs 3D volumes, not shape {np.shape(truth)}")
+    shortest = min(np.shape(truth))
+    win = min(11, shortest if shortest % 2 else shortest - 1)
+    if win < 3:
+        raise LongitudinalDiffusionError(f"volume of shape {np.shape(truth)} is too thin for 3D SSIM")
+    metric = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win, kernel_sigma=1.5)
+    return float(metric(_batch(prediction), _batch(truth)).item())
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the label classes present in the truth or the prediction (background 0
+    excluded); NaN when neither has any foreground."""
+    _check_shapes(prediction, truth)
+    p, t = np.rint(prediction).astype(np.int64), np.rint(truth).astype(np.int64)
+    classes = [c for c in np.union1d(np.unique(p), np.unique(t)) if c != 0]
+    if not classes:
+        return float("nan")
+    scores = []
+    for c in classes:
+        pc, tc = p == c, t == c
+        scores.append(2.0 * np.logical_and(pc, tc).sum() / (pc.sum() + tc.sum()))
+    return float(np.mean(scores))
+
+
+def image_metrics(prediction: Image | np.ndarray, truth: Image | np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM of a prediction against the truth, after :func:`normalise`."""
+    p = prediction.array if isinstance(prediction, Image) else prediction
+    t = truth.array if isinstance(truth, Image) else truth
+    _check_shapes(p, t)
+    p01, t01 = normalise(p, t)
+    return {"psnr": psnr(p01, t01), "ssim": ssim(p01, t01)}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One prediction problem: the entries (model and baselines) and their metrics."""
+
+    subject: str
+    label: str
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    generated: Image | None = None  # missing age: the model's image, for the tissue trajectories
+    age: float | None = None
+
+    def add(self, entry: str, prediction: Image, truth: Image, labels: tuple[Image, Image] | None = None) -> None:
+        prediction = bl.on_geometry(prediction, truth.affine, truth.shape)
+        scores = image_metrics(prediction, truth)
+        if labels is not None:
+            pred_labels = bl.on_geometry(labels[0], truth.affine, truth.shape, labels=True)
+            scores["dice"] = dice(pred_labels.array, labels[1].array)
+        self.scores[entry] = scores
+
+
+@dataclass
+class Run:
+    """How to call the tasks."""
+
+    steps: int | None
+    n_samples: int
+    seed: int
+    device: torch.device
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"steps": self.steps, "n_samples": self.n_samples, "seed": self.seed, "device": str(self.device)}
+
+    @property
+    def kind(self) -> str:
+        return "mean" if self.n_samples > 1 else "generated"
+
+
+def _model_modality(loaded: LoadedModel) -> Modality:
+    return parse_modality((loaded.card.card.get("modalities") or ["T1w"])[0], loaded.card.path)
+
+
+def _without(subject: Subject, drop: Callable[[Timepoint], bool]) -> Subject:
+    kept = [tp for tp in subject.timepoints if not drop(tp)]
+    return Subject(subject.subject_id, kept, subject.source, dict(subject.meta))
+
+
+def age_cases(subject: Subject, modality: Modality) -> list[Timepoint]:
+    """The scans of ``modality`` with real scans of it before and after: the ones to hide."""
+    real = sorted((tp for tp in subject.timepoints if tp.modality == modality), key=lambda tp: tp.age)
+    return real[1:-1]
+
+
+def run_age_case(subject: Subject, hidden: Timepoint, loaded: LoadedModel, run: Run) -> Case:
+    """Hide ``hidden``'s session, let the model and the baselines fill the age in, score them."""
+    age, modality = hidden.age, hidden.modality
+    without = _without(subject, lambda tp: abs(tp.age - age) < SAME_AGE)
+    truth = bl.image_of(hidden)
+    case = Case(subject.subject_id, f"{modality.value} at {age:.2f} mo")
+    result = complete_ages(without, [age], loaded, modality=modality, **run.kwargs())
+    case.generated, case.age = result.image(run.kind, age), age
+    case.add("model", case.generated, truth)
+    real = [tp for tp in without.timepoints if tp.modality == modality]
+    case.add("nearest timepoint", bl.nearest_timepoint(real, age, truth.affine, truth.shape), truth)
+    case.add("linear interpolation", bl.linear_interpolation(real, age, truth.affine, truth.shape), truth)
+    return case
+
+
+def _targets(config: dict[str, Any]) -> list[tuple[Modality, list[Modality]]]:
+    """(target, conditions) pairs a cWDM model is evaluated on."""
+    if config.get("any_missing"):
+        mods = [parse_modality(m) for m in config["modalities"]]
+        return [(m, [c for c in mods if c != m]) for m in mods]
+    return [(parse_modality(config["target"]), [parse_modality(m) for m in config["conditions"]])]
+
+
+def modality_cases(subject: Subject, config: dict[str, Any]) -> list[tuple[Timepoint, list[Timepoint]]]:
+    """(hidden scan, the rest of its session) for every session that has the target and
+    every condition the model needs."""
+    out = []
+    for age in subject.ages():
+        visit = [tp for tp in subject.timepoints if abs(tp.age - age) < SAME_AGE]
+        have = {tp.modality: tp for tp in visit}
+        for target, conditions in _targets(config):
+            if target in have and all(c in have for c in conditions):
+                out.append((have[target], [tp for tp in visit if tp is not have[target]]))
+    return out
+
+
+class ReferenceHistograms:
+    """Quantile functions of a contrast from scans that are not evaluated (the training
+    subjects), looked up by age: the mean over subjects of each one's scan nearest in age."""
+
+    def __init__(self, root: Path, subject_ids: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.subject_ids = list(subject_ids)
+        self._table: dict[Modality, list[list[tuple[float, np.ndarray]]]] = {}
+
+    def _load(self) -> dict[Modality, list[list[tuple[float, np.ndarray]]]]:
+        """Every contrast's (age, quantiles) per subject, read once (subject by subject, so
+        a large cohort is never held in memory)."""
+        if not self._table:
+            self._table = {m: [] for m in Modality}
+            for sid in self.subject_ids:
+                subject = load_bids_subject(self.root, subject=sid.removeprefix("sub-"))
+                for modality in subject.modalities():
+                    chosen = [tp for tp in subject.timepoints if tp.modality == modality]
+                    self._table[modality].append([(tp.age, bl.quantiles(bl.image_of(tp).array)) for tp in chosen])
+        return self._table
+
+    def at(self, modality: Modality, age: float) -> np.ndarray | None:
+        """The reference quantiles of ``modality`` near ``age`` months; None without scans."""
+        per_subject = self._load()[modality]
+        if not per_subject:
+            return None
+        return np.mean([min(scans, key=lambda s: abs(s[0] - age))[1] for scans in per_subject], axis=0)
+
+
+def own_reference(subject: Subject, hidden: Timepoint) -> np.ndarray | None:
+    """The fallback reference: the subject's other session of the target contrast nearest in age."""
+    others = [
+        tp for tp in subject.timepoints if tp.modality == hidden.modality and abs(tp.age - hidden.age) >= SAME_AGE
+    ]
+    if not others:
+        return None
+    nearest = min(others, key=lambda tp: abs(tp.age - hidden.age))
+    return bl.quantiles(bl.image_of(nearest).array)
+
+
+def run_modality_case(
+    subject: Subject,
+    hidden: Timepoint,
+    rest: list[Timepoint],
+    loaded: LoadedModel,
+    run: Run,
+    reference: np.ndarray,
+) -> Case:
+    """Hide one contrast of a session; the model synthesises it, the baseline copies and
+    histogram-matches the nearest contrast; score both."""
+    without = _without(subject, lambda tp: tp is hidden)
+    truth = bl.image_of(hidden)
+    case = Case(subject.subject_id, f"{hidden.modality.value} of {hidden.session or f'{hidden.age:.2f} mo'}")
+    session = hidden.session if hidden.session is not None else hidden.age
+    result = synthesize_modality(without, session, hidden.modality, loaded, **run.kwargs())
+    case.add("model", result.image(run.kind), truth)
+    matched, unchanged = BASELINES["synthesize-modality"]
+    case.add(matched, bl.histogram_matched_contrast(rest, hidden.modality, reference), truth)
+    case.add(unchanged, bl.image_of(bl.nearest_contrast(rest, hidden.modality)), truth)
+    return case
+
+
+def run_heart(cohort: Cohort, hid: str, loaded: LoadedModel, run: Run) -> list[Case]:
+    """All interior frames of one cine: the model's frames and the baselines against the real ones."""
+    frames = cohort.heart_frames(hid)
+    n = len(frames)
+    if n < 3:
+        raise InputError(cohort.root / "cardiac" / hid, f"{n} frames: at least 3 are needed to have one in between")
+    times = np.array([f.time_ms for f in frames])
+    fractions = (times - times[0]) / (times[-1] - times[0])
+    gammas = np.linspace(0.0, 1.0, n)
+    if np.max(np.abs(fractions - gammas)) > 0.02:
+        log.warning("%s: frames are not equally spaced in time; frame k is compared at gamma k/(n-1)", hid)
+    source, target = load_image(frames[0].image), load_image(frames[-1].image)
+    source_labels = None if frames[0].labels is None else load_image(frames[0].labels, dtype=np.int16)
+    result = interpolate_frames(
+        source, target, n, loaded, source_labels=source_labels, **{**run.kwargs(), "n_samples": 1}
+    )
+    series = result.series[0]
+    identity, identity_labels = bl.identity_warp(source, source_labels)
+    cases = []
+    for k in range(1, n - 1):
+        truth = load_image(frames[k].image)
+        truth_labels = None if frames[k].labels is None else load_image(frames[k].labels, dtype=np.int16)
+        gamma = float(series.times[k])
+        case = Case(hid, f"frame {k} (gamma {gamma:.3f})")
+        with_labels = truth_labels is not None and series.labels is not None
+        case.add("model", series.frames[k], truth, (series.labels[k], truth_labels) if with_labels else None)
+        case.add("linear blend", bl.linear_blend(source, target, gamma), truth)
+        pair = (identity_labels, truth_labels) if truth_labels is not None and identity_labels is not None else None
+        case.add("identity warp", identity, truth, pair)
+        cases.append(case)
+    return cases
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _stats(values: Iterable[float]) -> tuple[int, float, float]:
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], np.float64)  # PSNR may be inf
+    if v.size == 0:
+        return 0, float("nan"), float("nan")
+    return int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> list[dict[str, Any]]:
+    """One row per entry (model first, then the baselines): means and sds over the cases, and
+    the paired comparison on the primary metric: on a baseline's row the model minus that
+    baseline, on the model's row the model minus the best baseline (``best_baseline``, the
+    one with the highest mean)."""
+    task = method_task(method)
+    primary = PRIMARY[task]
+    rows = []
+    for entry in ("model", *BASELINES[task]):
+        row: dict[str, Any] = {
+            "method": method,
+            "task": task,
+            "model": loaded.card.name,
+            "trained": loaded.card.trained,
+            "entry": entry,
+            "role": "model" if entry == "model" else "baseline",
+            "cases": sum(1 for c in cases if entry in c.scores),
+            "primary": primary,
+        }
+        for metric in METRICS:
+            _, mean, sd = _stats(c.scores[entry].get(metric, float("nan")) for c in cases if entry in c.scores)
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = mean, sd
+        rows.append(row)
+    for row in rows[1:]:
+        row.update(_compare(cases, primary, row["entry"]))
+    compared = [r for r in rows[1:] if r.get("model_beats") is not None]
+    if compared:
+        best = max(compared, key=lambda r: r[f"{primary}_mean"])
+        rows[0].update({k: best[k] for k in COMPARISON_FIELDS}, best_baseline=best["entry"])
+    return rows
+
+
+COMPARISON_FIELDS = ("primary_difference", "primary_difference_se", "cases_won", "model_beats")
+
+
+def _compare(cases: list[Case], primary: str, baseline: str) -> dict[str, Any]:
+    """The model minus ``baseline`` on the primary metric, paired over the cases both have."""
+    pairs = [(c.scores.get("model", {}), c.scores.get(baseline, {})) for c in cases]
+    diffs = [m.get(primary, math.nan) - b.get(primary, math.nan) for m, b in pairs]
+    diffs = [d for d in diffs if not math.isnan(d)]  # an entry without the metric, or inf - inf
+    if not diffs:
+        return {}
+    n, mean, sd = _stats(diffs)
+    return {
+        "primary_difference": mean,
+        "primary_difference_se": sd / math.sqrt(n) if n > 1 else float("nan"),
+        "cases_won": f"{sum(d > 0 for d in diffs)}/{n}",
+        "model_beats": bool(mean > 0),
+    }
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _cell(mean: float, sd: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
+
+
+DIGITS = {"psnr": 2, "ssim": 3, "dice": 3}
+
+
+def _gap(row: dict[str, Any], digits: int) -> str:
+    if row.get("model_beats") is None:
+        return "-"
+    diff, se = row["primary_difference"], row["primary_difference_se"]
+    spread = f" ± {se:.{digits}f}" if math.isfinite(se) else ""
+    return f"{diff:+.{digits}f}{spread} ({row['cases_won']})"
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """The sentence saying whether (and by how much) the model beats the best baseline."""
+    primary = row["primary"]
+    if row.get("best_baseline") is None:
+        return f"No baseline has a {METRIC_NAME[primary]} on these cases: no comparison."
+    diff, se = row["primary_difference"], row["primary_difference_se"]
+    if primary == "psnr":
+        amount = f"{abs(diff):.2f} dB"
+        detail = f"paired difference {diff:+.2f} dB" + (f" ± {se:.2f} dB standard error" if math.isfinite(se) else "")
+    else:
+        amount = f"{abs(diff):.3f} Dice ({100 * abs(diff):.1f} Dice points)"
+        detail = f"paired difference {diff:+.3f}" + (f" ± {se:.3f} standard error" if math.isfinite(se) else "")
+    won = f"better on {row['cases_won'].replace('/', ' of ')} cases"
+    name = f"{row['method']} (`{row['model']}`)"
+    if row["model_beats"]:
+        head = f"**{name} beats the best baseline ({row['best_baseline']}) on {METRIC_NAME[primary]} by {amount}**"
+    else:
+        head = f"**{name} does NOT beat the best baseline ({row['best_baseline']}) on {METRIC_NAME[primary]}: " + (
+            f"it is {amount} worse**" if diff < 0 else "no difference**"
+        )
+    return f"{head} ({detail}; {won})."
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The evaluation table with the notes that make it readable on its own."""
+    lines = [
+        "# Models against baselines on held-out data",
+        "",
+        f"Cohort: `{header['cohort']}`; held-out subjects: {', '.join(header['subjects']) or 'none'}; "
+        f"held-out hearts: {', '.join(header['hearts']) or 'none'}; "
+        f"sampler steps: {header['steps'] or 'card default'}; "
+        f"samples per case: {header['n_samples']}; seed: {header['seed']}; library {__version__}.",
+        "",
+        "How to read it:",
+        "",
+        "- Every entry of a method is scored on the same cases; numbers are mean ± sample standard deviation "
+        "over the cases.",
+        "- Intensities of the prediction and the truth are both mapped with the truth's 0.5th and 99.5th "
+        "percentiles onto [0, 1] (clipped). PSNR = 10 log10(1 / MSE) in dB and 3D SSIM (Gaussian window 11, "
+        "sigma 1.5) over the whole volume (MONAI `PSNRMetric`, `SSIMMetric`).",
+        "- Dice: per label class present in the truth or the prediction (background excluded), then the mean.",
+        "- Primary metric: PSNR for missing age and missing modality, Dice for frames. A model beats a baseline "
+        "when its mean primary metric exceeds the baseline's on the same cases; the last column gives the model "
+        "minus the baseline, paired over the cases (mean ± standard error), and the cases the model won. The "
+        "sentence under each table compares the model with the best baseline.",
+        "- Missing age: each interior scan is hidden (its whole session); baselines are a copy of the nearest real "
+        "scan in age and the age-weighted linear interpolation of the two neighbouring scans.",
+        "- Missing modality: the target contrast of each session is hidden; the baselines copy the nearest "
+        "available contrast (T1w <- T1ce, T1ce <- T1w, T2w <- FLAIR, FLAIR <- T2w), once with its histogram "
+        "matched to the training subjects' scans of the target contrast nearest in age, once unchanged. "
+        "No baseline reads the hidden image.",
+        "- Frames: source end-diastole, target end-systole; frame k of n at gamma k/(n-1) against real frame k, "
+        "the ends left out. Baselines: linear intensity blend, identity warp (the source and its labels).",
+        "- Tissue segmentation: every held-out scan with ground-truth labels (mapped to CSF, grey matter, white "
+        "matter); baseline: a Gaussian mixture on the intensities inside a brain mask, with a bias-field "
+        "correction, its classes ordered by the scan's age (infant white matter is darker than grey matter on "
+        "T1w before about 6 months).",
+    ]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    for method, group in by_method.items():
+        model_row = group[0]
+        task = model_row["task"]
+        lines += ["", f"## {paper_name(method)} ({method}): {TASK_TITLE[task]}", ""]
+        lines.append(f"Model `{model_row['model']}`, {model_row['cases']} cases.")
+        if not model_row["trained"]:
+            lines.append("This model has RANDOM (untrained) weights: its numbers only test the pipeline.")
+        used = [m for m in METRICS if any(not math.isnan(r[f"{m}_mean"]) for r in group)]
+        primary = model_row["primary"]
+        gap = f"model minus baseline, {METRIC_TITLE[primary]} (cases won)"
+        lines += ["", "| entry | cases | " + " | ".join(METRIC_TITLE[m] for m in used) + f" | {gap} |"]
+        lines.append("|---|---:|" + "---:|" * (len(used) + 1))
+        for row in group:
+            name = f"model `{row['model']}`" if row["role"] == "model" else f"baseline: {row['entry']}"
+            cells = [_cell(row[f"{m}_mean"], row[f"{m}_sd"], DIGITS[m]) for m in used]
+            cells.append(_gap(row, DIGITS[primary]) if row["role"] == "baseline" else "")
+            lines.append(f"| {name} | {row['cases']} | " + " | ".join(cells) + " |")
+        lines += ["", verdict(model_row)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(row.get(k), 6) for k in fields})
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def held_out(cohort: Cohort, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(subjects, hearts) to evaluate on. Named ids are sorted into subjects and hearts; a kind
+    not named takes its default: the last two subjects and the last heart in sorted order, as
+    ``training.data.split`` holds them out of training."""
+    ids = list(ids or [])
+    unknown = [i for i in ids if i not in cohort.subjects and i not in cohort.hearts]
+    if unknown:
+        raise InputError(
+            cohort.root,
+            f"held-out id(s) {', '.join(unknown)} not in the cohort "
+            f"(subjects: {', '.join(cohort.subjects) or 'none'}; hearts: {', '.join(cohort.hearts) or 'none'})",
+        )
+    subjects = [i for i in ids if i in cohort.subjects]
+    hearts = [i for i in ids if i in cohort.hearts]
+    if not subjects and len(cohort.subjects) > DEFAULT_HELD_OUT_SUBJECTS:
+        subjects = split(cohort.subjects, DEFAULT_HELD_OUT_SUBJECTS)[1]
+    if not hearts and len(cohort.hearts) > DEFAULT_HELD_OUT_HEARTS:
+        hearts = split(cohort.hearts, DEFAULT_HELD_OUT_HEARTS)[1]
+    return subjects, hearts
+
+
+def _load_models(models: dict[str, Any], device: torch.device) -> dict[str, LoadedModel]:
+    if not models:
+        raise LongitudinalDiffusionError("no models to evaluate (give --model METHOD=NAME)")
+    loaded = {}
+    for method, name in models.items():
+        if method not in METHODS:
+            raise LongitudinalDiffusionError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        model = name if isinstance(name, LoadedModel) else load_model(name, device=device)
+        if model.method != method:
+            raise LongitudinalDiffusionError(f"model '{model.card.name}' is a {model.method} model, not {method}")
+        loaded[method] = model
+    return {m: loaded[m] for m in METHODS if m in loaded}
+
+
+def evaluate(
+    models: dict[str, Any],
+    cohort_root: str | Path,
+    held_out_ids: Sequence[str] | None,
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    n_samples: int = 1,
+    seed: int = 0,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate ``models`` ({method: catalog name, card path or LoadedModel}) and their
+    baselines on the held-out subjects / hearts of the cohort at ``cohort_root``.
+
+    Writes ``evaluation.md``, ``evaluation.csv`` and ``cases.csv`` into ``out_dir`` and
+    returns the summary rows (those of ``evaluation.csv``). ``progress`` receives one
+    event per case (per heart for DDM) under the stage ``evaluate <method>``.
+    """
+    if n_samples < 1:
+        raise LongitudinalDiffusionError(f"n_samples must be at least 1, not {n_samples}")
+    cohort = open_cohort(cohort_root)
+    run = Run(steps, int(n_samples), int(seed), resolve_device(device))
+    loaded = _load_models(models, run.device)
+    subjects, hearts = held_out(cohort, held_out_ids)
+    rows: list[dict[str, Any]] = []
+    case_rows: list[dict[str, Any]] = []
+    generated: dict[str, list[Case]] = {}
+    for method, model in loaded.items():
+        task = method_task(method)
+        t0 = time.perf_counter()
+        if task == "interpolate":
+            if not hearts:
+                raise InputError(cohort.root, f"no held-out heart to evaluate {method} on (name one with --held-out)")
+            stage = Stage(f"evaluate {method}", len(hearts), progress).start()
+            cases = []
+            for hid in hearts:
+                cases += run_heart(cohort, hid, model, run)
+                stage.advance(message=hid)
+        else:
+            if not subjects:
+                raise InputError(
+                    cohort.root,
+                    f"no held-out subject to evaluate {method} on: the cohort has {len(cohort.subjects)}, too few "
+                    f"to hold out the default {DEFAULT_HELD_OUT_SUBJECTS}; name some with --held-out",
+                )
+            cases = _subject_cases(method, model, cohort, subjects, run, progress)
+        if not cases:
+            raise LongitudinalDiffusionError(f"{method}: the held-out data give no case to evaluate on")
+        log.info("%s: %d cases in %.1f s", method, len(cases), time.perf_counter() - t0)
+        if task == "complete-ages":
+            generated[method] = cases
+        rows += summarise(method, model, cases)
+        for case in cases:
+            for entry, scores in case.scores.items():
+                case_rows.append(
+                    {"method": method, "model": model.card.name, "subject": case.subject, "case": case.label}
+                    | {"entry": entry, **scores}
+                )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"cohort": str(cohort_root), "subjects": subjects, "hearts": hearts}
+    header |= {"steps": steps, "n_samples": n_samples, "seed": seed}
+    _write_csv(out / "evaluation.csv", rows, SUMMARY_FIELDS)
+    _write_csv(out / "cases.csv", case_rows, CASE_FIELDS)
+    text = markdown(rows, header)
+    segmenter = loaded.get("tissue-seg")
+    if segmenter is not None and generated:
+        text += trajectories(cohort, segmenter, generated, out, run, progress)
+    atomic_write(out / "evaluation.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return rows
+
+
+def trajectories(
+    cohort: Cohort,
+    segmenter: LoadedModel,
+    generated: dict[str, list[Case]],
+    out: Path,
+    run: Run,
+    progress: ProgressCallback | None,
+) -> str:
+    """Cas-DiffCom's Fig. 3: tissue volumes against age from every real T1w scan of the cohort
+    and from each age model's generated scans (the held-out visits it filled in), segmented by
+    the tissue model and fitted with log-linear mixed-effects models, real-only versus real +
+    generated. Writes ``trajectories_<method>.png`` and ``trajectories.csv``; returns the
+    Markdown section."""
+    from LongitudinalDiffusionLib.segmentation import segment
+    from LongitudinalDiffusionLib.trajectory import fit_trajectories, plot_trajectories, trajectory_table, volume_rows
+
+    classes = dict(enumerate(segmenter.config["classes"]))
+    grid = segmenter.card.card.get("grid")
+
+    def volumes(sid: str, age: float, image: Image, is_generated: bool) -> list[dict[str, Any]]:
+        labels = segment(segmenter.network, image, config=segmenter.config, grid=grid, device=run.device)
+        return volume_rows(sid, age, labels, classes, generated=is_generated)
+
+    scans = [
+        (sid, tp) for sid in cohort.subjects for tp in cohort.subject(sid).timepoints if tp.modality.value == "T1w"
+    ]
+    stage = Stage("trajectories", len(scans), progress).start()
+    real = []
+    for sid, tp in scans:
+        real += volumes(sid, tp.age, bl.image_of(tp), False)
+        stage.advance()
+    lines = [
+        "",
+        "## Tissue volumes by age (Cas-DiffCom Fig. 3)",
+        "",
+        f"Every real T1w scan of the cohort ({len(scans)}) and each age model's generated scans (the held-out "
+        f"visits it filled in) segmented by `{segmenter.card.name}`; per tissue, volume = a + b log(age + c) with "
+        "a random intercept per subject (statsmodels MixedLM), fitted on the real scans only and on the real plus "
+        "the generated ones. Close fits mean the generated scans follow the cohort's growth.",
+    ]
+    table_rows = []
+    for method, cases in generated.items():
+        made = []
+        for case in cases:
+            if case.generated is not None:
+                made += volumes(case.subject, float(case.age), case.generated, True)
+        fits = fit_trajectories(real + made)
+        png = plot_trajectories(real + made, fits, out / f"trajectories_{method}.png",
+                                title=f"Tissue volumes by age: real and {paper_name(method)}-generated")  # fmt: skip
+        lines += ["", f"### {paper_name(method)} (`{method}`)", "", f"![trajectories]({png.name})", ""]
+        lines.append(trajectory_table(fits))
+        table_rows += [{"method": method, **r} for r in made]
+    _write_csv(out / "trajectories.csv", real + table_rows, ["method", "subject", "age_months", "tissue",
+                                                             "volume_ml", "generated"])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _subject_cases(
+    method: str,
+    model: LoadedModel,
+    cohort: Cohort,
+    subjects: list[str],
+    run: Run,
+    progress: ProgressCallback | None,
+) -> list[Case]:
+    task = method_task(method)
+    if task == "complete-ages":
+        modality = _model_modality(model)
+        todo = [(sid, tp) for sid in subjects for tp in age_cases(cohort.subject(sid), modality)]
+        lo, hi = model.card.card.get("age_range_months") or (-math.inf, math.inf)
+        inside = [(sid, tp) for sid, tp in todo if lo - 1e-6 <= tp.age <= hi + 1e-6]
+        if len(inside) < len(todo):
+            log.info("%s: %d hidden ages lie outside the model's ages and are skipped", method, len(todo) - len(inside))
+        todo = inside
+        stage = Stage(f"evaluate {method}", len(todo), progress).start()
+        cases = []
+        for sid, hidden in todo:
+            cases.append(run_age_case(cohort.subject(sid), hidden, model, run))
+            stage.advance(message=f"{sid} {hidden.age:.2f} mo")
+        return cases
+    if task == "segment":
+        todo = [
+            (sid, tp)
+            for sid in subjects
+            for tp in cohort.subject(sid).timepoints
+            if tp.modality == Modality(model.config.get("modality") or "T1w") and tp.labels is not None
+        ]
+        stage = Stage(f"evaluate {method}", len(todo), progress).start()
+        cases = []
+        for sid, tp in todo:
+            cases.append(run_segmentation_case(tp, model, run))
+            stage.advance(message=f"{sid} {tp.age:.2f} mo")
+        return cases
+    todo = [(sid, *case) for sid in subjects for case in modality_cases(cohort.subject(sid), model.config)]
+    stage = Stage(f"evaluate {method}", len(todo), progress).start()
+    training = [s for s in cohort.subjects if s not in subjects]
+    references = ReferenceHistograms(cohort.root, training)
+    cases = []
+    for sid, hidden, rest in todo:
+        subject = cohort.subject(sid)
+        reference = references.at(hidden.modality, hidden.age)
+        if reference is None:
+            reference = own_reference(subject, hidden)
+        if reference is None:
+            raise LongitudinalDiffusionError(
+                f"no {hidden.modality.value} scan outside the evaluated one to take a reference histogram from"
+            )
+        cases.append(run_modality_case(subject, hidden, rest, model, run, reference))
+        stage.advance(message=f"{sid} {hidden.modality.value} {hidden.session}")
+    return cases
+
+
+def run_segmentation_case(tp: Timepoint, loaded: LoadedModel, run: Run) -> Case:
+    """The tissue model and the Gaussian-mixture baseline (given the scan's age to order its
+    classes) against the scan's ground-truth labels, in the model's classes; Dice only."""
+    from LongitudinalDiffusionLib.segmentation import gmm_segment, map_labels, segment
+
+    image = bl.image_of(tp)
+    truth = map_labels(load_image(tp.labels, dtype=np.int16).array, loaded.config.get("anatomy", "brain"))
+    grid = loaded.card.card.get("grid")
+    case = Case(tp.source.parts[-4] if tp.source else "subject", f"{tp.age:.2f} mo")
+    predicted = segment(loaded.network, image, config=loaded.config, grid=grid, device=run.device)
+    case.scores["model"] = {"dice": dice(predicted.array, truth)}
+    baseline = gmm_segment(image, age_months=tp.age, contrast=tp.modality.value)
+    case.scores["gaussian mixture"] = {"dice": dice(baseline.array, truth)}
+    return case
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    method, eq, name = text.partition("=")
+    if not eq or not method or not name:
+        raise argparse.ArgumentTypeError(f"'{text}' is not METHOD=NAME (e.g. ddm=ddm-demo)")
+    if method not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    return method, name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Evaluate models against simple baselines on held-out subjects (PSNR, SSIM, Dice).",
+    )
+    parser.add_argument("--data", required=True, help="the cohort folder (BIDS subjects and cardiac/ hearts)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_arg,
+        required=True,
+        metavar="METHOD=NAME",
+        help="a model to evaluate: its method and catalog name or card path (repeat for several)",
+    )
+    parser.add_argument(
+        "--held-out",
+        nargs="+",
+        metavar="ID",
+        help="subjects / hearts to evaluate on (default: the last 2 subjects and the last heart, "
+        "the ones training holds out)",
+    )
+    parser.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.csv and cases.csv")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: each card's)")
+    parser.add_argument("--samples", type=int, default=1, help="samples averaged per case (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    return parser
+
+
+def _print_progress(event) -> None:
+    if event.step == event.total or event.step % 5 == 0:
+        print(f"{event.stage}: {event.step}/{event.total} {event.message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = [m for m, _ in args.model]
+    duplicated = sorted({m for m in methods if methods.count(m) > 1})
+    if duplicated:
+        print(f"evaluate: error: one model per method ({', '.join(duplicated)} given twice)", file=sys.stderr)
+        return 2
+    try:
+        rows = evaluate(
+            dict(args.model),
+            args.data,
+            args.held_out,
+            args.out,
+            steps=args.steps,
+            n_samples=args.samples,
+            seed=args.seed,
+            device=args.device,
+            progress=_print_progress,
+        )
+    except LongitudinalDiffusionError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    for row in rows:
+        if row["role"] == "model":
+            print(verdict(row).replace("**", ""))
+    print(f"tables written to {Path(args.out) / 'evaluation.md'} and evaluation.csv, cases.csv")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1214 @@
+"""Train any method of the library: one entry point, the CPU, one GPU or many.
+
+``python -m training.train --method M --config C`` (``C`` a JSON file, or ``demo`` / ``paper``
+for ``training/configs/M-C.json``). The same command under ``torchrun`` trains with
+DistributedDataParallel on several GPUs or machines. See ``training/README.md``.
+
+The config (JSON)::
+
+    {"method": "interval", "scale": "demo",
+     "model": {...},   # merged into models.default_config(method, scale); may be {}
+     "data": {"root": "cohort", "n_val": null, "workers": 0},
+     "train": {"steps": 3000, "batch_size": 2, "lr": null, "ema_decay": 0.999, ...},
+     "export": {"name": "interval-demo", "folder": null, "description": "...", "trained_on": {}}}
+
+:data:`TRAIN_DEFAULTS`, :data:`DATA_DEFAULTS` and :data:`EXPORT_DEFAULTS` list every key; an
+unknown key is an error (a typo must not silently fall back to a default).
+
+Choices:
+
+* **Stages.** A method whose module has ``STAGES`` (Cas-DiffCom: generator, refiner) trains
+  them one after the other in one run, as the paper does; each stage has its own step count,
+  and may have its own batch size and learning rate (``train.stages``). A stage named like a
+  submodule of the network (``model.generator``) trains only that submodule: the rest is
+  frozen, so DistributedDataParallel sees no unused parameters and the EMA of the finished
+  stage stays as it was. Each stage gets a fresh AdamW.
+* **Batches.** ``batch_size`` is per process: ``torchrun`` with ``n`` processes trains on
+  ``n * batch_size`` items a step (gradients are averaged). Every epoch is a fixed
+  permutation of (seed, stage, epoch) split between the processes (``DistributedSampler``,
+  the last incomplete batch dropped); the datasets' own random choices are seeded by
+  (seed, item, epoch). The loss's randomness (steps, noise, dropout) comes from a generator
+  owned by the trainer, one per process.
+* **Resuming** restores the weights, EMA, optimiser, gradient scaler, step, the random
+  states (torch, numpy, python and the loss generator, of every process) and the position
+  in the epoch, so an interrupted run continues exactly as if it had not stopped (bitwise on
+  the CPU; on a GPU up to cuDNN's own non-determinism unless ``train.deterministic``).
+* **EMA.** The exported and validated weights are an exponential moving average with
+  decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates (a warm-up, so that
+  short runs are not dominated by the random initial weights).
+* **Mixed precision** (float16 autocast and a gradient scaler) on CUDA when ``train.amp``;
+  nothing changes on the CPU. Gradients are clipped to ``grad_clip`` (global L2 norm).
+* **Validation** every ``val_every`` steps on ``val_cases`` held-out items (the last
+  ``n_val`` subjects, or hearts for DDM, in sorted order, as ``training/evaluate.py``
+  holds them out): the loss with fixed noise, and the method's own inference with a short
+  sampler (DDIM, ``val_sampler_steps`` steps; DDM warps the source fully, gamma 1) scored
+  against the item's target with MONAI's PSNR and SSIM over the grid's intensity range
+  (the tissue model: its labels against the truth, mean Dice).
+* **Stopping.** SIGINT or SIGTERM (a cluster pre-empting the job) ends the run after the
+  current step, with a checkpoint and without export; every process stops at the same step.
+* **Time budget.** ``time_budget_s`` (or ``--time-budget``) counts the wall-clock time of
+  this invocation; training stops early enough to leave time for the final validation
+  (as long as the previous one took), then checkpoints and exports as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from LongitudinalDiffusionLib import catalog, models
+from LongitudinalDiffusionLib.diffusion import SamplerSettings, Schedule, autocast, resolve_device, sample
+from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
+from LongitudinalDiffusionLib.imaging import atomic_write, write_json
+from LongitudinalDiffusionLib.subject import parse_modality
+
+from . import data as tdata
+
+log = logging.getLogger("longdiff.training")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CHECKPOINT_FORMAT = "longdiff-training-checkpoint"
+CHECKPOINT_VERSION = 1
+
+#: every key of a config's "train" section, with its default
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,  # optimiser steps (per stage unless the stage says otherwise)
+    "batch_size": 1,  # items per step and process
+    "lr": None,  # None: the method config's optimizer.lr, else 1e-4
+    "weight_decay": 0.0,  # AdamW; 0 is Adam
+    "betas": [0.9, 0.999],
+    "ema_decay": 0.999,
+    "grad_clip": 1.0,  # max global gradient L2 norm; None: no clipping
+    "amp": True,  # float16 autocast + gradient scaling, on CUDA only
+    "deterministic": False,  # deterministic GPU kernels (slower)
+    "val_every": 500,  # steps; 0 or None: only at the end
+    "val_cases": 4,
+    "val_sampler_steps": 10,
+    "ckpt_every": 500,
+    "keep_checkpoints": 2,
+    "log_every": 50,
+    "seed": 0,
+    "time_budget_s": None,
+    "stages": None,  # None: the method's STAGES with "steps" each; or ["generator", {"name": ..., "steps": ...}]
+}
+DATA_DEFAULTS: dict[str, Any] = {
+    "root": None,  # the dataset folder (relative paths: from the working directory)
+    "n_val": None,  # held-out subjects (hearts for DDM); None: 2 subjects / 1 heart
+    "workers": 0,  # DataLoader worker processes
+}
+EXPORT_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "name": None,  # None: "<method>-<scale>"
+    "folder": None,  # None: "<run folder>/model"
+    "description": "",
+    "version": "1",
+    "trained_on": {},  # merged over {"dataset", "subjects", "simulated"} read from the data
+}
+STAGE_KEYS = ("name", "steps", "batch_size", "lr")
+TOP_KEYS = ("method", "scale", "model", "data", "train", "export", "notes")
+
+
+# ============================================================================ configuration
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def model_config(method: str, scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method config at ``scale`` with ``overrides`` merged in.
+
+    Overrides naming an argument of the method's ``default_config`` (cWDM's ``target`` and
+    ``any_missing``, the tissue model's ``anatomy``) are passed to it, so everything derived
+    from them (the condition list, the input channels, the classes, the grid) follows.
+    """
+    overrides = dict(overrides or {})
+    module = models.method_module(method)
+    if scale not in models.SCALES:
+        raise LongitudinalDiffusionError(f"unknown scale '{scale}' (expected one of {', '.join(models.SCALES)})")
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = [p.name for p in inspect.signature(module.default_config).parameters.values() if p.kind in named][1:]
+    kwargs = {k: overrides.pop(k) for k in params if k in overrides}
+    return _merge(module.default_config(scale, **kwargs), overrides)
+
+
+def _check_keys(section: dict[str, Any], known: Any, where: str, source: Any) -> None:
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise InputError(source, f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(known)})")
+
+
+def _number(value: Any, name: str, source: Any, *, minimum: float, integer: bool = False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (integer and int(value) != value):
+        kind = "an integer" if integer else "a number"
+        raise InputError(source, f"{name} must be {kind} >= {minimum:g}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def resolve_config(raw: dict[str, Any], source: Any = "config", *, method: str | None = None) -> dict[str, Any]:
+    """A complete, checked run config: defaults filled in, the method config resolved.
+
+    Args:
+        raw: the config as read from its JSON file.
+        source: where it came from (for error messages).
+        method: the method asked for on the command line (must agree with the config's).
+    """
+    if not isinstance(raw, dict):
+        raise InputError(source, "a training config must be a JSON object")
+    _check_keys(raw, TOP_KEYS, "the config", source)
+    name = raw.get("method") or method
+    if method and raw.get("method") and raw["method"] != method:
+        raise InputError(source, f"the config is for method '{raw['method']}', not '{method}'")
+    if name not in models.METHODS:
+        raise InputError(source, f"unknown or missing method {name!r} (known: {', '.join(models.METHODS)})")
+    scale = raw.get("scale", "demo")
+    if scale not in models.SCALES:
+        raise InputError(source, f"unknown scale {scale!r} (expected one of {', '.join(models.SCALES)})")
+    for key in ("model", "data", "train", "export"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise InputError(source, f"'{key}' must be a JSON object")
+    _check_keys(raw.get("data", {}), DATA_DEFAULTS, "data", source)
+    _check_keys(raw.get("train", {}), TRAIN_DEFAULTS, "train", source)
+    _check_keys(raw.get("export", {}), EXPORT_DEFAULTS, "export", source)
+    try:
+        mcfg = model_config(name, scale, raw.get("model"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(source, f"cannot make the {name} model config ({exc})") from None
+
+    train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
+    train["steps"] = _number(train["steps"], "train.steps", source, minimum=1, integer=True)
+    train["batch_size"] = _number(train["batch_size"], "train.batch_size", source, minimum=1, integer=True)
+    if train["lr"] is None:
+        train["lr"] = float((mcfg.get("optimizer") or {}).get("lr", 1e-4))
+    train["lr"] = _number(train["lr"], "train.lr", source, minimum=0)
+    train["weight_decay"] = _number(train["weight_decay"], "train.weight_decay", source, minimum=0)
+    train["ema_decay"] = _number(train["ema_decay"], "train.ema_decay", source, minimum=0)
+    if train["ema_decay"] >= 1:
+        raise InputError(source, f"train.ema_decay must be below 1, got {train['ema_decay']}")
+    train["grad_clip"] = _number(train["grad_clip"], "train.grad_clip", source, minimum=0, allow_none=True)
+    for key in ("val_every", "ckpt_every", "log_every"):
+        train[key] = _number(train[key] or 0, f"train.{key}", source, minimum=0, integer=True)
+    for key in ("val_cases", "val_sampler_steps", "keep_checkpoints"):
+        train[key] = _number(train[key], f"train.{key}", source, minimum=1, integer=True)
+    train["seed"] = _number(train["seed"], "train.seed", source, minimum=0, integer=True)
+    train["time_budget_s"] = _number(train["time_budget_s"], "train.time_budget_s", source, minimum=0, allow_none=True)
+    train["stages"] = _stages(name, train, source)
+
+    data = {**DATA_DEFAULTS, **raw.get("data", {})}
+    if data["n_val"] is not None:
+        data["n_val"] = _number(data["n_val"], "data.n_val", source, minimum=1, integer=True)
+    data["workers"] = _number(data["workers"], "data.workers", source, minimum=0, integer=True)
+    export = _merge(EXPORT_DEFAULTS, raw.get("export", {}))
+    export["name"] = export["name"] or f"{name}-{scale}"
+    return {
+        "method": name,
+        "scale": scale,
+        "model": mcfg,
+        "data": data,
+        "train": train,
+        "export": export,
+        "notes": raw.get("notes", ""),
+    }
+
+
+def _stages(method: str, train: dict[str, Any], source: Any) -> list[dict[str, Any]]:
+    """The stages to train, in order: ``{"name", "steps", "batch_size", "lr"}`` each."""
+    known = tuple(getattr(models.method_module(method), "STAGES", ()) or ())
+    given = train["stages"] if train["stages"] is not None else (list(known) or [None])
+    if not isinstance(given, list) or not given:
+        raise InputError(source, "train.stages must be a non-empty list")
+    out = []
+    for entry in given:
+        entry = {"name": entry} if entry is None or isinstance(entry, str) else entry
+        if not isinstance(entry, dict):
+            raise InputError(source, f"a stage must be a name or an object, got {entry!r}")
+        _check_keys(entry, STAGE_KEYS, "a stage", source)
+        name = entry.get("name")
+        if (name is None) != (not known) or (name is not None and name not in known):
+            expected = ", ".join(known) if known else "none (this method trains in one stage)"
+            raise InputError(source, f"unknown stage {name!r} for {method} (stages: {expected})")
+        stage = {"name": name, "steps": train["steps"], "batch_size": train["batch_size"], "lr": train["lr"], **entry}
+        stage["steps"] = _number(stage["steps"], f"steps of stage {name}", source, minimum=1, integer=True)
+        stage["batch_size"] = _number(stage["batch_size"], f"batch_size of stage {name}", source, minimum=1,
+                                      integer=True)  # fmt: skip
+        stage["lr"] = _number(stage["lr"], f"lr of stage {name}", source, minimum=0)
+        out.append(stage)
+    names = [s["name"] for s in out]
+    if len(set(names)) != len(names):
+        raise InputError(source, f"a stage is listed twice: {names}")
+    return out
+
+
+def load_config(spec: str | os.PathLike, method: str | None = None) -> tuple[dict[str, Any], Path]:
+    """Read and resolve a config: a JSON file, or a name (``demo``, ``paper``) of a bundled one."""
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        if not method:
+            raise InputError(spec, "a config name needs --method (or give the path of a JSON file)")
+        path = CONFIG_DIR / f"{method}-{spec}.json"
+    if not path.is_file():
+        raise InputError(path, "config file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    return resolve_config(raw, path, method=method), path
+
+
+# ============================================================================ processes
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly distributed) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes (one collective call)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj``, in every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def start_processes(device: str = "auto") -> Processes:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on
+    CUDA, gloo on the CPU; each process takes the GPU of its ``LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes(device=resolve_device(device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Processes(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for each combination)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+# ============================================================================ EMA, stages, checkpoints
+
+
+class EMA:
+    """Exponential moving average of a network's weights (see the module docstring)."""
+
+    def __init__(self, method: str, config: dict[str, Any], model: nn.Module, decay: float) -> None:
+        self.model = models.build(method, config).to(next(model.parameters()).device)
+        self.model.load_state_dict(model.state_dict())
+        self.model.eval().requires_grad_(False)
+        self.decay = float(decay)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Average in ``model``'s trainable parameters (frozen ones are left alone)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema = dict(self.model.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                ema[name].lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class _LossModule(nn.Module):
+    """The method's loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, loss: Callable, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._loss = loss
+        self._config = config
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        return self._loss(self.model, batch, self._config, generator=generator)
+
+
+class _EpochStream:
+    """(epoch, index) keys without end, from epoch ``epoch``, skipping the first ``offset``
+    batches of it: each epoch is the sampler's order, cut to whole batches."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, epoch: int, offset: int) -> None:
+        self.sampler, self.batch_size, self.epoch, self.offset = sampler, batch_size, epoch, offset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = self.epoch, self.offset
+        whole = len(self.sampler) // self.batch_size * self.batch_size
+        while True:
+            self.sampler.set_epoch(epoch)
+            for index in list(self.sampler)[offset * self.batch_size : whole]:
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """A dataset read by (epoch, index): the item's random choices follow its epoch, in
+    whichever process (or loader worker) reads it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str | None
+    start: int  # global step at which it begins
+    steps: int
+    batch_size: int
+    lr: float
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    @property
+    def label(self) -> str:
+        """The stage's name; "model" for a method trained in one stage."""
+        return self.name or "model"
+
+    @property
+    def tag(self) -> str:
+        """Where its validation is logged: ``val`` or ``val/<stage>``."""
+        return f"val/{self.name}" if self.name else "val"
+
+
+def _rng_state(loss_generator: torch.Generator) -> dict[str, Any]:
+    """This process's random states, as tensors and plain types (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+        "loss": loss_generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], loss_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    loss_generator.set_state(state["loss"])
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of every tensor of the state dict, in order: equal weights, equal fingerprints."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    return sorted((run_dir / "checkpoints").glob("step-*.pt"))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of this trainer. Everything in it is a tensor or a plain Python value, so
+    it is read with ``weights_only=True``: no pickled code runs even for a planted file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable files
+        raise InputError(path, f"not a readable training checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(path, "not a checkpoint written by training.train")
+    return ckpt
+
+
+# ============================================================================ validation
+
+
+def _val_settings(config: dict[str, Any], key: str, steps: int, seed: int) -> SamplerSettings:
+    base = SamplerSettings.from_dict(config.get(key) or {})
+    return base.merged(name="ddim", steps=steps, eta=0.0, capture=0, seed=seed)
+
+
+def _predict_interval(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.models import interval
+
+    settings = _val_settings(config, "sampler", steps, 0)
+    out = interval.generate(model, batch["source"], batch["interval"], config=config, settings=settings,
+                            generator=generator)  # fmt: skip
+    return out.sample, batch["target"]
+
+
+def _predict_cas_diffcom(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.models import cas_diffcom
+
+    if batch["stage"] == "generator":
+        settings = _val_settings(config, "sampler", steps, 0)
+        out = cas_diffcom.complete(model, batch["guidance_lr"], batch["guidance_age"], batch["target_age"],
+                                   config=config, settings=settings, refine=False, generator=generator)  # fmt: skip
+        return out.low_res, batch["target_lr"]
+    # the refiner from the real low-resolution scan (the stage on its own, as it is trained)
+    up = model.refiner.upsample(batch["low_res"])
+    out = sample(
+        model.refiner.denoise,
+        tuple(batch["target_hr"].shape),
+        Schedule.from_config(config["refine_schedule"]),
+        config["prediction"],
+        _val_settings(config, "refine_sampler", steps, 0),
+        cond=up,
+        clip_x0=tuple(config.get("intensity_range", (-1.0, 1.0))),
+        generator=generator,
+        device=up.device,
+        stage="refine",
+    )
+    return out.sample, batch["target_hr"]
+
+
+def _predict_sadm(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.models import sadm
+
+    k = int(batch["target_index"][0])  # one item at a time: frames up to the target, the target hidden
+    frames, ages, present = batch["frames"][:, : k + 1], batch["ages"][:, : k + 1], batch["present"][:, : k + 1]
+    present = present.clone()
+    present[:, k] = False
+    out = sadm.fill_sequence(model, frames, ages, present, config=config,
+                             settings=_val_settings(config, "sampler", steps, 0), generator=generator)  # fmt: skip
+    return out.frames[:, k], frames[:, k]
+
+
+def _predict_cwdm(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.models import cwdm
+
+    conditions, mask, target = batch["conditions"], batch.get("mask"), batch.get("target")
+    if config.get("any_missing") and mask is None:  # hide each contrast in turn over the cases
+        n, m = conditions.shape[:2]
+        hidden = int(batch["case"]) % m
+        mask = torch.ones(n, m)
+        mask[:, hidden] = 0
+        target = conditions[:, hidden : hidden + 1]
+    settings = _val_settings(config, "sampler", steps, 0)
+    out = cwdm.synthesize(model, conditions, config=config, settings=settings, mask=mask, generator=generator)
+    return out.sample, target
+
+
+def _predict_ddm(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.models import ddm
+
+    out = ddm.interpolate(model, batch["source"], batch["target"], gammas=[1.0], config=config)
+    return out.frames, batch["target"].cpu()
+
+
+def _predict_tissue_seg(model, batch, config, steps, generator):
+    from LongitudinalDiffusionLib.segmentation import segment_tensor
+
+    return segment_tensor(model, batch["image"]), batch["labels"]
+
+
+#: method -> (model, batch of one item, method config, sampler steps, generator) -> (prediction, truth)
+PREDICTORS: dict[str, Callable] = {
+    "interval": _predict_interval,
+    "cas-diffcom": _predict_cas_diffcom,
+    "sadm": _predict_sadm,
+    "cwdm": _predict_cwdm,
+    "ddm": _predict_ddm,
+    "tissue-seg": _predict_tissue_seg,
+}
+
+
+def image_scores(prediction: torch.Tensor, truth: torch.Tensor, grid: dict, config: dict) -> dict[str, float]:
+    """PSNR (dB) and 3D SSIM of two (N, 1, D, H, W) volumes over the grid's intensity range
+    (MONAI's metrics; SSIM window 11 voxels or the largest odd size that fits)."""
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    low, high = grid["value_range"]
+    span = float(high - low)
+    p, t = prediction.detach().float().cpu(), truth.detach().float().cpu()
+    shortest = min(t.shape[2:])
+    win = min(11, shortest if shortest % 2 else shortest - 1)
+    psnr = float(PSNRMetric(max_val=span)(p, t).mean())
+    ssim = float(SSIMMetric(spatial_dims=3, data_range=span, win_size=win)(p, t).mean()) if win >= 3 else math.nan
+    return {"psnr": psnr, "ssim": ssim}
+
+
+def label_scores(prediction: torch.Tensor, truth: torch.Tensor, grid: dict, config: dict) -> dict[str, float]:
+    """Mean Dice over the foreground classes present in the truth or the prediction."""
+    from LongitudinalDiffusionLib.segmentation import dice_per_class
+
+    classes = range(len(config["classes"]))
+    dice = [v for v in dice_per_class(prediction.cpu().numpy(), truth.cpu().numpy(), classes).values() if v == v]
+    return {"dice": float(np.mean(dice)) if dice else math.nan}
+
+
+#: method -> (prediction, truth, grid, method config) -> {metric: value}; PSNR and SSIM by default
+SCORERS: dict[str, Callable] = {"tissue-seg": label_scores}
+
+
+# ============================================================================ the trainer
+
+
+@dataclass
+class RunResult:
+    step: int
+    stopped: str  # "completed", "time budget", "until", "interrupted"
+    metrics: dict[str, Any]
+    checkpoint: Path | None
+    export: Path | None
+
+
+class Trainer:
+    """Trains one method from a resolved config (:func:`resolve_config`) into ``run_dir``.
+
+    Args:
+        config: the resolved run config.
+        run_dir: checkpoints, ``config.json``, ``metrics.jsonl`` and ``tensorboard/`` go here.
+        device: ``auto``, ``cpu``, ``cuda`` (under ``torchrun`` each process takes its GPU).
+        resume: continue from the newest checkpoint in ``run_dir`` (start afresh if none).
+        export_dir: where the model is exported (default: the config's, else ``run_dir/model``).
+        config_file: the config's path, recorded in the model card.
+        progress: show a progress bar (main process, interactive terminals).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        run_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        resume: bool = False,
+        export_dir: str | os.PathLike | None = None,
+        config_file: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.method = config["method"]
+        self.mcfg = config["model"]
+        self.tcfg = config["train"]
+        self.run_dir = Path(run_dir)
+        self.config_file = None if config_file is None else Path(config_file)
+        self.progress = progress
+        self.procs = start_processes(device)
+        self.device = self.procs.device
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.started = time.monotonic()
+
+        existing = self._agreed_checkpoints()
+        if existing and not resume:
+            raise LongitudinalDiffusionError(
+                f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another --out"
+            )
+        if self.tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+        seed, rank = self.tcfg["seed"], self.procs.rank
+        torch.manual_seed(seed)  # the same initial weights in every process
+        try:
+            self.model = models.build(self.method, self.mcfg).to(self.device)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"cannot build a {self.method} network from the model config ({exc})"
+            raise InputError(config_file or "config", problem) from None
+        self.ema = EMA(self.method, self.mcfg, self.model, self.tcfg["ema_decay"])
+        self.loss_fn = models.method_module(self.method).loss
+        torch.manual_seed(_seed(seed, rank, 1))
+        np.random.seed(_seed(seed, rank, 2) % 2**32)
+        random.seed(_seed(seed, rank, 3))
+        self.loss_generator = torch.Generator().manual_seed(_seed(seed, rank, 4))
+        self.amp = bool(self.tcfg["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+
+        self.stages: list[Stage] = []
+        start = 0
+        for i, s in enumerate(self.tcfg["stages"]):
+            self.stages.append(Stage(i, s["name"], start, s["steps"], s["batch_size"], s["lr"]))
+            start += s["steps"]
+        self.total_steps = start
+        self.step = 0
+        self.time_s = 0.0  # training time of earlier invocations of this run
+        self.metrics: dict[str, Any] = {}
+        self._stage: Stage | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._train_module: nn.Module | None = None
+        self._datasets: dict[tuple[str | None, bool], Any] = {}
+        self._writer = None
+        self._last_val_s = 0.0
+        self.last_checkpoint: Path | None = None
+        self._resumed_at: int | None = None
+        self._signal: str | None = None
+        self._open_data()
+        if existing:
+            self._restore(read_checkpoint(existing[-1]), existing[-1])
+
+    def _agreed_checkpoints(self) -> list[Path]:
+        """The main process's list of checkpoints, which every process must be able to read
+        (the run folder has to be on storage all machines share)."""
+        found = self.procs.broadcast([p.name for p in checkpoints(self.run_dir)])
+        paths = [self.run_dir / "checkpoints" / name for name in found]
+        missing = self.procs.sum([float(bool(paths) and not paths[-1].is_file())])[0]
+        if missing:
+            raise LongitudinalDiffusionError(
+                f"{int(missing)} process(es) cannot see {paths[-1]}: put the run folder (--out) on storage "
+                "that every machine shares"
+            )
+        return paths
+
+    # ------------------------------------------------------------------ data
+    def _open_data(self) -> None:
+        root = self.config["data"]["root"]
+        if not root:
+            raise InputError(None, "no dataset: set data.root in the config or pass --data DIR")
+        self.cohort = tdata.open_cohort(root)
+        ids = tdata.ids_for(self.method, self.mcfg, self.cohort)
+        self.hearts = set(ids) <= set(self.cohort.hearts)  # DDM and a heart segmentation model
+        n_val = self.config["data"]["n_val"] or (1 if self.hearts else 2)
+        self.train_ids, self.val_ids = tdata.split(ids, n_val)
+        self.grid = models.default_grid(self.method, self.mcfg)
+
+    def dataset(self, stage: Stage | None = None, *, train: bool = True):
+        """The training (or held-out) dataset of a stage, built once."""
+        stage = stage or self.stages[0]
+        key = (stage.name, train)
+        if key not in self._datasets:
+            ids = self.train_ids if train else self.val_ids
+            self._datasets[key] = tdata.make_dataset(
+                self.method, self.mcfg, self.grid, self.cohort, ids,
+                train=train, seed=self.tcfg["seed"], stage=stage.name,
+            )  # fmt: skip
+            if train and len(self._datasets[key]) < stage.batch_size * self.procs.world:
+                raise InputError(
+                    self.cohort.root,
+                    f"{len(self._datasets[key])} training items for {self.method} ({stage.label}) are fewer than "
+                    f"batch_size x processes = {stage.batch_size * self.procs.world}",
+                )
+        return self._datasets[key]
+
+    def collate(self, items: list[dict[str, torch.Tensor]], stage: Stage | None = None) -> dict[str, Any]:
+        """Items -> a batch on the device, with the stage name the loss expects."""
+        batch = torch.utils.data.default_collate(items)
+        return self._to_device(batch, stage or self.stages[0])
+
+    def _to_device(self, batch: dict[str, Any], stage: Stage) -> dict[str, Any]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if stage.name is not None:
+            batch["stage"] = stage.name
+        return batch
+
+    def _batches(self, stage: Stage) -> Iterator[dict[str, Any]]:
+        """The stage's batches from the current step on, without end: epochs of a fixed
+        permutation of (seed, stage, epoch), split between the processes. One loader serves the
+        whole stage, so its workers (and the grid cache they fill) live as long as it."""
+        dataset = self.dataset(stage)
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.procs.world, rank=self.procs.rank, shuffle=True,
+            seed=_seed(self.tcfg["seed"], stage.index, 5) % 2**31, drop_last=True,
+        )  # fmt: skip
+        epoch, offset = divmod(self.step - stage.start, len(sampler) // stage.batch_size)
+        workers = self.config["data"]["workers"]
+        loader = DataLoader(
+            _EpochItems(dataset), batch_size=stage.batch_size, drop_last=True, num_workers=workers,
+            sampler=_EpochStream(sampler, stage.batch_size, epoch, offset),
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(_seed(self.tcfg["seed"], stage.index, epoch, offset, 6)),
+        )  # fmt: skip
+        for batch in loader:
+            yield self._to_device(batch, stage)
+
+    # ------------------------------------------------------------------ stages and steps
+    def enter_stage(self, stage: Stage) -> None:
+        """Freeze everything outside the stage's submodule; a fresh AdamW; DDP if distributed."""
+        self._stage = stage
+        part = getattr(self.model, stage.name, None) if stage.name else None
+        part = part if isinstance(part, nn.Module) else self.model
+        self.model.requires_grad_(False)
+        part.requires_grad_(True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=stage.lr, betas=tuple(self.tcfg["betas"]), weight_decay=self.tcfg["weight_decay"]
+        )
+        module = _LossModule(self.model, self.loss_fn, self.mcfg)
+        if self.procs.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self._train_module = module
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimiser step on ``batch``; returns this process's loss and the gradient norm."""
+        if self._stage is None:
+            self.enter_stage(self.stages[0])
+        self._train_module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp):
+            loss = self._train_module(batch, self.loss_generator)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        limit = self.tcfg["grad_clip"] if self.tcfg["grad_clip"] else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.model)
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def loss_on(self, batch: dict[str, Any], seed: int = 0, model: nn.Module | None = None) -> float:
+        """The loss of ``model`` (default: the trained network) on ``batch`` with fixed noise."""
+        model = model or self.model
+        was = model.training
+        model.eval()
+        try:
+            with autocast(self.device, self.amp):
+                return float(self.loss_fn(model, batch, self.mcfg, generator=torch.Generator().manual_seed(seed)))
+        finally:
+            model.train(was)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, stage: Stage) -> dict[str, float]:
+        """Held-out loss, PSNR and SSIM of the EMA network on ``val_cases`` items (split
+        between the processes; the sums are combined)."""
+        t0 = time.monotonic()
+        dataset = self.dataset(stage, train=False)
+        n = min(self.tcfg["val_cases"], len(dataset))
+        picks = sorted({int(round(i)) for i in np.linspace(0, len(dataset) - 1, n)})
+        predict = PREDICTORS.get(self.method)
+        score = SCORERS.get(self.method, image_scores)
+        sums: dict[str, float] = {"cases": 0.0, "loss": 0.0}
+        for case, index in enumerate(picks):
+            if case % self.procs.world != self.procs.rank:
+                continue
+            batch = self.collate([dataset[index]], stage)
+            sums["loss"] += self.loss_on(batch, seed=_seed(self.tcfg["seed"], index, 7), model=self.ema.model)
+            if predict is not None:
+                with torch.no_grad():
+                    generator = torch.Generator().manual_seed(_seed(self.tcfg["seed"], index, 8))
+                    pred, truth = predict(self.ema.model, {**batch, "case": case}, self.mcfg,
+                                          self.tcfg["val_sampler_steps"], generator)  # fmt: skip
+                for key, value in score(pred, truth, self.grid, self.mcfg).items():
+                    sums[key] = sums.get(key, 0.0) + value
+            sums["cases"] += 1
+        keys = list(sums) if self.procs.main else None
+        keys = self.procs.broadcast(keys)  # a process without a case has only loss and cases
+        totals = dict(zip(keys, self.procs.sum([sums.get(k, 0.0) for k in keys])))
+        self._last_val_s = time.monotonic() - t0
+        cases = totals.pop("cases")
+        return {"cases": int(cases), **{k: v / cases for k, v in totals.items()}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-NNNNNNNN.pt`` atomically (main process), keeping the newest
+        ``keep_checkpoints``. Every process takes part: their random states and a fingerprint of
+        their weights are gathered, and differing replicas are an error."""
+        rng = self.procs.gather(_rng_state(self.loss_generator))
+        prints = self.procs.gather(fingerprint(self.model))
+        if len(set(prints)) > 1:
+            raise LongitudinalDiffusionError(f"the {self.procs.world} processes hold different weights at step "
+                                             f"{self.step}: the replicas diverged")  # fmt: skip
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}.pt"
+        if self.procs.main:
+            stage = self._stage or self.stages[0]
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "method": self.method,
+                "config": self.config,
+                "step": self.step,
+                "stage": stage.index,
+                "model": self.model.state_dict(),
+                "ema": self.ema.model.state_dict(),
+                "ema_updates": self.ema.updates,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "world_size": self.procs.world,
+                "fingerprints": prints,
+                "time_s": self.elapsed(),
+                "metrics": self.metrics,
+            }
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            for old in checkpoints(self.run_dir)[: -self.tcfg["keep_checkpoints"]]:
+                old.unlink(missing_ok=True)
+        self.procs.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        if ckpt["method"] != self.method or ckpt["config"]["model"] != self.mcfg:
+            raise InputError(path, "the checkpoint's method or model config differs from this run's config")
+        before = {k: ckpt["config"]["train"].get(k) for k in ("batch_size", "seed", "stages")}
+        now = {k: self.tcfg.get(k) for k in before}
+        for key in before:
+            if key != "stages" and before[key] != now[key]:
+                log.warning("resuming with train.%s = %s (the run began with %s)", key, now[key], before[key])
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        self.ema.updates = int(ckpt["ema_updates"])
+        self.step = int(ckpt["step"])
+        self._resumed_at = self.step + 1
+        self.time_s = float(ckpt["time_s"])
+        self.metrics = dict(ckpt.get("metrics") or {})
+        stage = self._stage_at(self.step)
+        self.enter_stage(stage)
+        if ckpt["optimizer"] is not None and int(ckpt["stage"]) == stage.index:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] and self.amp:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if int(ckpt["world_size"]) == self.procs.world:
+            _set_rng_state(ckpt["rng"][self.procs.rank], self.loss_generator)
+        else:
+            log.warning(
+                "the checkpoint was written by %s processes, this run has %s: the noise and data order continue "
+                "differently from an uninterrupted run", ckpt["world_size"], self.procs.world,
+            )  # fmt: skip
+            self.loss_generator.manual_seed(_seed(self.tcfg["seed"], self.procs.rank, self.step, 4))
+        if self.procs.main:
+            log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+            lines = self.run_dir / "metrics.jsonl"  # forget what was logged after the checkpoint
+            if lines.is_file():
+                text = lines.read_text(encoding="utf-8")
+                kept = "".join(ln + "\n" for ln in text.splitlines() if json.loads(ln)["step"] <= self.step)
+                atomic_write(lines, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+
+    def _stage_at(self, step: int) -> Stage:
+        for stage in self.stages:
+            if step < stage.end:
+                return stage
+        return self.stages[-1]
+
+    def elapsed(self) -> float:
+        return self.time_s + (time.monotonic() - self.started)
+
+    # ------------------------------------------------------------------ logs
+    def _record(self, kind: str, payload: dict[str, Any]) -> None:
+        if not self.procs.main:
+            return
+        line = {"kind": kind, "step": self.step, "time_s": round(self.elapsed(), 3), **payload}
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional dependency of training
+                self._writer = False
+                log.warning("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
+            else:  # events after the step resumed from are dropped (purge_step)
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._resumed_at)
+        if self._writer:
+            for key, value in payload.items():
+                if isinstance(value, (int, float)) and key != "cases":
+                    self._writer.add_scalar(f"{kind}/{key}", value, self.step)
+            self._writer.flush()
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # the second one: stop at once (the last checkpoint stands)
+            raise KeyboardInterrupt
+        self._signal = signal.Signals(signum).name
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", self._signal)
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """SIGINT and SIGTERM (Ctrl-C, a cluster pre-empting the job) stop the run at the end of
+        the current step, with a checkpoint to resume from; the processes agree on it."""
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        return previous
+
+    def run(self, until: int | None = None) -> RunResult:
+        """Train to the end of the last stage (or to step ``until``, or until the time budget
+        is spent), validating, logging and checkpointing on the way; then validate every
+        stage, checkpoint and export (unless stopped by ``until``)."""
+        from tqdm.auto import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.procs.main:
+            write_json(self.run_dir / "config.json", self.config)
+        until = self.total_steps if until is None else min(until, self.total_steps)
+        budget = self.tcfg["time_budget_s"]
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None if (self.progress and self.procs.main) else True)  # fmt: skip
+        stopped = "completed"
+        window: list[float] = []
+        handlers = self._catch_signals()
+        try:
+            for stage in self.stages:
+                if self.step >= stage.end or self.step >= until:
+                    continue
+                if self._stage is not stage:
+                    self.enter_stage(stage)
+                bar.set_description(stage.label)
+                for batch in self._batches(stage):
+                    out = self.train_step(batch)
+                    self.step += 1
+                    spent = time.monotonic() - self.started
+                    out_of_time = budget is not None and spent + self._last_val_s >= budget
+                    flags = [out["loss"], out["grad_norm"], float(out_of_time), float(self._signal is not None)]
+                    loss, grad, stop, interrupted = self.procs.sum(flags)
+                    loss, grad = loss / self.procs.world, grad / self.procs.world
+                    if not math.isfinite(loss) and not self.amp:
+                        raise LongitudinalDiffusionError(
+                            f"the loss is {loss} at step {self.step} ({stage.label}): lower train.lr or set "
+                            "train.grad_clip; the last checkpoint is unaffected"
+                        )
+                    window.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4g}")
+                    t = self.tcfg
+                    if t["log_every"] and (self.step % t["log_every"] == 0 or stop or interrupted):
+                        mean = sum(window) / len(window)
+                        self._record("train", {"loss": mean, "grad_norm": grad, "lr": stage.lr, "stage": stage.label})
+                        if bar.disable and self.procs.main:
+                            log.info("step %d/%d [%s] loss %.4g", self.step, self.total_steps, stage.label, mean)
+                        window = []
+                    if t["val_every"] and self.step % t["val_every"] == 0:
+                        self._validate_and_log(stage, bar)
+                    if t["ckpt_every"] and self.step % t["ckpt_every"] == 0:
+                        self.save_checkpoint()
+                    if interrupted or stop:
+                        stopped = "interrupted" if interrupted else "time budget"
+                        break
+                    if self.step >= stage.end or self.step >= until:
+                        break
+                if stopped != "completed" or self.step >= until:
+                    break
+        finally:
+            bar.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if self.step < self.total_steps and stopped == "completed":
+            stopped = "until"
+        written = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step:08d}.pt"
+        if not written:
+            self.save_checkpoint()
+        exported = None
+        if stopped not in ("until", "interrupted"):
+            for stage in self.stages:  # every stage trained so far, for the model card
+                done = self.metrics.get(stage.label, {}).get("step", -1) >= min(stage.end, self.step)
+                if (stage.start < self.step or stage.index == 0) and not done:
+                    self._validate_and_log(stage, None)
+            exported = self.export(stopped) if self.config["export"]["enabled"] else None
+            self.procs.barrier()
+        if self._writer:
+            self._writer.close()
+            self._writer = None
+        return RunResult(self.step, stopped, self.metrics, self.last_checkpoint, exported)
+
+    def _validate_and_log(self, stage: Stage, bar: Any) -> dict[str, Any]:
+        scores = self.validate(stage)
+        scores["step"] = self.step
+        self.metrics[stage.label] = scores
+        self._record(stage.tag, scores)
+        if self.procs.main:
+            text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k != "step")
+            (bar.write if bar is not None and not bar.disable else log.info)(
+                f"validation at step {self.step} [{stage.label}]: {text}"
+            )
+        return scores
+
+    # ------------------------------------------------------------------ export
+    def card(self, stopped: str = "completed") -> dict[str, Any]:
+        """The model card of the EMA network (catalog format)."""
+        method, cfg, exp = self.method, self.mcfg, self.config["export"]
+        if method == "cwdm":
+            modalities = list(cfg["modalities"])
+        elif self.hearts:
+            modalities = []
+        else:
+            modalities = [parse_modality(cfg.get("modality") or (cfg.get("modalities") or ["T1w"])[0]).value]
+        ages = None
+        if not self.hearts:
+            found = [
+                tp.age
+                for sid in self.train_ids
+                for tp in self.cohort.subject(sid).timepoints
+                if tp.modality.value in modalities
+            ]
+            ages = (min(found), max(found)) if found else None
+        description_file = self.cohort.root / "dataset_description.json"
+        described = json.loads(description_file.read_text(encoding="utf-8")) if description_file.is_file() else {}
+        trained_on = {
+            "dataset": described.get("Name") or self.cohort.root.name,
+            "subjects": len(self.train_ids),
+            "simulated": bool(described.get("Simulated", False)),
+            **exp["trained_on"],
+        }
+        metrics = dict(self.metrics)
+        if len(self.stages) == 1:
+            metrics = metrics.get(self.stages[0].label, {})
+        kind = ("heart" if self.hearts else "subject") + ("s" if len(self.val_ids) > 1 else "")
+        sampled = cfg.get("sampler") is not None and self.method in PREDICTORS
+        sampler = f", sampled with DDIM {self.tcfg['val_sampler_steps']} steps" if sampled else ""
+        metrics = {**metrics, "validation": f"EMA weights on {len(self.val_ids)} held-out {kind}{sampler}"}
+        description = exp["description"] or (
+            f"{models.paper_name(method)} trained at {self.config['scale']} scale on {trained_on['dataset']}"
+        )
+        card = catalog.new_card(exp["name"], method, cfg, grid=self.grid, modalities=modalities, age_range=ages,
+                                trained_on=trained_on, description=description, version=str(exp["version"]),
+                                metrics=metrics)  # fmt: skip
+        if "sr_image_size" in cfg:
+            card["sr_grid"] = models.default_grid(method, cfg, "sr_image_size")
+        card["training"] = {
+            "steps": self.step,
+            "stages": [
+                {"name": s.label, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr} for s in self.stages
+            ],
+            "processes": self.procs.world,
+            "time_s": round(self.elapsed(), 1),
+            "stopped": stopped,
+            "ema_decay": self.tcfg["ema_decay"],
+            "config": self.config_file.name if self.config_file else None,
+        }
+        return card
+
+    def export(self, stopped: str = "completed") -> Path | None:
+        """Save the EMA network as a catalog entry (main process) and check that it loads."""
+        if not self.procs.main:
+            return None
+        folder = self.export_dir or (Path(self.config["export"]["folder"] or self.run_dir / "model"))
+        path = catalog.save_model(self.ema.model, self.card(stopped), folder)
+        catalog.load_model(path)  # the entry must load exactly as users will load it
+        log.info("exported %s", path)
+        return path
+
+
+# ============================================================================ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train a LongitudinalDiffusion method and export it as a catalog model. "
+        "Run it under torchrun for several GPUs or machines.",
+        epilog="examples:\n"
+        "  python -m training.train --method interval --config demo --data cohort\n"
+        "  torchrun --nproc_per_node 4 -m training.train --method cwdm --config paper --data /data/bids\n"
+        "  python -m training.train --method sadm --config demo --resume --out runs/sadm-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--method", choices=list(models.METHODS), help="the method (default: the config's)")
+    p.add_argument("--config", required=True, help="a JSON config, or 'demo' / 'paper' for training/configs/M-C.json")
+    p.add_argument("--data", help="the dataset folder (overrides data.root)")
+    p.add_argument("--out", type=Path, help="the run folder (default: runs/<config name>)")
+    p.add_argument("--steps", type=int, help="steps of every stage (overrides the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--export", type=Path, help="export the model to this folder (overrides export.folder)")
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds, then validate and export")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    try:
+        config, path = load_config(args.config, args.method)
+        if args.data:
+            config["data"]["root"] = args.data
+        if args.steps is not None:
+            if args.steps < 1:
+                raise InputError("--steps", f"must be at least 1, got {args.steps}")
+            config["train"]["steps"] = args.steps
+            for stage in config["train"]["stages"]:
+                stage["steps"] = args.steps
+        if args.time_budget is not None:
+            config["train"]["time_budget_s"] = args.time_budget
+        out = args.out or Path("runs") / path.stem
+        trainer = Trainer(config, out, device=args.device, resume=args.resume, export_dir=args.export,
+                          config_file=path, progress=not args.no_progress)  # fmt: skip
+        result = trainer.run()
+        if rank == 0:
+            where = f"; model: {result.export}" if result.export else ""
+            log.info("%s at step %d; checkpoint: %s%s", result.stopped, result.step, result.checkpoint, where)
+        return 130 if result.stopped == "interrupted" else 0
+    except LongitudinalDiffusionError as exc:
+        print(f"training: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("training: stopped at once; resume from the last checkpoint with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
