@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..imaging import Image, load_image
-from ..progress import ProgressCallback, ProgressEvent
+from ..progress import ProgressCallback, Stage
 from ..subject import Subject, Timepoint, load_bids_subject
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,10 @@ def _trajectories(
     progress: ProgressCallback | None,
 ) -> Path:
     """Segment the cohort's real T1w scans and the generated ones; plot volumes against age."""
-    import time
-
     from ..catalog import LoadedModel, load_model
     from ..diffusion import resolve_device
     from ..segmentation import segment
-    from ..trajectory import fit_trajectories, plot_trajectories, tissue_volumes
+    from ..trajectory import fit_trajectories, plot_trajectories, volume_rows
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
     scans: list[tuple[str, float, Image, bool]] = []
@@ -182,18 +180,13 @@ def _trajectories(
                 scans.append((sub, tp.age, tp.image if tp.image is not None else load_image(tp.source), False))
     scans += [(sid, age, image, True) for (sid, age), image in generated.items()]
     rows = []
-    t0 = time.perf_counter()
-    for i, (sid, age, image, is_generated) in enumerate(scans):
-        grid = loaded.card.card.get("grid")
-        labels = segment(loaded.network, image, config=loaded.config, grid=grid, device=resolve_device(device))
-        for tissue, ml in tissue_volumes(labels, dict(enumerate(loaded.config["classes"]))).items():
-            rows.append(
-                {"subject": sid, "age_months": age, "tissue": tissue, "volume_ml": ml, "generated": is_generated}
-            )
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / (i + 1) * (len(scans) - i - 1)
-            progress(ProgressEvent("segment", i + 1, len(scans), elapsed, eta))
+    grid, run_on = loaded.card.card.get("grid"), resolve_device(device)
+    classes = dict(enumerate(loaded.config["classes"]))
+    stage = Stage("segment", len(scans), progress).start()
+    for sid, age, image, is_generated in scans:
+        labels = segment(loaded.network, image, config=loaded.config, grid=grid, device=run_on)
+        rows += volume_rows(sid, age, labels, classes, generated=is_generated)
+        stage.advance()
     fits = fit_trajectories(rows)
     return plot_trajectories(
         rows, fits, out / "figures" / "tissue_volumes.png", title="Tissue volumes by age", simulated=True
