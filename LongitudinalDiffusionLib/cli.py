@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _subject_arguments(p)
     p.add_argument("--ages", type=float, nargs="+", required=True, metavar="MONTHS", help="ages to generate (months)")
+    p.add_argument(
+        "--one-sided",
+        action="store_true",
+        help="Cas-DiffCom / time-interval: start from the nearest scan only, even between two scans "
+        "(default: run from both neighbours and blend them by age)",
+    )
     _task_arguments(p)
     p.set_defaults(func=cmd_complete_ages)
 
@@ -592,6 +598,7 @@ def _with_progress(args: argparse.Namespace, run):
         seed=args.seed,
         capture=args.capture,
         n_samples=args.samples,
+        two_sided=not getattr(args, "one_sided", False),
         device=args.device,
         progress=progress,
     )

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,13 @@ def _save_vector(image: Image, path: Path) -> None:
 
 @dataclass
 class RunOptions:
-    """How to run any task; ``None`` fields take the model card's defaults."""
+    """How to run any task; ``None`` fields take the model card's defaults.
+
+    ``two_sided``: where a missing age has real scans on both sides, single-source models
+    (Cas-DiffCom, time-interval) run from each neighbour and the two predictions are blended
+    with the linear-interpolation weights (docs/methods.md); False uses the nearest scan only,
+    as the papers do.
+    """
 
     sampler: str | None = None
     steps: int | None = None
@@ -170,6 +177,7 @@ class RunOptions:
     seed: int | None = 0
     capture: int = 0
     n_samples: int = 1
+    two_sided: bool = True
     device: str = "auto"
     progress: ProgressCallback | None = None
     cancel: CancelToken | None = None
@@ -285,7 +293,8 @@ def complete_ages(
     """Generate ``subject``'s images at ``ages`` (months) it was not scanned at.
 
     The modality defaults to the model's (its card's first modality). Cas-DiffCom and the
-    time-interval model are guided by the subject's scan nearest in age; SADM reads the
+    time-interval model are guided by the subject's scan nearest in age - or, between two
+    scans, by both neighbours, blended by age (``RunOptions.two_sided``); SADM reads the
     whole timeline and fills the gaps in age order. Outputs land on the geometry of the
     nearest real scan.
     """
@@ -326,6 +335,30 @@ def _nearest(real: list[Timepoint], age: float) -> Timepoint:
     return min(real, key=lambda tp: (abs(tp.age - age), tp.age))
 
 
+def _sources(real: list[Timepoint], age: float, two_sided: bool) -> list[tuple[Timepoint, float]]:
+    """The scans a single-source model starts from and their blending weights, nearest first:
+    the nearest scan alone, or (``two_sided`` and scans on both sides) the two neighbours
+    with the linear-interpolation weights."""
+    near = _nearest(real, age)
+    before = [tp for tp in real if tp.age < age]
+    after = [tp for tp in real if tp.age > age]
+    if not (two_sided and before and after):
+        return [(near, 1.0)]
+    a, b = before[-1], after[0]
+    w_a = (b.age - age) / (b.age - a.age)
+    pair = [(a, w_a), (b, 1.0 - w_a)]
+    return pair if near is a else pair[::-1]
+
+
+def _blend(runs: list[tuple[float, Callable[[], np.ndarray]]]) -> np.ndarray:
+    """The weighted sum of the outputs of ``runs`` ((weight, run) pairs)."""
+    total = None
+    for w, run in runs:
+        out = w * run()
+        total = out if total is None else total + out
+    return total
+
+
 def _age_outputs(
     subject_id: str, mod: Modality, age: float, mean: Image, std: Image | None, kind: str = "generated"
 ) -> list[ResultImage]:
@@ -349,81 +382,98 @@ def _complete_cascade(loaded, real, targets, mod, opts, device, sid):
     grid, sr_grid = _grid(loaded), _grid(loaded, "sr_grid")
     settings = opts.settings(loaded)
     refine_settings = opts.settings(loaded, "refine_sampler")
-    images, series = [], []
+    images, series, used = [], [], []
     for age in targets:
-        guide = _nearest(real, age)
-        guide_img = _image(guide)
-        low = grid.forward(guide_img)
-        high_ref = sr_grid.forward(guide_img)
+        sources = _sources(real, age, opts.two_sided)
+        used.append([tp.age for tp, _ in sources])
+        near = sources[0][0]
+        low_ref = grid.forward(_image(near))
+        high_ref = sr_grid.forward(_image(near))
+        lows = [low_ref] + [grid.forward(_image(tp), reference=low_ref.record) for tp, _ in sources[1:]]
         captured: dict[str, list] = {}
 
-        def run(seed, progress, age=age, guide=guide, low=low, captured=captured):
-            out = mod_cas.complete(
-                loaded.network,
-                _tensor(low.array, device),
-                torch.tensor([guide.age], dtype=torch.float32),
-                torch.tensor([age], dtype=torch.float32),
-                config=loaded.config,
-                settings=settings.merged(seed=seed),
-                refine_settings=refine_settings.merged(seed=None if seed is None else seed + 1),
-                device=device,
-                progress=_prefixed(progress, f"{age:g} mo: "),
-                cancel=opts.cancel,
-            )
-            captured.update(out.intermediates)
-            return [out.high_res[0, 0].numpy()]
+        def run(seed, progress, age=age, sources=sources, lows=lows, captured=captured):
+            def one(tp: Timepoint, low, first: bool) -> np.ndarray:
+                out = mod_cas.complete(
+                    loaded.network,
+                    _tensor(low.array, device),
+                    torch.tensor([tp.age], dtype=torch.float32),
+                    torch.tensor([age], dtype=torch.float32),
+                    config=loaded.config,
+                    settings=settings.merged(seed=seed),
+                    refine_settings=refine_settings.merged(seed=None if seed is None else seed + 1),
+                    device=device,
+                    progress=_prefixed(progress, _source_prefix(age, tp, len(sources))),
+                    cancel=opts.cancel,
+                )
+                if first:
+                    captured.update(out.intermediates)
+                return out.high_res[0, 0].numpy()
+
+            return [_blend([(w, partial(one, tp, low, i == 0)) for i, ((tp, w), low) in enumerate(zip(sources, lows))])]
 
         mean, std = _samples(opts, run)
         image = sr_grid.inverse(mean[0], high_ref.record)
         spread = sr_grid.inverse(std[0], _units_only(high_ref.record)) if std else None
         images += _age_outputs(sid, mod, age, image, spread)
-        for stage, g, rec in (("generate", grid, low.record), ("refine", sr_grid, high_ref.record)):
+        for stage, g, rec in (("generate", grid, low_ref.record), ("refine", sr_grid, high_ref.record)):
             s = _denoising_series(f"denoising-{stage}-{age:g}mo", g, rec, captured.get(stage, []))
             if s:
                 series.append(s)
     series.insert(0, _timeline(real, images))
-    return images, series, settings, {"guidance_ages": [_nearest(real, a).age for a in targets]}
+    return images, series, settings, {"guidance_ages": used, "two_sided": opts.two_sided}
+
+
+def _source_prefix(age: float, source: Timepoint, n_sources: int) -> str:
+    return f"{age:g} mo from {source.age:g} mo: " if n_sources > 1 else f"{age:g} mo: "
 
 
 def _complete_interval(loaded, real, targets, mod, opts, device, sid):
     mod_int = method_module("interval")
     grid = _grid(loaded)
     settings = opts.settings(loaded)
-    images, series = [], []
+    images, series, used = [], [], []
     for age in targets:
-        source = _nearest(real, age)
-        fwd = grid.forward(_image(source))
+        sources = _sources(real, age, opts.two_sided)
+        used.append([tp.age for tp, _ in sources])
+        ref = grid.forward(_image(sources[0][0]))
+        fwds = [ref] + [grid.forward(_image(tp), reference=ref.record) for tp, _ in sources[1:]]
         captured: list = []
 
-        def run(seed, progress, age=age, source=source, fwd=fwd, captured=captured):
-            out = mod_int.generate(
-                loaded.network,
-                _tensor(fwd.array, device),
-                torch.tensor([age - source.age], dtype=torch.float32),
-                config=loaded.config,
-                settings=settings.merged(seed=seed),
-                device=device,
-                progress=_prefixed(progress, f"{age:g} mo: "),
-                cancel=opts.cancel,
-            )
-            captured[:] = out.intermediates
-            return [out.sample[0, 0].numpy()]
+        def run(seed, progress, age=age, sources=sources, fwds=fwds, captured=captured):
+            def one(tp: Timepoint, fwd, first: bool) -> np.ndarray:
+                out = mod_int.generate(
+                    loaded.network,
+                    _tensor(fwd.array, device),
+                    torch.tensor([age - tp.age], dtype=torch.float32),
+                    config=loaded.config,
+                    settings=settings.merged(seed=seed),
+                    device=device,
+                    progress=_prefixed(progress, _source_prefix(age, tp, len(sources))),
+                    cancel=opts.cancel,
+                )
+                if first:
+                    captured[:] = out.intermediates
+                return out.sample[0, 0].numpy()
+
+            return [_blend([(w, partial(one, tp, fwd, i == 0)) for i, ((tp, w), fwd) in enumerate(zip(sources, fwds))])]
 
         mean, std = _samples(opts, run)
-        image = grid.inverse(mean[0], fwd.record)
-        spread = grid.inverse(std[0], _units_only(fwd.record)) if std else None
+        image = grid.inverse(mean[0], ref.record)
+        spread = grid.inverse(std[0], _units_only(ref.record)) if std else None
         images += _age_outputs(sid, mod, age, image, spread)
-        s = _denoising_series(f"denoising-{age:g}mo", grid, fwd.record, captured)
+        s = _denoising_series(f"denoising-{age:g}mo", grid, ref.record, captured)
         if s:
             series.append(s)
     series.insert(0, _timeline(real, images))
-    return images, series, settings, {"source_ages": [_nearest(real, a).age for a in targets]}
+    return images, series, settings, {"source_ages": used, "two_sided": opts.two_sided}
 
 
 def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
-    """SADM reads the timeline up to each missing age and generates it (paper Alg. 2). A
-    model holds ``max_frames`` slots, so each target sees the ``max_frames - 1`` latest
-    timepoints before it, real or generated earlier in this run."""
+    """SADM reads the timeline around each missing age and generates it (paper Alg. 2, with
+    context on both sides). A model holds ``max_frames`` slots, so each target sees the
+    ``max_frames - 1`` timepoints nearest in age (:func:`_window`), real or generated earlier
+    in this run."""
     mod_sadm = method_module("sadm")
     grid = _grid(loaded)
     settings = opts.settings(loaded)
@@ -442,11 +492,13 @@ def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
         generator = None
         outputs = []
         for age in targets:
-            window = sorted(a for a in timeline if a < age)[-(capacity - 1) :] + [age]
+            window = _window(timeline, age, capacity)
             frames = torch.zeros((1, len(window), 1, *grid.shape))
             present = torch.zeros((1, len(window)), dtype=torch.bool)
-            for i, a in enumerate(window[:-1]):
-                frames[0, i, 0], present[0, i] = timeline[a], True
+            k = window.index(age)
+            for i, a in enumerate(window):
+                if i != k:
+                    frames[0, i, 0], present[0, i] = timeline[a], True
             if generator is None:
                 generator = _generator(seed)
             out = mod_sadm.fill_sequence(
@@ -461,8 +513,8 @@ def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
                 progress=_prefixed(progress, f"{age:g} mo: "),
                 cancel=opts.cancel,
             )
-            timeline[age] = out.frames[0, -1, 0]
-            captured[age] = out.intermediates.get(len(window) - 1, [])
+            timeline[age] = out.frames[0, k, 0]
+            captured[age] = out.intermediates.get(k, [])
             outputs.append(timeline[age].numpy())
         return outputs
 
@@ -477,6 +529,16 @@ def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
             series.append(s)
     series.insert(0, _timeline(real, images))
     return images, series, settings, {"max_frames": capacity}
+
+
+def _window(timeline: dict[float, Any], age: float, capacity: int) -> list[float]:
+    """The ages SADM sees when generating ``age``: the ``capacity - 1`` known frames nearest in
+    age (always including the latest one before it, so the window starts with a known frame),
+    and the target, in age order."""
+    known = sorted(timeline, key=lambda a: (abs(a - age), a))
+    latest_before = max(a for a in timeline if a < age)
+    chosen = [latest_before] + [a for a in known if a != latest_before][: capacity - 2]
+    return sorted(chosen + [age])
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -197,7 +198,8 @@ def test_complete_ages_from_the_command_line(dataset, catalog, tmp_path, capsys,
     argv = ["complete-ages", str(dataset / "sub-001"), "--ages", "7.5", "--model", "interval-tiny-untrained"]
     assert main([*argv, "--out", str(out), "--steps", "3", "--samples", "2", "--capture", "2"]) == 0
     captured = capsys.readouterr()
-    assert "sample 2/2: 7.5 mo: generate" in captured.err and "3/3" in captured.err  # progress bars per stage
+    # Progress bars per stage; between two scans the model runs from each neighbour.
+    assert re.search(r"sample 2/2: 7\.5 mo from [0-9.]+ mo: generate", captured.err) and "3/3" in captured.err
     assert "UNTRAINED" in captured.out
     summary = json.loads((out / "result.json").read_text())
     assert sorted(i["kind"] for i in summary["images"]) == ["mean", "std"]
@@ -208,6 +210,12 @@ def test_complete_ages_from_the_command_line(dataset, catalog, tmp_path, capsys,
     # Asking again without --overwrite refuses, and leaves the result alone.
     assert main([*argv, "--out", str(out), "-q"]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "result.json").exists()
+    # --one-sided: the nearest scan only, as in the paper.
+    assert main([*argv, "--out", str(tmp_path / "one"), "--steps", "2", "--one-sided"]) == 0
+    err = capsys.readouterr().err
+    assert "7.5 mo: generate" in err and " from " not in err
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    assert len(one["provenance"]["extra"]["source_ages"][0]) == 1
 
 
 def test_synthesize_and_interpolate_from_the_command_line(dataset, catalog, tmp_path, capsys, monkeypatch):

@@ -92,7 +92,7 @@ def test_condition_reads_context_frames_and_ages_only(tiny):
     model, _ = tiny
     frames, ages, present = _timeline(n=1)
     present = torch.tensor([[True, False, True, True]])
-    target = torch.tensor([2])  # context: frame 0; gap: frame 1; target 2; later: 3
+    target = torch.tensor([2])  # context: frames 0 and 3 (after the target); gap: frame 1; target 2
     with torch.no_grad():
         base = model.condition(frames, ages, present, target)
 
@@ -112,13 +112,17 @@ def test_condition_reads_context_frames_and_ages_only(tiny):
         aged[0, 1] = 4.0
         assert changed(ages=aged)  # a gap keeps its age encoding
         assert changed(present=torch.tensor([[True, True, True, True]]))  # the gap becomes context
-        # Never read: the image of a gap, the target's own image, anything after the target.
         other = frames.clone()
-        other[0, 1:] = torch.rand(3, 1, *SHAPE)
+        other[0, 3] += 0.5
+        assert changed(frames=other)  # a present frame after the target is context too
+        # Never read: the image of a gap, the target's own image.
+        other = frames.clone()
+        other[0, 1:3] = torch.rand(2, 1, *SHAPE)
         assert not changed(frames=other)
-        aged = ages.clone()
-        aged[0, 3] = 30.0
-        assert not changed(ages=aged)
+        # Padding beyond the timeline's end is invisible: a shorter timeline is unaffected by
+        # what would have been its later slots.
+        short = model.condition(frames[:, :3], ages[:, :3], present[:, :3], target)
+        assert short.shape == base.shape and not torch.allclose(short, base)
 
 
 def test_loss_uses_target_and_context_with_dropout(tiny):
@@ -134,8 +138,13 @@ def test_loss_uses_target_and_context_with_dropout(tiny):
     base = value(batch)
     assert value(batch) == base  # the generator fixes t, noise and dropout
     later = dict(batch, frames=frames.clone())
-    later["frames"][0, 3] = 0.0  # after the target of row 0
-    assert value(later) == base
+    later["frames"][0, 3] = 0.0  # after the target of row 0: context on both sides
+    assert value(later) != base
+    hidden = dict(batch, frames=frames.clone(), present=batch["present"].clone())
+    hidden["present"][0, 3] = False
+    moved = dict(hidden, frames=hidden["frames"].clone())
+    moved["frames"][0, 3] = 0.0  # a missing frame's image is never read
+    assert value(moved) == value(hidden)
     context = dict(batch, frames=frames.clone())
     context["frames"][:, 0] = 0.0
     assert value(context) != base
@@ -143,6 +152,28 @@ def test_loss_uses_target_and_context_with_dropout(tiny):
     assert value(context, dropped) == value(batch, dropped)
     with pytest.raises(InputError, match="target"):
         sadm.loss(model, dict(batch, present=torch.zeros(2, 4, dtype=torch.bool)), config)
+
+
+def test_nearest_context_is_the_residual_reference(tiny):
+    frames, ages, present = _timeline()
+    ref = sadm.nearest_context(frames, ages, present, torch.tensor([1, 2]))
+    # Row 0: target at 3 mo, present 0 and 6 mo -> 0 mo (tie broken to the earlier); row 1:
+    # target at 5 mo, present 1 and 2 mo -> 2 mo.
+    assert torch.equal(ref[0], frames[0, 0]) and torch.equal(ref[1], frames[1, 1])
+    with pytest.raises(InputError, match="besides the target"):
+        sadm.nearest_context(frames, ages, torch.zeros_like(present), torch.tensor([1, 2]))
+
+
+def test_residual_model_starts_from_the_nearest_frame():
+    """An untrained residual x0-network (MONAI zero-initialises its output) returns the
+    context frame nearest in age: the residual option's promise."""
+    model, config = _tiny(seed=3, randomise=False)
+    config = dict(config, residual=True, prediction="sample")
+    frames, ages, present = _timeline(n=1)
+    out = sadm.fill_sequence(model, frames, ages, present, config=config, settings=_settings(name="ddim", steps=4))
+    # Frame 1 (3 mo) between 0 and 6 mo -> frame 0; frame 3 (9 mo) -> frame 2 (6 mo).
+    assert torch.allclose(out.frames[0, 1], frames[0, 0], atol=1e-5)
+    assert torch.allclose(out.frames[0, 3], frames[0, 2], atol=1e-5)
 
 
 def test_training_steps_lower_the_loss():

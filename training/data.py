@@ -209,10 +209,11 @@ class RefinerDataset(GridDataset):
 
 
 class SequenceDataset(GridDataset):
-    """SADM: a subject's timeline with a target frame and random drop-outs before it (paper
-    sec. 3.2, Alg. 1): the first frame always present, each other earlier frame present with
-    probability ``keep``, the target (a real scan) drawn among frames 1..F-1. Timelines shorter than
-    ``max_frames`` are padded after their end (slots after the target are never read)."""
+    """SADM: a subject's timeline with a target frame and random drop-outs (paper sec. 3.2,
+    Alg. 1; sec. 4.1 draws conditioning, missing and future indices at random): the first
+    frame always present, each other frame present with probability ``keep``, the target (a
+    real scan) drawn among frames 1..F-1. Timelines shorter than ``max_frames`` are padded
+    after their end (padding slots are never read)."""
 
     def __init__(self, cohort, grid, ids, *, modality: Modality, max_frames: int, train: bool, seed=0, keep=0.7):
         super().__init__(cohort, grid, train=train, seed=seed)

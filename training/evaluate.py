@@ -521,9 +521,9 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "- Frames: source end-diastole, target end-systole; frame k of n at gamma k/(n-1) against real frame k, "
         "the ends left out. Baselines: linear intensity blend, identity warp (the source and its labels).",
         "- Tissue segmentation: every held-out scan with ground-truth labels (mapped to CSF, grey matter, white "
-        "matter); baseline: a Gaussian mixture on the intensities inside a brain mask, with a bias-field "
-        "correction, its classes ordered by the scan's age (infant white matter is darker than grey matter on "
-        "T1w before about 6 months).",
+        "matter); baseline: a Gaussian mixture on the intensities inside the ground-truth brain mask "
+        "(the strongest form of this baseline), with a bias-field correction, its classes ordered by the "
+        "scan's age (infant white matter is darker than grey matter on T1w before about 6 months).",
     ]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -785,7 +785,9 @@ def _subject_cases(
 
 def run_segmentation_case(tp: Timepoint, loaded: LoadedModel, run: Run) -> Case:
     """The tissue model and the Gaussian-mixture baseline (given the scan's age to order its
-    classes) against the scan's ground-truth labels, in the model's classes; Dice only."""
+    classes, and the ground-truth brain mask - the strongest form of the baseline; its own
+    threshold mask loses outer CSF at 5 mm) against the scan's ground-truth labels, in the
+    model's classes; Dice only."""
     from LongitudinalDiffusionLib.segmentation import gmm_segment, map_labels, segment
 
     image = bl.image_of(tp)
@@ -794,7 +796,7 @@ def run_segmentation_case(tp: Timepoint, loaded: LoadedModel, run: Run) -> Case:
     case = Case(tp.source.parts[-4] if tp.source else "subject", f"{tp.age:.2f} mo")
     predicted = segment(loaded.network, image, config=loaded.config, grid=grid, device=run.device)
     case.scores["model"] = {"dice": dice(predicted.array, truth)}
-    baseline = gmm_segment(image, age_months=tp.age, contrast=tp.modality.value)
+    baseline = gmm_segment(image, truth > 0, age_months=tp.age, contrast=tp.modality.value)
     case.scores["gaussian mixture"] = {"dice": dice(baseline.array, truth)}
     return case
 

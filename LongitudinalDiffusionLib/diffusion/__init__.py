@@ -7,6 +7,7 @@ from .sampling import (
     SampleOutput,
     SamplerSettings,
     make_generator,
+    residual_target,
     sample,
     timesteps,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "autocast",
     "describe_device",
     "make_generator",
+    "residual_target",
     "resolve_device",
     "sample",
     "timesteps",

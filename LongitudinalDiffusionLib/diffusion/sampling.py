@@ -188,6 +188,7 @@ def sample(
     cond: Any = None,
     uncond: Any = None,
     clip_x0: Any = None,
+    reference: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -195,7 +196,13 @@ def sample(
     cancel: CancelToken | None = None,
     stage: str = "sample",
 ) -> SampleOutput:
-    """Draw samples of ``shape`` from a trained denoiser; see the module docstring."""
+    """Draw samples of ``shape`` from a trained denoiser; see the module docstring.
+
+    ``reference`` (same shape as a sample) makes this residual diffusion: the chain runs on
+    ``image - reference`` (what a network trained with :func:`residual_target` predicts),
+    ``clip_x0`` still applies to the image, and the returned sample and captured x0 are
+    images (the reference added back).
+    """
     settings = settings or SamplerSettings()
     _check_prediction(prediction)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -207,6 +214,13 @@ def sample(
     keep = capture_indices(len(taus), settings.capture)
     guided = uncond is not None and settings.guidance != 1.0
     clip = _clipper(clip_x0)
+    ref = None
+    if reference is not None:
+        ref = reference.to(device=device, dtype=torch.float32)
+        if tuple(ref.shape) != tuple(shape):
+            raise LongitudinalDiffusionError(f"reference has shape {tuple(ref.shape)}, expected {tuple(shape)}")
+        image_clip = clip
+        clip = (lambda r: image_clip(r + ref) - ref) if image_clip is not None else None
     abar = schedule.alphas_cumprod
 
     def randn() -> torch.Tensor:
@@ -247,7 +261,8 @@ def sample(
             if clip is not None:
                 x0 = clip(x0)
             if i in keep:
-                intermediates.append(Intermediate(i, t, x.detach().cpu().clone(), x0.detach().cpu().clone()))
+                shown = x0 if ref is None else x0 + ref
+                intermediates.append(Intermediate(i, t, x.detach().cpu().clone(), shown.detach().cpu().clone()))
             if i == len(taus) - 1:
                 x = x0
                 steps.advance()
@@ -278,4 +293,12 @@ def sample(
                     mean = float(c0) * x0 + float(ct) * x
                 x = mean + float(np.sqrt(var)) * randn() if var > 0 else mean
             steps.advance()
+    if ref is not None:
+        x = x + ref
     return SampleOutput(x.detach().float().cpu(), intermediates, seed, len(taus))
+
+
+def residual_target(target: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """What a network learns to generate: ``target`` itself, or its difference from
+    ``reference`` for residual diffusion (see :func:`sample`)."""
+    return target if reference is None else target - reference.to(target)

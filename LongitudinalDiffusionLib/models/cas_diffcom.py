@@ -15,6 +15,11 @@ linear beta 1e-4..2e-2 over 1000 steps. Grids (sec. 3.1): low-res 2 mm 80x96x80,
 1 mm 160x192x160. Training (sec. 3.1-3.2): Adam, lr 2e-4; the guidance images (only) are
 augmented by random 0-5 degree rotations about x, y and z - that belongs to the training data
 pipeline, not to :func:`loss`.
+
+Option ``"residual": true`` (the demo models; off at paper scale): each stage generates the
+difference from a reference instead of the image - the generator from the guidance scan, the
+refiner from the trilinear up-sampling of z0 - so minutes of CPU training go into what
+changes with age and what up-sampling misses (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import Intermediate, SamplerSettings, Schedule, sample
+from ..diffusion import Intermediate, SamplerSettings, Schedule, residual_target, sample
 from ..errors import InputError
 from .layers import ScalarEmbedding, sinusoidal_embedding
 
@@ -340,6 +345,12 @@ def build(config: dict) -> CasDiffCom:
     return CasDiffCom(AsMMGenerator(**net["generator"]), SuperResolutionRefiner(**net["refiner"]))
 
 
+def upsampled(low_res: torch.Tensor, size) -> torch.Tensor:
+    """z0 trilinearly up-sampled to the high-resolution grid (the refiner's residual reference;
+    both grids are cell-centred on the same field of view)."""
+    return F.interpolate(low_res.float(), size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
+
+
 def _diffusion_loss(denoise, x0: torch.Tensor, cond, schedule: Schedule, prediction: str, generator) -> torch.Tensor:
     """MSE between the network output and its target at uniform random steps (eq. 2)."""
     t = schedule.random_steps(x0.shape[0], generator=generator, device=x0.device)
@@ -366,12 +377,15 @@ def loss(model: CasDiffCom, batch: dict, config: dict, generator: torch.Generato
         gen = model.generator
         cond = gen.encode_guidance(batch["guidance_lr"], batch["guidance_age"], batch["target_age"])
         schedule = Schedule.from_config(config["schedule"])
-        return _diffusion_loss(gen.denoise, batch["target_lr"], cond, schedule, prediction, generator)
+        x0 = residual_target(batch["target_lr"], batch["guidance_lr"] if config.get("residual") else None)
+        return _diffusion_loss(gen.denoise, x0, cond, schedule, prediction, generator)
     if stage == "refiner":
         ref = model.refiner
         cond = ref.upsample(batch["low_res"])
         schedule = Schedule.from_config(config["refine_schedule"])
-        return _diffusion_loss(ref.denoise, batch["target_hr"], cond, schedule, prediction, generator)
+        target = batch["target_hr"]
+        base = upsampled(batch["low_res"], target.shape[2:]) if config.get("residual") else None
+        return _diffusion_loss(ref.denoise, residual_target(target, base), cond, schedule, prediction, generator)
     raise ValueError(f"batch['stage'] must be one of {STAGES}, got {stage!r}")
 
 
@@ -436,9 +450,11 @@ def complete(
     clip = tuple(config.get("intensity_range", (-1.0, 1.0)))
     settings = settings or SamplerSettings.from_dict(config["sampler"])
     intermediates: dict[str, list[Intermediate]] = {}
+    residual = bool(config.get("residual"))
+    guidance = guidance.to(device, torch.float32)
     with torch.no_grad():
         features = model.generator.encode_guidance(
-            guidance.to(device, torch.float32),
+            guidance,
             _ages("guidance_age", guidance_age, n, device),
             _ages("target_age", target_age, n, device),
         )
@@ -450,6 +466,7 @@ def complete(
             settings,
             cond=features,
             clip_x0=clip,
+            reference=guidance if residual else None,
             generator=generator,
             device=device,
             progress=progress,
@@ -469,6 +486,7 @@ def complete(
                 refine_settings or SamplerSettings.from_dict(config["refine_sampler"]),
                 cond=up,
                 clip_x0=clip,
+                reference=upsampled(low_res, up.shape[2:]).to(device) if residual else None,
                 generator=generator,
                 device=device,
                 progress=progress,

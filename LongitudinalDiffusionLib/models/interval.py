@@ -22,6 +22,10 @@ so the engine's [cond, uncond] batching for guidance works) and needs no copy of
 ``forward``.
 
 Choice (sampling): DDIM, 50 steps, eta 0, predicted x0 clipped to the intensity range [-1, 1].
+
+Option ``"residual": true`` (the demo models; off at paper scale): the chain generates the
+change ``target - source`` instead of the target, so an untrained network already returns
+the source and minutes of CPU training are spent on what changes with age (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import SampleOutput, SamplerSettings, Schedule, sample
+from ..diffusion import SampleOutput, SamplerSettings, Schedule, residual_target, sample
 from ..errors import InputError
 from .layers import ScalarEmbedding
 
@@ -128,7 +132,8 @@ def build(config: dict) -> IntervalDiffusion:
 
 
 def loss(model: IntervalDiffusion, batch: dict, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The eps-MSE at uniform random steps (paper, Mechanism 3).
+    """The eps-MSE at uniform random steps (paper, Mechanism 3); of the change from the source
+    when ``config["residual"]``.
 
     Args:
         batch: ``{"source", "target"}`` (N, 1, *image_size) and ``"interval"`` (N,) months from
@@ -136,7 +141,7 @@ def loss(model: IntervalDiffusion, batch: dict, config: dict, generator: torch.G
         generator: CPU generator for the steps and noise (reproducible losses).
     """
     schedule = Schedule.from_config(config["schedule"])
-    x0 = batch["target"]
+    x0 = residual_target(batch["target"], batch["source"] if config.get("residual") else None)
     t = schedule.random_steps(x0.shape[0], generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     out = model(schedule.q_sample(x0, t, noise), t, batch["source"], batch["interval"])
@@ -183,6 +188,7 @@ def generate(
         settings or SamplerSettings.from_dict(config["sampler"]),
         cond=cond,
         clip_x0=tuple(config.get("intensity_range", (-1.0, 1.0))),
+        reference=cond["source"] if config.get("residual") else None,
         generator=generator,
         device=device,
         progress=progress,

@@ -1,10 +1,10 @@
 """SADM: sequence-aware diffusion model (Yoon et al., IPMI 2023; text in shared papers/sadm.md).
 
-A transformer attention module reads the earlier frames of a subject's timeline and writes
+A transformer attention module reads the known frames of a subject's timeline and writes
 one conditioning volume ``c`` (paper sec. 3.1). A conditional eps U-Net sees ``[x_t, c]``,
 with classifier-free guidance (sec. 3.2, Alg. 1). Missing and future frames are generated
-one at a time in age order, each conditioned on every earlier frame, real or generated
-(Alg. 2).
+one at a time in age order, each conditioned on every frame known by then: the real ones,
+before and after it, and those generated earlier in the run (Alg. 2).
 
 Upstream (ubc-tea/SADM-..., docs/methods.md) is a "minimal" version of the
 paper. It uses a ViViT with patch (8, 32, 32) on 32x128x128 volumes, 11 context frames, a
@@ -19,8 +19,16 @@ Choices made here, against the paper and upstream:
   target slot (zero image, its own age) tells the network which age to produce. In the
   paper the target is only implicit in the sequence length.
 - Missing frames are zero images that keep their age encoding. The paper found this
-  better than masking (end of sec. 3.1). Slots after the target are masked out of the
-  temporal attention and of the read-out, so ``c`` never depends on them.
+  better than masking (end of sec. 3.1).
+- Context on both sides. The paper's problem setting (sec. 3) conditions missing frames
+  X^M on conditioning frames X^C that may lie after them (only future frames X^F come after
+  everything), and training draws conditioning, missing and future indices at random
+  (sec. 4.1). So every present frame other than the target is context, wherever it sits;
+  Alg. 2's age order decides only which missing frame is generated first. Padding slots
+  beyond a timeline's end are masked out of the attention and the read-out.
+- Residual option (``"residual": true``, the demo model; off at paper scale): the chain
+  generates the difference from the context frame nearest in age to the target, so an
+  untrained network returns that frame (docs/methods.md).
 - Blocks. ``depth`` temporal blocks (across frames, per patch) come first, then ``depth``
   spatial blocks (across patches, per frame). This is the paper's temporal encoder and
   spatial decoder, built from pre-LayerNorm multi-head self-attention (ViViT [1]; upstream
@@ -62,7 +70,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import Intermediate, SamplerSettings, Schedule, make_generator, sample
+from ..diffusion import Intermediate, SamplerSettings, Schedule, make_generator, residual_target, sample
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
 from .layers import ScalarEmbedding
@@ -224,8 +232,8 @@ class SequenceAttention(nn.Module):
         """The conditioning volume for generating frame ``target_index`` of each timeline.
 
         Args:
-            frames: (N, F, 1, D, H, W) timeline, F <= ``max_frames``; only present frames
-                before the target are read (all others count as zero images).
+            frames: (N, F, 1, D, H, W) timeline, F <= ``max_frames``; the present frames
+                other than the target are read (all others count as zero images).
             ages: (N, F) age of every slot in months, missing and target slots included.
             present: (N, F) bool, the frames that hold an image.
             target_index: (N,) long, the slot to generate.
@@ -243,8 +251,8 @@ class SequenceAttention(nn.Module):
             present = F.pad(present, (0, pad))
         slots = torch.arange(self.max_frames, device=frames.device)[None]
         target_index = target_index.to(frames.device).reshape(-1, 1)
-        context = present.bool() & (slots < target_index)
-        visible = slots <= target_index
+        visible = slots < f
+        context = present.bool() & (slots != target_index) & visible
         role = torch.where(context, CONTEXT, torch.where(slots == target_index, TARGET, GAP))
 
         x = frames * context[..., None, None, None, None].to(frames.dtype)
@@ -291,7 +299,7 @@ class SADM(nn.Module):
     def condition(
         self, frames: torch.Tensor, ages: torch.Tensor, present: torch.Tensor, target_index: torch.Tensor
     ) -> torch.Tensor:
-        """c = A({x^1..x^(i-1)}): (N, 1, D, H, W); see :meth:`SequenceAttention.forward`."""
+        """c = A(known frames but the target): (N, 1, D, H, W); see :meth:`SequenceAttention.forward`."""
         return self.attention(frames, ages, present, target_index)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -302,6 +310,22 @@ class SADM(nn.Module):
 # --------------------------------------------------------------------------- training
 
 
+def nearest_context(
+    frames: torch.Tensor, ages: torch.Tensor, present: torch.Tensor, target_index: torch.Tensor
+) -> torch.Tensor:
+    """For each timeline, its present frame other than the target nearest in age to the
+    target (the residual reference): (N, 1, D, H, W)."""
+    rows = torch.arange(frames.shape[0], device=frames.device)
+    target_index = target_index.to(frames.device).long().reshape(-1)
+    slots = torch.arange(frames.shape[1], device=frames.device)[None]
+    context = present.bool().to(frames.device) & (slots != target_index[:, None])
+    if not bool(context.any(dim=1).all()):
+        raise InputError(None, "every timeline needs a present frame besides the target")
+    ages = ages.to(frames.device).float()
+    gap = (ages - ages[rows, target_index][:, None]).abs().masked_fill(~context, float("inf"))
+    return frames[rows, gap.argmin(dim=1)]
+
+
 def loss(model: SADM, batch: dict, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:
     """The eps-MSE of Alg. 1 on the target frame, with context dropout ``p_uncond``.
 
@@ -310,7 +334,7 @@ def loss(model: SADM, batch: dict, config: dict, generator: torch.Generator | No
         batch: ``frames`` (N, F, 1, D, H, W), ``ages`` (N, F) in months, ``present`` (N, F)
             bool, ``target_index`` (N,) long. The context is the present frames before the
             target. The target frame must be present.
-        config: the method config (schedule, prediction, p_uncond).
+        config: the method config (schedule, prediction, p_uncond, residual).
         generator: CPU generator for the step, noise and dropout draws.
     """
     frames, ages, present = batch["frames"], batch["ages"], batch["present"].bool()
@@ -319,6 +343,8 @@ def loss(model: SADM, batch: dict, config: dict, generator: torch.Generator | No
     if not bool(present[rows, target].all()):
         raise InputError(None, "every target frame must be present (it is what the model learns to produce)")
     x0 = frames[rows, target]
+    if config.get("residual"):
+        x0 = residual_target(x0, nearest_context(frames, ages, present, target))
     schedule = Schedule.from_config(config["schedule"])
     t = schedule.random_steps(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
@@ -389,8 +415,8 @@ def fill_sequence(
 ) -> SequenceOutput:
     """Fill the missing and future frames of timelines autoregressively (paper Alg. 2).
 
-    Frames are generated in age order. Each is conditioned on every earlier frame, real or
-    already generated. ``c`` is computed once per frame, outside the denoiser, and
+    Frames are generated in age order. Each is conditioned on every known frame: the present
+    ones (before and after it) and those already generated. ``c`` is computed once per frame, outside the denoiser, and
     guidance uses a zero volume as the unconditional input. Present frames are returned
     unchanged, bit for bit.
 
@@ -443,6 +469,9 @@ def fill_sequence(
                 cond=c,
                 uncond=torch.zeros_like(c),
                 clip_x0=clip,
+                reference=nearest_context(timeline[rows], ages_d[rows], known[rows], target)
+                if config.get("residual")
+                else None,
                 generator=generator,
                 device=device,
                 progress=progress,
