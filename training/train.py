@@ -76,7 +76,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from LongitudinalDiffusionLib import catalog, models
-from LongitudinalDiffusionLib.diffusion import SamplerSettings, Schedule, autocast, resolve_device, sample
+from LongitudinalDiffusionLib.diffusion import SamplerSettings, autocast, resolve_device
 from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
 from LongitudinalDiffusionLib.imaging import atomic_write, write_json
 from LongitudinalDiffusionLib.subject import parse_modality
@@ -523,27 +523,19 @@ def _predict_cas_diffcom(model, batch, config, steps, generator):
                                    config=config, settings=settings, refine=False, generator=generator)  # fmt: skip
         return out.low_res, batch["target_lr"]
     # the refiner from the real low-resolution scan (the stage on its own, as it is trained)
-    up = model.refiner.upsample(batch["low_res"])
-    out = sample(
-        model.refiner.denoise,
-        tuple(batch["target_hr"].shape),
-        Schedule.from_config(config["refine_schedule"]),
-        config["prediction"],
-        _val_settings(config, "refine_sampler", steps, 0),
-        cond=up,
-        clip_x0=tuple(config.get("intensity_range", (-1.0, 1.0))),
-        generator=generator,
-        device=up.device,
-        stage="refine",
-    )
+    settings = _val_settings(config, "refine_sampler", steps, 0)
+    out = cas_diffcom.super_resolve(model, batch["low_res"], config=config, settings=settings, generator=generator)
     return out.sample, batch["target_hr"]
 
 
 def _predict_sadm(model, batch, config, steps, generator):
     from LongitudinalDiffusionLib.models import sadm
 
-    k = int(batch["target_index"][0])  # one item at a time: frames up to the target, the target hidden
-    frames, ages, present = batch["frames"][:, : k + 1], batch["ages"][:, : k + 1], batch["present"][:, : k + 1]
+    # One item at a time: the timeline up to its last present frame (context on both sides of
+    # the target), the target hidden; missing frames before it are filled first, as in use.
+    k = int(batch["target_index"][0])
+    last = max(k, int(batch["present"][0].nonzero().max()))
+    frames, ages, present = (batch[key][:, : last + 1] for key in ("frames", "ages", "present"))
     present = present.clone()
     present[:, k] = False
     out = sadm.fill_sequence(model, frames, ages, present, config=config,

@@ -389,6 +389,41 @@ def loss(model: CasDiffCom, batch: dict, config: dict, generator: torch.Generato
     raise ValueError(f"batch['stage'] must be one of {STAGES}, got {stage!r}")
 
 
+def super_resolve(
+    model: CasDiffCom,
+    low_res: torch.Tensor,
+    *,
+    config: dict,
+    settings: SamplerSettings | None = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+    progress=None,
+    cancel=None,
+):
+    """Stage 2 alone: the high-resolution image of ``low_res`` (N, 1, *image_size), a
+    :class:`~..diffusion.SampleOutput` (stage "refine" in progress events)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    low_res = low_res.to(device, torch.float32)
+    with torch.no_grad():
+        up = model.refiner.upsample(low_res)
+        _check_volume("up-sampled low-res image", up[:, :1], model.refiner.factor)
+        return sample(
+            model.refiner.denoise,
+            (low_res.shape[0], 1, *up.shape[2:]),
+            Schedule.from_config(config["refine_schedule"]),
+            config["prediction"],
+            settings or SamplerSettings.from_dict(config["refine_sampler"]),
+            cond=up,
+            clip_x0=tuple(config.get("intensity_range", (-1.0, 1.0))),
+            reference=upsampled(low_res, up.shape[2:]) if config.get("residual") else None,
+            generator=generator,
+            device=device,
+            progress=progress,
+            cancel=cancel,
+            stage="refine",
+        )
+
+
 @dataclass
 class CascadeOutput:
     """Result of :func:`complete`: CPU float32 tensors; ``high_res`` is None without refinement."""
@@ -476,22 +511,15 @@ def complete(
         intermediates["generate"] = list(out.intermediates)
         low_res, high_res = out.sample, None
         if refine:
-            up = model.refiner.upsample(low_res.to(device))
-            _check_volume("up-sampled low-res image", up[:, :1], model.refiner.factor)
-            out = sample(
-                model.refiner.denoise,
-                (n, 1, *up.shape[2:]),
-                Schedule.from_config(config["refine_schedule"]),
-                prediction,
-                refine_settings or SamplerSettings.from_dict(config["refine_sampler"]),
-                cond=up,
-                clip_x0=clip,
-                reference=upsampled(low_res, up.shape[2:]).to(device) if residual else None,
+            out = super_resolve(
+                model,
+                low_res,
+                config=config,
+                settings=refine_settings,
                 generator=generator,
                 device=device,
                 progress=progress,
                 cancel=cancel,
-                stage="refine",
             )
             intermediates["refine"] = list(out.intermediates)
             high_res = out.sample
