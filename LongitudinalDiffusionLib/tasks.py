@@ -111,6 +111,58 @@ class Result:
             raise
         return [folder / p for p in listing]
 
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Result:
+        """Read back a folder written by :meth:`save` (e.g. a result downloaded from a worker)."""
+        import json
+
+        import nibabel as nib
+
+        folder = Path(folder)
+        listing = folder / "result.json"
+        try:
+            summary = json.loads(listing.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(listing, f"cannot read the result listing ({exc})") from None
+        if not isinstance(summary, dict) or "task" not in summary:
+            raise InputError(listing, "not a result listing (no 'task')")
+
+        def path(rel: str) -> Path:
+            p = (folder / rel).resolve()
+            if folder.resolve() not in p.parents:
+                raise InputError(listing, f"file '{rel}' lies outside the result folder")
+            return p
+
+        def read(rel: str, labels: bool = False) -> Image:
+            return load_image(path(rel), dtype=np.int16 if labels else np.float32)
+
+        def vector(rel: str) -> Image:  # (I, J, K, 1, 3) on disk, see _save_vector
+            img = nib.load(str(path(rel)))
+            return Image(np.asarray(img.dataobj, dtype=np.float32)[:, :, :, 0, :], img.affine)
+
+        images = []
+        for e in summary.get("images", []):
+            name = e["file"][: -len(".nii.gz")]
+            images.append(ResultImage(name, read(e["file"], e["kind"] == "labels"), e["kind"], e.get("age_months"),
+                                      e.get("modality")))  # fmt: skip
+        series = []
+        for s in summary.get("series", []):
+            entries = s.get("frames", [])
+            has = set(entries[0]) if entries else set()
+            series.append(
+                FrameSeries(
+                    s["name"],
+                    [read(e["file"]) for e in entries],
+                    [float(e["time"]) for e in entries],
+                    s.get("unit", ""),
+                    [read(e["labels"], True) for e in entries] if "labels" in has else None,
+                    [bool(e["generated"]) for e in entries] if "generated" in has else None,
+                    [vector(e["displacement"]) for e in entries] if "displacement" in has else None,
+                )
+            )
+        prov = Provenance.from_dict(summary["provenance"], listing) if summary.get("provenance") else None
+        return cls(summary["task"], images, series, prov)
+
     def _write(self, root: Path) -> list[str]:
         prov = self.provenance.to_dict() if self.provenance else {}
         files: list[str] = []

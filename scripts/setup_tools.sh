@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# Install the external checkers the tests use when they are available: the official BIDS
-# validator (npm package bids-validator, pinned) into .tools/. Without npm nothing is
-# installed and the tests that need it are skipped (CI sets LONGDIFF_REQUIRE_TOOLS=1, which
-# turns that skip into a failure).
+# Install the external tools the tests use when they are available: redis-server (the
+# remote worker's scale-out test, from the system's package manager) and the official BIDS
+# validator (npm package bids-validator, pinned) into .tools/. What cannot be installed is
+# skipped by the tests that need it (CI sets LONGDIFF_REQUIRE_TOOLS=1, which turns that skip
+# into a failure).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null 2>&1 && sudo="sudo -n"; }
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }; then
+    echo "setup_tools: installing redis-server (Debian/Ubuntu package)" >&2
+    { $sudo apt-get install -y -q redis-server >/dev/null 2>&1 \
+      || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q redis-server >/dev/null 2>&1; }; } \
+      || echo "setup_tools: could not install redis-server; the Celery test will be skipped" >&2
+  elif command -v brew >/dev/null 2>&1; then
+    brew install redis >/dev/null || echo "setup_tools: could not install redis; the Celery test will be skipped" >&2
+  else
+    echo "setup_tools: redis-server not found and no package manager to install it; the Celery test will be skipped" >&2
+  fi
+fi
 tools="$here/.tools"
 version="1.15.0"
 if ! command -v npm >/dev/null 2>&1; then

@@ -1,0 +1,7 @@
+"""``python -m LongitudinalDiffusionLib.worker`` is ``longdiff-worker``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

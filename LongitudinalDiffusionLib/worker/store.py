@@ -1,0 +1,264 @@
+"""Jobs on disk: a SQLite database (jobs and their events) and one folder per job.
+
+Layout under the data folder::
+
+    worker.sqlite3            jobs (FIFO by ``seq``) and events
+    jobs/<id>/spec.json       the spec, its inputs named by the server (paths relative to the data folder)
+    jobs/<id>/input-NNN.nii   validated uploads
+    results/<id>/             Result.save() output (written atomically)
+    results/<id>.zip          the same, as downloaded
+
+A job's state only moves forward (queued -> running -> done | failed | cancelled); an
+event arriving after the final one is ignored, so a late report from a GPU machine can
+never resurrect a cancelled job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..jobs import FINAL_KINDS, JobEvent, JobSpec, UnknownJob
+
+INTERRUPTED = "interrupted: the worker stopped while this job was running; submit it again"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    task TEXT NOT NULL,
+    model TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    message TEXT NOT NULL DEFAULT '',
+    error_type TEXT NOT NULL DEFAULT '',
+    runner TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class Store:
+    """Thread-safe access to the job database and files."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = Path(data)
+        (self.data / "jobs").mkdir(parents=True, exist_ok=True)
+        (self.data / "results").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.data / "worker.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.changed = threading.Condition(self._lock)
+
+    # ------------------------------------------------------------------ paths
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.data / "jobs" / job_id
+
+    def result_dir(self, job_id: str) -> Path:
+        return self.data / "results" / job_id
+
+    def result_zip(self, job_id: str) -> Path:
+        return self.data / "results" / f"{job_id}.zip"
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    # ------------------------------------------------------------------ jobs
+
+    def add(self, job_id: str, spec: JobSpec) -> None:
+        """Record a queued job whose inputs are already in :meth:`job_dir`."""
+        text = json.dumps(spec.to_dict())
+        (self.job_dir(job_id) / "spec.json").write_text(text, encoding="utf-8")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, state, task, model, spec, created) VALUES (?, 'queued', ?, ?, ?, ?)",
+                (job_id, spec.task, spec.model, text, time.time()),
+            )
+            self._event(job_id, JobEvent(job_id, "queued", message=f"{spec.task} with {spec.model}"))
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id!r} on this worker (never submitted, deleted or expired)")
+        return dict(row)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """The job's spec with absolute paths on this machine."""
+        spec = JobSpec.from_dict(json.loads(self.get(job_id)["spec"]))
+        for item in spec.inputs:
+            item.path = str(self.data / item.path)
+            if item.labels:
+                item.labels = str(self.data / item.labels)
+        return spec
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        row = self.get(job_id)
+        with self._lock:
+            last = self._db.execute(
+                "SELECT data FROM events WHERE job_id = ? AND data LIKE '%\"progress\"%' ORDER BY seq DESC LIMIT 1",
+                (job_id,),
+            ).fetchone()
+            position = None
+            if row["state"] == "queued":
+                position = self._db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (row["seq"],)
+                ).fetchone()[0]
+        return {
+            "job_id": job_id,
+            "state": row["state"],
+            "task": row["task"],
+            "model": row["model"],
+            "created": row["created"],
+            "started": row["started"],
+            "finished": row["finished"],
+            "message": row["message"],
+            "error_type": row["error_type"] or None,
+            "runner": row["runner"] or None,
+            "queue_position": position,
+            "progress": json.loads(last["data"]) if last else None,
+            "result_available": row["state"] == "done" and self.result_zip(job_id).is_file(),
+        }
+
+    def list(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [self.status(r["id"]) for r in rows]
+
+    def next_queued(self, runner: str) -> str | None:
+        """Take the oldest queued job for ``runner`` (marks it running)."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            self.add_event(JobEvent(row["id"], "started", message=runner), runner=runner)
+            return row["id"]
+
+    def add_event(self, event: JobEvent, *, error_type: str = "", runner: str = "") -> bool:
+        """Append an event and move the job's state; False (ignored) once the job has ended."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (event.job_id,)).fetchone()
+            if row is None or row["state"] in FINAL_KINDS:
+                return False
+            now = time.time()
+            if event.kind == "started":
+                self._db.execute(
+                    "UPDATE jobs SET state = 'running', started = ?, runner = ? WHERE id = ?",
+                    (now, runner or event.message, event.job_id),
+                )
+            elif event.kind in FINAL_KINDS:
+                self._db.execute(
+                    "UPDATE jobs SET state = ?, finished = ?, message = ?, error_type = ? WHERE id = ?",
+                    (event.kind, now, event.message, error_type, event.job_id),
+                )
+            self._event(event.job_id, event)
+            return True
+
+    def _event(self, job_id: str, event: JobEvent) -> None:
+        seq = self._db.execute("SELECT COUNT(*) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+        event.seq = seq
+        self._db.execute(
+            "INSERT INTO events (job_id, seq, data) VALUES (?, ?, ?)", (job_id, seq, json.dumps(event.to_dict()))
+        )
+        self.changed.notify_all()
+
+    def events(self, job_id: str, after: int = -1) -> list[JobEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+            ).fetchall()
+        return [JobEvent.from_dict(json.loads(r["data"])) for r in rows]
+
+    def wait_change(self, timeout: float) -> None:
+        with self._lock:
+            self.changed.wait(timeout)
+
+    # ------------------------------------------------------------------ life cycle
+
+    def recover(self) -> list[str]:
+        """At start-up: jobs that were running when the process died are failed (their partial
+        output is removed); queued jobs stay queued. Returns the interrupted jobs' ids."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()
+        ids = [r["id"] for r in rows]
+        for job_id in ids:
+            self.add_event(JobEvent(job_id, "failed", message=INTERRUPTED), error_type="Interrupted")
+            self.discard_partial(job_id)
+        for stale in (self.data / "results").glob(".*"):  # Result.save's temporary folders
+            shutil.rmtree(stale, ignore_errors=True)
+        return ids
+
+    def discard_partial(self, job_id: str) -> None:
+        """Remove the inputs (and any unfinished result) of a job that ended without a result."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        shutil.rmtree(self.result_dir(job_id), ignore_errors=True)
+        self.result_zip(job_id).unlink(missing_ok=True)
+
+    def delete(self, job_id: str) -> None:
+        self.get(job_id)
+        with self._lock:
+            self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self.discard_partial(job_id)
+
+    def expire(self, hours: float) -> list[str]:
+        """Delete jobs that ended more than ``hours`` ago (0: never)."""
+        if hours <= 0:
+            return []
+        cutoff = time.time() - hours * 3600
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?", (cutoff,)
+            ).fetchall()
+        for r in rows:
+            self.delete(r["id"])
+        return [r["id"] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        return {r["state"]: r["n"] for r in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def save_result(data: Path, job_id: str, result: Any) -> None:
+    """Write a finished job's result folder and its zip (atomically: both or neither)."""
+    folder = data / "results" / job_id
+    result.save(folder, overwrite=True)
+    zpath = data / "results" / f"{job_id}.zip"
+    tmp = zpath.with_name(f".{job_id}.zip.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    # NIfTI is already gzip-compressed; deflating it again costs time for nothing
+                    kind = zipfile.ZIP_STORED if path.name.endswith(".gz") else zipfile.ZIP_DEFLATED
+                    zf.write(path, path.relative_to(folder).as_posix(), compress_type=kind)
+        tmp.replace(zpath)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -1,0 +1,135 @@
+"""Uploaded images, checked before a job is queued.
+
+An upload is a NIfTI-1/2 file, raw or gzip-compressed. It is streamed to a file the server
+names itself (the client's file name is never used), decompressing on the way. The header
+is read first: the voxel count and dimensions must be within the worker's caps, and the
+decompressed stream may not run past the size the header declares - a decompression bomb
+is stopped after a few bytes too many, never inflated. The file is then read with the
+library's :func:`~LongitudinalDiffusionLib.imaging.load_image`, which refuses 4D data,
+NaN/Inf voxels, broken affines and absurd spacing.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import InputError
+from ..imaging import load_image
+
+CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class UploadRejected(InputError):
+    """An upload the worker will not take; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, source: str, problem: str, status: int = 422) -> None:
+        super().__init__(source, problem)
+        self.status = status
+
+
+def _header(head: bytes, name: str) -> nib.Nifti1Header:
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        if len(head) < cls.template_dtype.itemsize:
+            continue
+        try:
+            hdr = cls.from_fileobj(io.BytesIO(head[: cls.template_dtype.itemsize]), check=True)
+        except Exception:  # nibabel raises several kinds of errors for a foreign header
+            continue
+        return hdr
+    raise UploadRejected(name, "not a NIfTI image (no valid NIfTI-1 or NIfTI-2 header)")
+
+
+def store_upload(
+    src: BinaryIO, dest: Path, name: str, *, max_voxels: int, max_dim: int, ndim: int = 3, labels: bool = False
+) -> Path:
+    """Stream an upload into ``dest`` (a ``.nii`` file), checking it on the way and at the end.
+
+    Raises:
+        UploadRejected: with status 413 for images beyond the caps, else 422.
+    """
+    first = src.read(2)
+    gz = first == GZIP_MAGIC
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    limit: int | None = None  # bytes the header declares (header + voxels)
+    head = b""
+    total = 0
+    try:
+        with open(dest, "wb") as out:
+            pending = first
+            while True:
+                if pending:
+                    if inflater is not None:
+                        # never inflate more than the header allows (plus one byte to notice)
+                        room = CHUNK if limit is None else max(1, limit + 1 - total)
+                        try:
+                            data = inflater.decompress(pending, room)
+                        except zlib.error as exc:
+                            raise UploadRejected(name, f"corrupt gzip stream ({exc})") from None
+                        pending = inflater.unconsumed_tail
+                    else:
+                        data, pending = pending, b""
+                    if limit is None:
+                        head += data[:540]
+                        if len(head) >= 348:
+                            limit = _limit(_header(head, name), name, max_voxels, max_dim, ndim)
+                    total += len(data)
+                    if limit is not None and total > limit:
+                        raise UploadRejected(
+                            name,
+                            "holds more data than its header declares "
+                            + ("(a decompression bomb?)" if gz else "(trailing bytes)"),
+                            413 if gz else 422,
+                        )
+                    out.write(data)
+                    if pending:
+                        continue
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                pending = chunk
+            if inflater is not None and not inflater.eof and total > 0 and (limit is None or total < limit):
+                raise UploadRejected(name, "file is truncated: the compressed stream ends early")
+        if total == 0:
+            raise UploadRejected(name, "file is empty")
+        if limit is None:
+            raise UploadRejected(name, "not a NIfTI image (shorter than a NIfTI header)")
+        if total < limit:
+            raise UploadRejected(name, f"file is truncated: {total} of the {limit} bytes its header declares")
+        try:
+            image = load_image(dest, dtype=np.int16 if labels else np.float32)
+        except InputError as exc:
+            raise UploadRejected(name, exc.problem) from None
+        del image
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _limit(hdr: nib.Nifti1Header, name: str, max_voxels: int, max_dim: int, ndim: int) -> int:
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    if any(s < 1 for s in shape):
+        raise UploadRejected(name, f"image has a zero-size dimension (shape {shape})")
+    kept = shape
+    while len(kept) > ndim and kept[-1] == 1:
+        kept = kept[:-1]
+    if len(kept) > ndim:
+        raise UploadRejected(name, f"{len(kept)}D image (shape {shape}) where a single {ndim}D volume is needed")
+    if max(shape) > max_dim:
+        raise UploadRejected(name, f"image extent {max(shape)} voxels exceeds this worker's limit of {max_dim}", 413)
+    nvox = int(np.prod(shape, dtype=np.int64))
+    if nvox > max_voxels:
+        raise UploadRejected(name, f"image of {nvox} voxels exceeds this worker's limit of {max_voxels}", 413)
+    try:
+        itemsize = hdr.get_data_dtype().itemsize
+    except Exception:
+        raise UploadRejected(name, "unknown voxel type in the header") from None
+    offset = int(hdr.get_data_offset()) or hdr.template_dtype.itemsize
+    return offset + nvox * itemsize
