@@ -68,13 +68,33 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         panel.installTranslator(translate)
-        self.panel = panel.Panel(self.ui, qt, subjectLoader=self.logic.loadSubject)
+        self.panel = panel.Panel(
+            self.ui,
+            qt,
+            subjectLoader=self.logic.loadSubject,
+            runFactory=self.logic.startRun,
+            resultPlacer=self.logic.placeRun,
+            uploadConsent=self.confirmUpload,
+        )
         self.panel.sampleRequested.connect(self.onLoadSample)
         self.panel.addFromSceneRequested.connect(self.onAddFromScene)
 
     def enter(self):
         if getattr(self, "panel", None) is not None:
             self.panel.refreshBackendInfo()
+
+    def cleanup(self):
+        if getattr(self, "panel", None) is not None and self.panel.isRunning():
+            self.panel.cancelRun()
+        self.logic.close()
+
+    def confirmUpload(self, request):
+        """Tier-1 rule: nothing leaves the computer without the user's explicit consent."""
+        message = _(
+            "This run uploads the images of {subject} ({count} scans) to {url}.\n\n"
+            "Continue only if you may share them with that server."
+        ).format(subject=request.subject.subject_id, count=len(request.subject.timepoints), url=request.serverUrl)
+        return slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Upload images?"))
 
     def onLoadSample(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to load the demo subject."), waitCursor=True):
@@ -94,6 +114,34 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
     logic = slicer.util.getModuleLogic("LongitudinalDiffusion")
     subject = logic.loadSubject("/data/cohort/sub-001")   # BIDS subject or manifest .tsv
     """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._runLogic = None
+
+    def runLogic(self):
+        """The run logic (``LongitudinalDiffusionSlicer.logic.RunLogic``), made on first use."""
+        if self._runLogic is None:
+            from LongitudinalDiffusionSlicer.logic import RunLogic
+
+            self._runLogic = RunLogic()
+        return self._runLogic
+
+    def startRun(self, request):
+        """Start a panel ``RunRequest`` on its backend; returns the run (the panel polls it)."""
+        return self.runLogic().startRun(request)
+
+    def placeRun(self, run):
+        """Put a finished run's results under the subject; returns a ``SceneResults`` view."""
+        return self.runLogic().placeRun(run)
+
+    def run(self, request, timeout=None):
+        """Blocking form for scripts: run ``request``, place and return its results."""
+        return self.runLogic().run(request, timeout)
+
+    def close(self):
+        if self._runLogic is not None:
+            self._runLogic.close()
 
     def requirementsPath(self):
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
@@ -125,13 +173,9 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
     def loadSubject(self, path):
         """Read a subject (BIDS subject or dataset folder, manifest .tsv), show it in the
         scene under its own subject-hierarchy item, and return the library Subject."""
-        from LongitudinalDiffusionSlicer import mrml
-
-        from LongitudinalDiffusionLib.subject import load_subject
-
-        subject = load_subject(path)
-        loaded = mrml.loadSubjectIntoScene(subject)
-        slicer.util.setSliceViewerLayers(background=loaded.volumeNodes[0], fit=True)
+        subject = self.runLogic().loadSubject(path)
+        firstVolume = slicer.mrmlScene.GetNodeByID(subject.meta["scene_nodes"][0])
+        slicer.util.setSliceViewerLayers(background=firstVolume, fit=True)
         return subject
 
     def loadSampleSubject(self):

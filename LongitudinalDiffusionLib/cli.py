@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cohort_arguments(p, subjects=4, spacing=5.0, fov=(160.0, 200.0, 160.0))
     p.add_argument("--no-models", action="store_true", help="only simulate and draw the cohort (no generation)")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
+    _scene_argument(p)
     p.set_defaults(func=cmd_demo)
 
     p = add(
@@ -270,6 +271,45 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--capture", type=int, default=0, metavar="N", help="keep N denoising intermediates as frames")
     g.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
+    r = p.add_argument_group("remote worker (the inputs are uploaded to it: giving --remote is your consent)")
+    r.add_argument("--remote", metavar="URL", help="run on a longdiff-worker, e.g. https://gpu.example.org:8765")
+    r.add_argument("--token", help="the worker's access token (default: $LONGDIFF_WORKER_TOKEN)")
+    r.add_argument("--token-file", type=Path, help="file holding the worker's access token")
+    r.add_argument("--tls-ca", type=Path, metavar="PEM", help="certificate (bundle) to trust for the worker's TLS")
+    _scene_argument(p)
+
+
+def _scene_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scene",
+        type=Path,
+        metavar="MRB",
+        help="also write a 3D Slicer scene (.mrb): volumes, frame sequences with their browser, segmentations "
+        "and the tissue volume plot (needs slicer-core: pip install slicer-core)",
+    )
+
+
+def _write_scene(path: Path, results: list, subjects: list = ()) -> Path:
+    """Hand the results to the Slicer module's scene export (the library never imports slicer)."""
+    module_dir = Path(__file__).resolve().parent.parent / "LongitudinalDiffusion"
+    if module_dir.is_dir() and str(module_dir) not in sys.path:
+        sys.path.append(str(module_dir))
+    try:
+        from LongitudinalDiffusionSlicer.results import TissueSegmenter, exportScene
+    except ImportError as exc:
+        raise LongitudinalDiffusionError(
+            f"--scene needs 3D Slicer's Python or PyPI slicer-core and the LongitudinalDiffusion module ({exc}); "
+            "install it with: pip install slicer-core"
+        ) from None
+    from .catalog import find_model
+    from .errors import InputError
+
+    try:
+        find_model("tissue-seg-brain-demo")
+        segmenter = TissueSegmenter("tissue-seg-brain-demo")
+    except InputError:
+        segmenter = None
+    return exportScene(path, results, subjects=subjects, segmenter=segmenter)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -422,6 +462,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(line)
     for name, path in {**show.results, **show.figures}.items():
         print(f"  {name + ':':18s} {path}")
+    if args.scene is not None:
+        print(f"  {'scene:':18s} {_write_scene(args.scene, show.scene_results, show.scene_subjects)}")
     return 0
 
 
@@ -489,8 +531,13 @@ def cmd_complete_ages(args: argparse.Namespace) -> int:
 
     subject = load_subject(args.subject, subject=args.subject_id)
     _check_out(args)
+    if args.remote:
+        from .jobs import JobSpec
+
+        spec = JobSpec.from_subject(subject, "complete-ages", args.model, {"ages": args.ages}, _job_options(args))
+        return _report(args, _run_remote(args, spec))
     result = _with_progress(args, lambda opts: complete_ages(subject, args.ages, args.model, options=opts))
-    return _report(args, result)
+    return _report(args, result, subject)
 
 
 def cmd_synthesize_modality(args: argparse.Namespace) -> int:
@@ -499,10 +546,16 @@ def cmd_synthesize_modality(args: argparse.Namespace) -> int:
 
     subject = load_subject(args.subject, subject=args.subject_id)
     _check_out(args)
+    if args.remote:
+        from .jobs import JobSpec
+
+        params = {"target": args.modality, "session": args.session}
+        spec = JobSpec.from_subject(subject, "synthesize-modality", args.model, params, _job_options(args))
+        return _report(args, _run_remote(args, spec))
     result = _with_progress(
         args, lambda opts: synthesize_modality(subject, args.session, args.modality, args.model, options=opts)
     )
-    return _report(args, result)
+    return _report(args, result, subject)
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -513,6 +566,13 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     if not source.same_geometry(target):
         log.warning("source and target geometries differ; the target will be resampled onto the source")
     _check_out(args)
+    if args.remote:
+        from .jobs import JobSpec
+
+        spec = JobSpec.for_interpolation(
+            args.source, args.target, args.frames, args.model, labels=args.labels, options=_job_options(args)
+        )
+        return _report(args, _run_remote(args, spec))
     result = _with_progress(
         args,
         lambda opts: interpolate_frames(
@@ -554,6 +614,9 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def _check_out(args: argparse.Namespace) -> None:
+    scene = getattr(args, "scene", None)
+    if scene is not None and scene.suffix.lower() != ".mrb":
+        raise LongitudinalDiffusionError(f"{scene}: a Slicer scene bundle's name must end in .mrb")
     out = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise LongitudinalDiffusionError(f"{out}: output folder is not empty (use --overwrite to replace it)")
@@ -608,7 +671,64 @@ def _with_progress(args: argparse.Namespace, run):
         close()
 
 
-def _report(args: argparse.Namespace, result) -> int:
+def _job_options(args: argparse.Namespace) -> dict:
+    """The sampling options of the command line as a job spec's options (the worker picks the device)."""
+    opts = {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "eta": args.eta,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "capture": args.capture,
+        "n_samples": args.samples,
+        "two_sided": not getattr(args, "one_sided", False),
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _run_remote(args: argparse.Namespace, spec):
+    """Run a job on the worker at ``--remote`` with progress bars; Ctrl-C cancels it there."""
+    import time
+
+    from .backends.remote import RemoteBackend
+
+    token = args.token
+    if not token and args.token_file:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise LongitudinalDiffusionError(f"{args.token_file}: cannot read the token ({exc.strerror})") from None
+    token = token or os.environ.get("LONGDIFF_WORKER_TOKEN", "").strip()
+    if not token:
+        raise LongitudinalDiffusionError(
+            "--remote needs the worker's token: --token, --token-file or $LONGDIFF_WORKER_TOKEN"
+        )
+    progress, close = _stage_bars(args)
+    backend = RemoteBackend(args.remote, token, verify=str(args.tls_ca) if args.tls_ca else True)
+    try:
+        job = backend.submit(spec)
+        log.info("job %s queued on %s", job, args.remote)
+        try:
+            while True:
+                events = backend.poll(job)
+                for e in events:
+                    if e.kind == "progress":
+                        progress(e)
+                    elif e.kind == "log":
+                        log.info("%s", e.message)
+                if any(e.final for e in events):
+                    break
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            backend.cancel(job)
+            raise
+        return backend.result(job)
+    finally:
+        close()
+        backend.close()
+
+
+def _report(args: argparse.Namespace, result, subject=None) -> int:
     files = result.save(args.out, overwrite=args.overwrite)
     prov = result.provenance
     trained = (prov.extra or {}).get("trained_on") if prov else None
@@ -620,6 +740,8 @@ def _report(args: argparse.Namespace, result) -> int:
         if f.name.endswith(".nii.gz") and "frames" not in f.parts:
             print(f"  {f}")
     print(f"  {args.out / 'result.json'}")
+    if args.scene is not None:
+        print(f"  {_write_scene(args.scene, [(result, subject)], [subject] if subject is not None else [])}")
     return 0
 
 

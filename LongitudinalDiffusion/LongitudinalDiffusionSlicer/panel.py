@@ -268,6 +268,10 @@ class RunRequest:
         device: ``"auto"``, ``"cuda"`` or ``"cpu"`` (local).
         serverUrl: the server (remote).
         token: the access token (remote); left out of ``repr`` so it never reaches a log.
+        samples: number of samples (2 or more: mean + standard-deviation map).
+        steps: sampler steps per sample (0: the model card's).
+        capture: denoising intermediates kept as frames (0: none).
+        notices: what the user should know about the inputs (e.g. a scan is resampled).
     """
 
     task: str
@@ -281,6 +285,10 @@ class RunRequest:
     device: str = "auto"
     serverUrl: str = ""
     token: str = field(default="", repr=False)
+    samples: int = 1
+    steps: int = 0
+    capture: int = 0
+    notices: tuple[str, ...] = ()
 
 
 def _enum(owner: Any, scope: str, name: str) -> Any:
@@ -314,6 +322,15 @@ class Panel:
         subjectLoader: reads a subject from a path (default ``load_subject``).
         modelLister: lists the installed model cards (default ``catalog.list_models``).
         torchProbe: reports the installed PyTorch (default :func:`probeTorch`).
+        runFactory: starts a run for a :class:`RunRequest` and returns a :class:`~.run.Run`
+            (the module's logic: a backend job per task); without it Apply emits
+            ``applyRequested`` instead.
+        resultPlacer: puts a finished run's results into the scene and returns a view of
+            them (see :class:`~.results.SceneResults`: frame series, segmentation display,
+            uncertainty overlay, chart); it removes whatever it made if it fails.
+        uploadConsent: asks the user before a remote run uploads the subject's images;
+            returns True to go on (default: a Qt question box).
+        pollIntervalMs: how often the run's events are drained (milliseconds).
 
     Events the module connects to (plain-Python :class:`Signal` objects):
         applyRequested(request): Apply was clicked with valid inputs (a :class:`RunRequest`).
@@ -334,6 +351,10 @@ class Panel:
         subjectLoader: Callable[[Path], Subject] = load_subject,
         modelLister: Callable[[], Sequence[ModelCard]] = list_models,
         torchProbe: Callable[[], TorchInfo | None] = probeTorch,
+        runFactory: Callable[[RunRequest], Any] | None = None,
+        resultPlacer: Callable[[Any], Any] | None = None,
+        uploadConsent: Callable[[RunRequest], bool] | None = None,
+        pollIntervalMs: int = 100,
     ) -> None:
         self.ui = ui
         self.qt = qt
@@ -347,8 +368,18 @@ class Panel:
         self._torchInfo: TorchInfo | None = None
         self._torchChecked = False
         self._reason = ""
+        self._runFactory = runFactory
+        self._resultPlacer = resultPlacer
+        self._uploadConsent = uploadConsent or self._askUploadConsent
+        self._run: Any = None
+        self._results: Any = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(int(pollIntervalMs))
+        self._timer.timeout.connect(self.pollRun)
 
         self.applyRequested = Signal()
+        #: A run ended: ``runFinished(state, error)`` with state done, failed or cancelled.
+        self.runFinished = Signal()
         self.sampleRequested = Signal()
         self.addFromSceneRequested = Signal()
         self.testConnectionRequested = Signal()
@@ -374,6 +405,8 @@ class Panel:
             header.setSectionResizeMode(column, _enum(qt.QHeaderView, "ResizeMode", "ResizeToContents"))
         ui.progressBar.setRange(0, 100)
         ui.progressBar.setValue(0)
+        ui.progressBar.setTextVisible(True)
+        self._showResults(None)
 
     @staticmethod
     def _fillCombo(combo: Any, texts: Sequence[str]) -> None:
@@ -405,6 +438,12 @@ class Panel:
         ui.serverUrlLineEdit.textChanged.connect(self.updateApplyState)
         ui.testConnectionButton.clicked.connect(self.onTestConnection)
         ui.applyButton.clicked.connect(self.onApply)
+        ui.seriesComboBox.currentIndexChanged.connect(self.onSeriesChanged)
+        ui.frameSlider.valueChanged.connect(self.onFrameChanged)
+        ui.segmentationVisibleCheckBox.toggled.connect(self.onSegmentationDisplayChanged)
+        ui.segmentationOpacitySlider.valueChanged.connect(self.onSegmentationDisplayChanged)
+        ui.uncertaintyCheckBox.toggled.connect(self.onUncertaintyToggled)
+        ui.showChartButton.clicked.connect(self.onShowChart)
 
     # ----------------------------------------------------------------------- subject
 
@@ -806,7 +845,53 @@ class Panel:
             return problem
         if self.currentModel() is None:
             return self._noModelMessage()
+        problem = self._modelProblem()
+        if problem:
+            return problem
         return self._backendProblem()
+
+    def _modelProblem(self) -> str:
+        """The chosen model's files are gone, or an age lies outside the ages it was trained on."""
+        card = self.currentModel()
+        if not Path(card.path).is_file():
+            return _("The model card {path} is missing (deleted or moved): choose another model.").format(
+                path=card.path
+            )
+        weights = (card.card.get("weights") or {}).get("file")
+        if weights and not (Path(card.path).parent / weights).is_file():
+            return _("The weights of model {model} are missing ({path}): reinstall the model.").format(
+                model=card.name, path=Path(card.path).parent / weights
+            )
+        if self.currentTask() == COMPLETE_AGES:
+            ageRange = card.card.get("age_range_months")
+            if ageRange:
+                low, high = float(ageRange[0]), float(ageRange[1])
+                try:
+                    ages = self.parsedAges()
+                except InputError:
+                    return ""
+                outside = [a for a in ages if not low - 1e-6 <= a <= high + 1e-6]
+                if outside:
+                    return _(
+                        "Warning: {ages} months lie outside the ages model {model} was trained on "
+                        "({low:g} to {high:g} months); it cannot generate them. Choose ages in that range."
+                    ).format(ages=_months(outside), model=card.name, low=low, high=high)
+        return ""
+
+    def _notices(self, inputs: dict[str, Any]) -> tuple[str, ...]:
+        """What the user should know before running (e.g. which scan is resampled onto which)."""
+        notices = []
+        scans = inputs.get("scans") or ()
+        if len(scans) == 2:
+            first, second = scans
+            if first.image is not None and second.image is not None and not first.image.same_geometry(second.image):
+                notices.append(
+                    _(
+                        "The two scans have different geometries: {second} is resampled onto the grid of {first}, "
+                        "and the frames land on {first}'s geometry."
+                    ).format(first=first.describe(), second=second.describe())
+                )
+        return tuple(notices)
 
     def _where(self) -> str:
         if self.isRemote():
@@ -815,6 +900,10 @@ class Panel:
 
     def _readyMessage(self) -> str:
         request = self.request()
+        message = self._readyText(request)
+        return " ".join([message, *request.notices])
+
+    def _readyText(self, request: RunRequest) -> str:
         model, where = request.model.name, self._where()
         if request.task == COMPLETE_AGES:
             return _("Ready: the subject at {ages} months, with {model} {where}.").format(
@@ -848,23 +937,255 @@ class Panel:
             device=self.device(),
             serverUrl=self.serverUrl() if remote else "",
             token=(self.ui.tokenLineEdit.property("text") or "") if remote else "",
+            samples=int(self.ui.samplesSpinBox.property("value")),
+            steps=int(self.ui.stepsSpinBox.property("value")),
+            capture=int(self.ui.captureSpinBox.property("value")),
+            notices=self._notices(inputs),
             **inputs,
         )
 
+    def isRunning(self) -> bool:
+        """A run is under way (Apply shows "Cancel")."""
+        return self._run is not None
+
     def onApply(self, *_args: Any) -> None:
+        """Apply starts a run; while one runs the same button cancels it."""
+        if self._run is not None:
+            self.cancelRun()
+            return
         if not self.updateApplyState():
             return
         request = self.request()
-        if not self.applyRequested.isConnected():
-            message = _(
-                "Running from the panel is not connected in this version: nothing was generated. "
-                "Use longdiff or LongitudinalDiffusionLib.tasks from the Python console."
-            )
+        if self._runFactory is None:
+            if not self.applyRequested.isConnected():
+                message = _(
+                    "Running from the panel is not connected in this version: nothing was generated. "
+                    "Use longdiff or LongitudinalDiffusionLib.tasks from the Python console."
+                )
+                self.appendLog(message)
+                self.setStatus(message)
+                return
+            self.appendLog(_("Starting: {status}").format(status=self._readyMessage()))
+            self.applyRequested.emit(request)
+            return
+        self.startRun(request)
+
+    def startRun(self, request: RunRequest) -> Any:
+        """Start ``request`` with the run factory; returns the run (None if it did not start)."""
+        if request.backend == "remote" and not self._uploadConsent(request):
+            self.setStatus(_("Not started: the images were not uploaded (you declined)."))
+            self.appendLog(_("Remote run declined: nothing was uploaded."))
+            return None
+        for notice in request.notices:
+            self.appendLog(notice)
+        self.appendLog(_("Starting: {status}").format(status=self._readyText(request)))
+        try:
+            run = self._runFactory(request)
+        except (LongitudinalDiffusionError, OSError) as exc:
+            message = _("Could not start: {error}").format(error=exc)
             self.appendLog(message)
             self.setStatus(message)
+            return None
+        self._run = run
+        self._setRunning(True)
+        self.setProgress(0, 100)
+        self.ui.progressBar.setFormat(_("starting..."))
+        self.setStatus(_("Running: {status}").format(status=self._readyText(request)))
+        self._timer.start()
+        return run
+
+    def cancelRun(self) -> None:
+        """Ask the run to stop; the panel shows "cancelled" once the backend confirms."""
+        if self._run is None:
             return
-        self.appendLog(_("Starting: {status}").format(status=self._readyMessage()))
-        self.applyRequested.emit(request)
+        self._run.cancel()
+        self.ui.applyButton.setEnabled(False)
+        self.ui.applyButton.setText(_("Cancelling..."))
+        self.setStatus(_("Cancelling: the model stops after its current step."))
+
+    def _setRunning(self, running: bool) -> None:
+        ui = self.ui
+        for section in (ui.subjectCollapsibleButton, ui.taskCollapsibleButton, ui.backendCollapsibleButton):
+            section.setEnabled(not running)
+        ui.applyButton.setText(_("Cancel") if running else _("Apply"))
+        ui.applyButton.setToolTip(
+            _("Stop the run; nothing it made is kept.")
+            if running
+            else _(
+                "Generate the images. Enabled once a subject is loaded, the task's inputs are valid and a model "
+                "is selected; the line below says what is missing."
+            )
+        )
+        if running:
+            ui.applyButton.setEnabled(True)
+        else:
+            self.updateApplyState()
+
+    def pollRun(self, *_args: Any) -> Any:
+        """Drain the run's events into the progress bar and the log (the timer calls it)."""
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return None
+        try:
+            update = run.poll()
+        except Exception as exc:  # a backend that broke: end the run, say why
+            logger.exception("polling the run failed")
+            run.cancel()
+            self._endRun("failed", _("the backend stopped answering: {error}").format(error=exc))
+            return None
+        for line in update.log:
+            self.appendLog(line)
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.setValue(update.percent)
+        if update.text:
+            self.ui.progressBar.setFormat(f"{update.text} ({update.percent} %)")
+        if not update.finished:
+            return update
+        if update.state == "done":
+            self._placeResults(run)
+        else:
+            self._endRun(update.state, update.error)
+        return update
+
+    def _placeResults(self, run: Any) -> None:
+        if self._resultPlacer is None:
+            self._endRun("done", "")
+            return
+        try:
+            view = self._resultPlacer(run)
+        except Exception as exc:
+            logger.exception("placing the results failed")
+            self._endRun("failed", _("the results could not be put into the scene: {error}").format(error=exc))
+            return
+        self._showResults(view)
+        for message in getattr(view, "messages", []) or []:
+            self.appendLog(message)
+        self._endRun("done", "")
+
+    def _endRun(self, state: str, error: str) -> None:
+        self._timer.stop()
+        self._run = None
+        self._setRunning(False)
+        if state == "done":
+            self.ui.progressBar.setValue(100)
+            summary = getattr(self._results, "summary", None)
+            text = summary() if callable(summary) else _("Done.")
+            self.ui.progressBar.setFormat(_("done (100 %)"))
+            self.setStatus(_("Done: {summary}").format(summary=text))
+            self.appendLog(_("Done: {summary}").format(summary=text))
+        elif state == "cancelled":
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat(_("cancelled"))
+            reason = "" if error in ("", "cancelled") else f" ({error})"
+            message = _("Cancelled{reason}: nothing was added to the scene.").format(reason=reason)
+            self.setStatus(message)
+            self.appendLog(message)
+        else:
+            self.ui.progressBar.setFormat(_("failed"))
+            message = _("The run failed: {error}. Nothing was added to the scene.").format(error=error)
+            self.setStatus(message)
+            self.appendLog(message)
+        self.runFinished.emit(state, error)
+
+    @staticmethod
+    def _askUploadConsentQt(qt: Any, request: RunRequest) -> bool:
+        box = qt.QMessageBox
+        answer = box.question(
+            None,
+            _("Upload to a remote server?"),
+            _(
+                "This run sends the subject's images ({count} scans of {subject}) to {url}. "
+                "Only continue if you are allowed to share them with that server."
+            ).format(count=len(request.subject.timepoints), subject=request.subject.subject_id, url=request.serverUrl),
+            _enum(box, "StandardButton", "Ok") | _enum(box, "StandardButton", "Cancel"),
+        )
+        return answer == _enum(box, "StandardButton", "Ok")
+
+    def _askUploadConsent(self, request: RunRequest) -> bool:
+        return self._askUploadConsentQt(self.qt, request)
+
+    # ------------------------------------------------------------------- results
+
+    def results(self) -> Any:
+        """The view of the last run's results (None before the first finished run)."""
+        return self._results
+
+    def _showResults(self, view: Any) -> None:
+        ui = self.ui
+        self._results = view
+        names = list(view.seriesNames()) if view is not None else []
+        ui.seriesComboBox.blockSignals(True)
+        ui.seriesComboBox.clear()
+        for name in names:
+            ui.seriesComboBox.addItem(name)
+        ui.seriesComboBox.blockSignals(False)
+        hasSeries = bool(names)
+        for widget in (ui.seriesLabel, ui.seriesComboBox, ui.frameSlider, ui.frameLabel):
+            widget.setEnabled(hasSeries)
+        hasSegmentation = view is not None and view.hasSegmentations()
+        ui.segmentationVisibleCheckBox.setEnabled(hasSegmentation)
+        ui.segmentationOpacitySlider.setEnabled(hasSegmentation)
+        ui.uncertaintyCheckBox.setEnabled(view is not None and view.hasUncertainty())
+        ui.uncertaintyCheckBox.setChecked(False)
+        ui.showChartButton.setEnabled(view is not None and view.hasChart())
+        if view is None:
+            ui.resultsPlaceholderLabel.setText(
+                _("No results yet. Generated images appear here after a run, with the scans they were made from.")
+            )
+            ui.frameLabel.setText("-")
+            return
+        ui.resultsPlaceholderLabel.setText(view.summary())
+        ui.resultsCollapsibleButton.setProperty("collapsed", False)
+        if hasSeries:
+            ui.seriesComboBox.setCurrentIndex(0)
+            self.onSeriesChanged()
+        if hasSegmentation:
+            self.onSegmentationDisplayChanged()
+
+    def currentSeries(self) -> int:
+        index = self.ui.seriesComboBox.property("currentIndex")
+        return index if isinstance(index, int) else -1
+
+    def onSeriesChanged(self, *_args: Any) -> None:
+        view, index = self._results, self.currentSeries()
+        if view is None or index < 0:
+            return
+        count = view.frameCount(index)
+        slider = self.ui.frameSlider
+        slider.blockSignals(True)
+        slider.setRange(0, max(count - 1, 0))
+        slider.setValue(view.selectedFrame(index))
+        slider.blockSignals(False)
+        self.onFrameChanged()
+
+    def onFrameChanged(self, *_args: Any) -> None:
+        """The slider moved: select that frame in the sequence browser (the proxy follows)."""
+        view, index = self._results, self.currentSeries()
+        if view is None or index < 0:
+            return
+        frame = int(self.ui.frameSlider.property("value"))
+        view.selectFrame(index, frame)
+        self.ui.frameLabel.setText(view.frameDescription(index, frame))
+
+    def setFrame(self, frame: int) -> None:
+        """Move the frame slider (and so the browser) to ``frame``."""
+        self.ui.frameSlider.setValue(int(frame))
+
+    def onSegmentationDisplayChanged(self, *_args: Any) -> None:
+        if self._results is None:
+            return
+        visible = bool(self.ui.segmentationVisibleCheckBox.property("checked"))
+        opacity = int(self.ui.segmentationOpacitySlider.property("value")) / 100.0
+        self._results.setSegmentationDisplay(visible, opacity)
+
+    def onUncertaintyToggled(self, *_args: Any) -> None:
+        if self._results is not None:
+            self._results.setUncertaintyVisible(bool(self.ui.uncertaintyCheckBox.property("checked")))
+
+    def onShowChart(self, *_args: Any) -> None:
+        if self._results is not None:
+            self._results.showChart()
 
     def setStatus(self, text: str) -> None:
         self.ui.statusLabel.setText(text)

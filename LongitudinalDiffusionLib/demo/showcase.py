@@ -46,6 +46,9 @@ class Showcase:
     results: dict[str, Path] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    #: for a Slicer scene of the demo (``longdiff demo --scene``): (result, subject) pairs and subjects
+    scene_results: list[tuple[Any, Subject | None]] = field(default_factory=list)
+    scene_subjects: list[Subject] = field(default_factory=list)
 
 
 def _interior_visit(subject: Subject, near: float) -> float:
@@ -92,6 +95,8 @@ def run_showcase(
     without = _without(subject, lambda tp: tp not in hidden)
     result = complete_ages(without, [age], chosen["complete-ages"], **common)
     show.results["missing-age"] = result.save(out / "results" / "missing-age", overwrite=True)[0].parent
+    show.scene_subjects.append(without)
+    show.scene_results.append((result, without))
     generated_age = result.image("generated", age)
     modality = next(r.modality for r in result.images if r.kind == "generated")
     real_row = {tp.age: _load(tp) for tp in subject.timepoints if tp.modality.value == modality}
@@ -116,6 +121,7 @@ def run_showcase(
         _without(subject, lambda tp: tp is not truth), visit[0].session or session_age, target, cwdm, **common
     )
     show.results["missing-modality"] = result.save(out / "results" / "missing-modality", overwrite=True)[0].parent
+    show.scene_results.append((result, None))
     rows = {tp.modality.value: {session_age: _load(tp)} for tp in visit}
     rows[f"{target} generated"] = {session_age: result.image("generated")}
     show.figures["missing-modality"] = subject_montage(
@@ -134,6 +140,7 @@ def run_showcase(
         source, target_frame, labels = cine / rows[0][0], cine / rows[-1][0], cine / rows[0][3]
         result = interpolate_frames(source, target_frame, frames, chosen["interpolate"], source_labels=labels, **common)
         show.results["frames"] = result.save(out / "results" / "frames", overwrite=True)[0].parent
+        show.scene_results.append((result, None))
         series = result.series[0]
         percent = [100.0 * g for g in series.times]  # columns: % of the way from end-diastole to end-systole
         show.figures["frames"] = frames_montage(
