@@ -46,6 +46,7 @@ __all__ = [
     "JobEvent",
     "JobInput",
     "JobNotFinished",
+    "JobExpired",
     "JobSpec",
     "UnknownJob",
     "run_job",
@@ -86,6 +87,10 @@ class UnknownJob(LongitudinalDiffusionError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "unknown job"
+
+
+class JobExpired(UnknownJob):
+    """The job ended long enough ago that a worker deleted it and its result (its expiry)."""
 
 
 class JobNotFinished(LongitudinalDiffusionError):

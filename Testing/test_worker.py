@@ -179,6 +179,14 @@ GOOD_SPEC = {
 }
 
 
+def _with_header(**fields) -> bytes:
+    """A small gzipped NIfTI whose header fields are changed after the fact."""
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([5.0, 5.0, 5.0, 1.0]))
+    for key, value in fields.items():
+        img.header[key] = value
+    return gzip.compress(img.header.binaryblock + bytes(4 + 8**3 * 4) + bytes(4 << 20), compresslevel=9)
+
+
 def _spec(**changes) -> str:
     return json.dumps({**GOOD_SPEC, **changes})
 
@@ -193,6 +201,7 @@ BAD_INPUTS = [
     # name, spec text, files [(name, bytes)], status, message
     ("spec not JSON", "{task:", [("a.nii.gz", None)], 400, "not valid JSON"),
     ("spec not an object", "[1]", [("a.nii.gz", None)], 400, "must be a JSON object"),
+    ("spec nested too deeply", "[" * 100_000, [("a.nii.gz", None)], 400, "nested too deeply"),
     ("unknown task", _spec(task="segment"), [("a.nii.gz", None)], 400, "unknown task"),
     ("malformed options", _spec(options={"steps": "many"}), [("a.nii.gz", None)], 400, "'steps' has the wrong type"),
     ("client path in spec", _spec(inputs=[{"path": "/etc/passwd", "age_months": 3, "modality": "T1w"}]),
@@ -212,6 +221,8 @@ BAD_INPUTS = [
     ("absurd spacing", _spec(), [("a.nii.gz", _nifti(_good_volume(), spacing=(500.0, 5.0, 5.0)))], 422, "voxel size"),
     ("too many voxels", _spec(), [("a.nii.gz", _nifti(np.zeros((300, 300, 300), np.uint8)))], 413, "voxels exceeds"),
     ("decompression bomb", _spec(), [("a.nii.gz", _bomb())], 413, "more data than its header declares"),
+    ("bomb behind a huge header offset", _spec(), [("a.nii.gz", _with_header(vox_offset=2**30))], 413, "bytes in"),
+    ("complex voxels", _spec(), [("a.nii.gz", _with_header(datatype=1792))], 422, "complex128 is not supported"),
     ("body over the limit", _spec(), [("a.nii.gz", os.urandom(5 * 2**20))], 413, "upload limit of 4 MB"),
     ("no files", _spec(), [], 422, "files"),
 ]  # fmt: skip

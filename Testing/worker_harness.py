@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -54,13 +55,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class WorkerProcess:
-    """``longdiff-worker serve`` in a child process, on a free loopback port."""
+def self_signed_cert(folder: Path) -> tuple[Path, Path] | None:
+    """A throw-away certificate for 127.0.0.1/localhost and its key (PEM), made with the
+    ``openssl`` command line, else the ``cryptography`` package; None if neither exists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl:
+        cmd = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+        cmd += ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        return cert, key
+    try:
+        import datetime
+        import ipaddress
 
-    def __init__(self, data: Path, models: Path, *extra: str, token: str = "test-token", port: int | None = None):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return None
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2)).add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(pkey, hashes.SHA256())
+    )  # fmt: skip
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert, key
+
+
+class WorkerProcess:
+    """``longdiff-worker serve`` in a child process, on a free loopback port.
+
+    ``ca``: the certificate to trust when the worker is started with ``--tls-cert`` (its
+    address is then ``https://``). ``preamble``: Python run in the worker process before
+    the command line (tests only - e.g. to make a model fail the way a GPU would).
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        models: Path | str,
+        *extra: str,
+        token: str = "test-token",
+        port: int | None = None,
+        ca: Path | None = None,
+        preamble: str = "",
+    ):
         self.data, self.models, self.extra, self.token = data, models, extra, token
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca, self.preamble = ca, preamble
+        self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = data.parent / f"{data.name}-worker.log"
 
@@ -75,9 +130,13 @@ class WorkerProcess:
         }
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "LongitudinalDiffusionLib.worker", "serve", "--host", "127.0.0.1"]
+        if self.preamble:
+            main = "import sys\nfrom LongitudinalDiffusionLib.worker.cli import main\nsys.exit(main(sys.argv[1:]))"
+            cmd = [sys.executable, "-c", f"{self.preamble}\n{main}", "serve", "--host", "127.0.0.1"]
+        else:
+            cmd = [sys.executable, "-m", "LongitudinalDiffusionLib.worker", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--data", str(self.data), *self.extra]
-        self.data.mkdir(parents=True, exist_ok=True)
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -85,7 +144,8 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1.0).status_code == 200:
+                verify = ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+                if httpx.get(f"{self.url}/v1/health", timeout=1.0, verify=verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -5,7 +5,9 @@ the user's consent (the Slicer panel asks; the CLI's ``--remote`` is that consen
 are streamed from the worker (server-sent events) by one background thread per job and
 handed out by :meth:`RemoteBackend.poll`; the stream reconnects after a network hiccup
 without losing or repeating events. Transient failures (connection refused or reset,
-502/503/504) are retried with exponential back-off; everything else gets one clear message.
+502/503/504) are retried with exponential back-off; everything else gets one clear message
+at once - TLS failures included (a certificate does not get better by asking again), and a
+plain ``http://`` address pointing at a worker that speaks HTTPS is recognised as such.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import io
 import json
 import logging
 import shutil
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -24,7 +28,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InputError, LongitudinalDiffusionError
-from ..jobs import FINAL_KINDS, JobEvent, JobNotFinished, JobSpec, UnknownJob
+from ..jobs import FINAL_KINDS, JobEvent, JobExpired, JobNotFinished, JobSpec, UnknownJob
 from ..progress import Cancelled
 
 log = logging.getLogger(__name__)
@@ -79,7 +83,7 @@ class RemoteBackend:
         headers = {"User-Agent": f"LongitudinalDiffusion/{__version__}"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.url, headers=headers, verify=verify, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, headers=headers, verify=_tls_context(verify), timeout=timeout)
         self._lock = threading.Lock()
         self._events: dict[str, list[JobEvent]] = {}
         self._cursor: dict[str, int] = {}
@@ -99,7 +103,13 @@ class RemoteBackend:
                 response = self._http.request(method, path, **kwargs)
             except httpx.ConnectError as exc:
                 err = self._connect_error(exc)
+                if _is_tls_error(exc):
+                    raise err from None  # not transient: no retry
             except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.TimeoutException) as exc:
+                if self.url.startswith("http://") and _speaks_tls(self._http.base_url):
+                    raise WorkerUnavailable(
+                        f"the worker at {self.url} speaks HTTPS (TLS): use https://{self.url[len('http://') :]}"
+                    ) from None
                 err = WorkerUnavailable(f"lost the connection to the worker at {self.url} ({type(exc).__name__})")
             else:
                 if response.status_code in TRANSIENT_STATUS:
@@ -117,11 +127,17 @@ class RemoteBackend:
 
     def _connect_error(self, exc: Exception) -> WorkerUnavailable:
         text = str(exc)
-        if "SSL" in text or "CERTIFICATE" in text.upper() or "TLS" in text:
-            return WorkerUnavailable(
-                f"TLS handshake with {self.url} failed ({text}); if the worker uses a self-signed certificate, "
-                "pass that certificate's file as verify=..."
-            )
+        if _is_tls_error(exc):
+            if "WRONG_VERSION_NUMBER" in text.upper() or "RECORD LAYER" in text.upper():
+                hint = "the worker may be serving plain http (started without --tls-cert)"
+            elif "HOSTNAME" in text.upper() or "IP ADDRESS MISMATCH" in text.upper():
+                hint = "the certificate was not issued for this address: connect with the name it was issued for"
+            else:
+                hint = (
+                    "if the worker uses a self-signed certificate or a private CA, trust that certificate: "
+                    "--tls-ca cert.pem on the command line, verify='cert.pem' in RemoteBackend"
+                )
+            return WorkerUnavailable(f"TLS handshake with {self.url} failed ({text}); {hint}")
         return WorkerUnavailable(
             f"cannot reach the worker at {self.url} ({text}): is it running and is the address right?"
         )
@@ -143,6 +159,8 @@ class RemoteBackend:
             raise WorkerRefused(413, f"too large for this worker: {detail}")
         if code == 404 and "no job" in detail:
             raise UnknownJob(detail)
+        if code == 410:
+            raise JobExpired(detail)
         if code in (400, 422):
             raise WorkerRefused(code, detail)
         raise WorkerRefused(code, f"the worker answered {code}: {detail}")
@@ -242,10 +260,12 @@ class RemoteBackend:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
     def close(self) -> None:
+        """Stop following events and close the connections (at once: an open event stream
+        is cut, not waited for)."""
         self._closed.set()
+        self._http.close()
         for t in list(self._streams.values()):
             t.join(timeout=5)
-        self._http.close()
 
     def __enter__(self) -> RemoteBackend:
         return self
@@ -266,6 +286,13 @@ class RemoteBackend:
         t.start()
 
     def _stream(self, job_id: str) -> None:
+        try:
+            self._stream_events(job_id)
+        except Exception:
+            if not self._closed.is_set():  # a stream cut by close() ends quietly
+                raise
+
+    def _stream_events(self, job_id: str) -> None:
         import httpx
 
         delay = self.backoff
@@ -276,7 +303,7 @@ class RemoteBackend:
                 with self._http.stream(
                     "GET", f"/v1/jobs/{job_id}/events", params={"after": after}, timeout=httpx.Timeout(30, read=60)
                 ) as response:
-                    if response.status_code in (401, 404):
+                    if response.status_code in (401, 404, 410):
                         response.read()
                         try:
                             self._raise_for(response)
@@ -305,6 +332,40 @@ class RemoteBackend:
             events.append(event)
         if event.kind in FINAL_KINDS:
             self._ended[event.job_id].set()
+
+
+def _tls_context(verify: bool | str | Any) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: True/False as given, a CA file or folder as an SSL context."""
+    if isinstance(verify, (bool, ssl.SSLContext)):
+        return verify
+    path = Path(verify)
+    try:
+        if path.is_dir():
+            return ssl.create_default_context(capath=str(path))
+        return ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise InputError(path, f"cannot use this file as the worker's TLS certificate / CA ({reason})") from None
+
+
+def _is_tls_error(exc: Exception) -> bool:
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, ssl.SSLError) or "SSL" in text or "CERTIFICATE" in text.upper() or "TLS" in text
+
+
+def _speaks_tls(url: Any) -> bool:
+    """Whether the server at ``url``'s host and port completes a TLS handshake (the
+    certificate is not checked: this only tells which protocol it speaks)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((url.host, url.port or 80), timeout=3) as sock:
+            with context.wrap_socket(sock, server_hostname=url.host):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 def _sse(lines) -> Any:

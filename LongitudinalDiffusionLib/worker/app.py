@@ -30,10 +30,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from .. import __version__
 from ..errors import InputError
-from ..jobs import FINAL_KINDS, JobSpec, UnknownJob
+from ..jobs import FINAL_KINDS, JobExpired, JobSpec, UnknownJob
 from . import API_VERSION
 from .settings import Settings
 from .store import Store
@@ -46,6 +47,26 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
+class Problem(BaseModel):
+    """Every error answer: one line, no traceback, no server path."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route can answer."""
+    meaning = {
+        400: "malformed job spec",
+        401: "missing or wrong access token",
+        404: "no such job (never submitted or deleted)",
+        409: "the job has no result (yet)",
+        410: "the job expired: it and its result were deleted",
+        413: "request, file or image too large",
+        422: "unusable image or unknown model",
+    }
+    return {c: {"model": Problem, "description": meaning[c]} for c in (401, *codes)}
+
+
 class WorkerError(Exception):
     """An error answered as ``{"detail": message}`` with ``status``."""
 
@@ -54,54 +75,79 @@ class WorkerError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-# ----------------------------------------------------------------------------- middleware
+# ----------------------------------------------------------------------------- front door
 
 
-class BodyLimit:
-    """Refuse request bodies over the limit (413) - by Content-Length at once, and while
-    streaming for chunked uploads - before anything is parsed or stored."""
+PUBLIC_PATHS = frozenset({"/v1/health"})
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+def token_ok(header: bytes | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (constant-time comparison)."""
+    if not header:
+        return False
+    scheme, _, value = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(value.strip(), token.encode())
+
+
+class Guard:
+    """The worker's front door, before any route runs or any body byte is read.
+
+    * Every path but ``/v1/health`` needs the bearer token: a request without it gets 401
+      at once, so an unauthenticated client cannot make the worker receive, parse or
+      spool an upload.
+    * Request bodies over the limit get 413: by ``Content-Length`` at once, and while
+      streaming (chunked uploads) as soon as the limit is passed - the application then
+      sees a disconnected client and whatever it would answer is dropped.
+    """
+
+    def __init__(self, app: Any, limit: int, token: str) -> None:
+        self.app, self.limit, self.token = app, limit, token
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if scope.get("path") not in PUBLIC_PATHS and not token_ok(headers.get(b"authorization"), self.token):
+            problem = "wrong access token" if headers.get(b"authorization") else "missing access token"
+            detail = f"{problem} (send 'Authorization: Bearer <token>')"
+            return await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
         message = f"request body exceeds this worker's upload limit of {self.limit / 2**20:g} MB"
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _send_json(send, 413, message)
-        seen, sent = 0, False
+        seen, started, refused = 0, False, False
 
         async def limited() -> dict:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge(message)
+                    if not started:
+                        await _send_json(send, 413, message)
+                    refused = True
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: dict) -> None:
-            nonlocal sent
+        async def guarded_send(msg: dict) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 has been answered; the application's reply goes nowhere
             if msg["type"] == "http.response.start":
-                sent = True
+                started = True
             await send(msg)
 
-        try:
-            await self.app(scope, limited, tracking_send)
-        except _TooLarge:
-            if not sent:
-                await _send_json(send, 413, message)
+        await self.app(scope, limited, guarded_send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Any, status: int, message: str) -> None:
+async def _send_json(send: Any, status: int, message: str, extra: list | None = None) -> None:
     body = json.dumps({"detail": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -119,14 +165,14 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.broker:
             from .runner import CeleryDispatcher
 
-            runner: Any = CeleryDispatcher(store, settings.broker, settings.expiry_hours)
+            runner: Any = CeleryDispatcher(store, settings.broker, settings.expiry_hours, settings.expiry_sweep_seconds)
         else:
             from .runner import EmbeddedRunner
 
             interrupted = store.recover()
             for job_id in interrupted:
                 log.warning("job %s was running when the worker stopped: marked failed", job_id)
-            runner = EmbeddedRunner(store, settings.devices, settings.expiry_hours)
+            runner = EmbeddedRunner(store, settings.devices, settings.expiry_hours, settings.expiry_sweep_seconds)
         runner.start()
         state.update(store=store, runner=runner)
         try:
@@ -145,7 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token)
 
     @app.exception_handler(WorkerError)
     async def _worker_error(request: Request, exc: WorkerError) -> JSONResponse:
@@ -153,7 +199,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(UnknownJob)
     async def _unknown(request: Request, exc: UnknownJob) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return JSONResponse({"detail": str(exc)}, status_code=410 if isinstance(exc, JobExpired) else 404)
 
     bearer = HTTPBearer(auto_error=False, description="the worker's access token")
 
@@ -161,6 +207,8 @@ def create_app(settings: Settings) -> FastAPI:
         challenge = {"WWW-Authenticate": "Bearer"}
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise WorkerError(401, "missing access token (send 'Authorization: Bearer <token>')", challenge)
+        # checked again here (the Guard already did): the route's security is then declared
+        # in the OpenAPI description, and a route can never be reached without the token
         if not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
             raise WorkerError(401, "wrong access token", challenge)
 
@@ -180,26 +228,31 @@ def create_app(settings: Settings) -> FastAPI:
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
-    @api.get("/info", tags=["info"], summary="Version, devices, GPU memory, limits, models and their cards")
+    job_errors = _errors(404, 410)
+
+    @api.get("/info", tags=["info"], summary="Version, devices, GPU memory, limits, models and their cards",
+             responses=_errors())  # fmt: skip
     def info() -> dict[str, Any]:
         return _info(settings, state)
 
-    @api.get("/openapi.json", tags=["info"], summary="This API's OpenAPI description")
+    @api.get("/openapi.json", tags=["info"], summary="This API's OpenAPI description", responses=_errors())
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @api.post("/jobs", status_code=202, tags=["jobs"], summary="Submit a job: its spec and input images")
+    @api.post("/jobs", status_code=202, tags=["jobs"], summary="Submit a job: its spec and input images",
+              responses=_errors(400, 413, 422))  # fmt: skip
     def submit(
         spec: Annotated[str, Form(description="the job spec (JSON); input paths are 'upload:N'")],
         files: Annotated[list[UploadFile], File(description="the input images (NIfTI, gzip welcome)")],
     ) -> dict[str, Any]:
         return _submit(settings, state, spec, files)
 
-    @api.get("/jobs", tags=["jobs"], summary="The jobs on this worker, newest first")
+    @api.get("/jobs", tags=["jobs"], summary="The jobs on this worker, newest first", responses=_errors())
     def jobs(limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
         return store().list(limit)
 
-    @api.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, queue position and last progress")
+    @api.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, queue position and last progress",
+             responses=job_errors)  # fmt: skip
     def status(job_id: str) -> dict[str, Any]:
         return store().status(job_id_ok(job_id))
 
@@ -208,17 +261,17 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["jobs"],
         summary="Server-sent events of a job, from the start or after an event id",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={200: {"content": {"text/event-stream": {}}}, **job_errors},
     )
     async def events(
         job_id: str,
         request: Request,
-        after: Annotated[int, Query(ge=-1)] = -1,
+        after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> StreamingResponse:
         job_id_ok(job_id)
         store().get(job_id)
-        if last_event_id and last_event_id.isdigit():
+        if last_event_id and last_event_id.isdigit() and len(last_event_id) < 18:
             after = max(after, int(last_event_id))
         return StreamingResponse(
             _stream(store(), job_id, after, request),
@@ -226,7 +279,7 @@ def create_app(settings: Settings) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @api.post("/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], summary="Cancel a job")
+    @api.post("/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], summary="Cancel a job", responses=job_errors)
     def cancel(job_id: str) -> dict[str, Any]:
         job_id_ok(job_id)
         if store().get(job_id)["state"] not in FINAL_KINDS:
@@ -238,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["jobs"],
         summary="The result as a zip: NIfTI images, frames, result.json",
         response_class=FileResponse,
-        responses={200: {"content": {"application/zip": {}}}},
+        responses={200: {"content": {"application/zip": {}}}, **_errors(404, 409, 410)},
     )
     def result(job_id: str) -> FileResponse:
         row = store().get(job_id_ok(job_id))
@@ -250,7 +303,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise WorkerError(410, f"the result of job {job_id} is gone from the worker's disk")
         return FileResponse(path, media_type="application/zip", filename=f"{job_id}.zip")
 
-    @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Cancel if needed, then delete")
+    @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Cancel if needed, then delete",
+                responses=job_errors)  # fmt: skip
     def delete(job_id: str) -> Response:
         job_id_ok(job_id)
         if store().get(job_id)["state"] not in FINAL_KINDS:
@@ -310,6 +364,8 @@ def _submit(settings: Settings, state: dict[str, Any], text: str, files: list[Up
         data = json.loads(text)
     except ValueError as exc:
         raise WorkerError(400, f"job spec is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise WorkerError(400, "job spec is not valid JSON (nested too deeply)") from None
     try:
         spec = JobSpec.from_dict(data)
     except InputError as exc:
@@ -394,7 +450,9 @@ async def _stream(store: Store, job_id: str, after: int, request: Request) -> As
     while True:
         try:
             events = store.events(job_id, after)
-        except Exception:  # deleted meanwhile
+            if not events:
+                store.get(job_id)  # deleted or expired meanwhile: end the stream (a reconnect gets 404/410)
+        except Exception:
             return
         for e in events:
             after = e.seq

@@ -2,6 +2,7 @@
 
 longdiff-worker serve --data DIR [--host 127.0.0.1] [--port 8765] [--token-file F]
                       [--tls-cert C --tls-key K] [--max-upload-mb N] [--expiry-hours H]
+                      [--expiry-sweep-seconds S]
                       [--broker redis://HOST:6379/0]
 longdiff-worker gpu --broker redis://HOST:6379/0 --data DIR [--device cuda:0]
 longdiff-worker token --data DIR     print the token clients need
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expiry-hours", type=float, default=72.0, help="delete finished jobs this long after they end (0: never)"
     )
+    p.add_argument("--expiry-sweep-seconds", type=float, default=60.0,
+                   help="how often expired jobs are looked for (default 60)")  # fmt: skip
     p.add_argument("--broker", help="Celery broker URL (redis://...): queue jobs for `longdiff-worker gpu` processes")
     p.add_argument("--device", action="append", help="device(s) of the embedded runner (default: every GPU, else cpu)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -66,13 +69,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .settings import Settings, resolve_token
+    from .store import private_folder
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LongitudinalDiffusionError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise LongitudinalDiffusionError(f"{path}: TLS file not found")
-    args.data.mkdir(parents=True, exist_ok=True)
+    private_folder(args.data)
     token, source = resolve_token(args.data, args.token_file)
     if not _loopback(args.host) and not args.tls_cert:
         log.warning("listening on %s without TLS: tokens and images cross the network in clear text", args.host)
@@ -82,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_voxels=args.max_voxels,
         expiry_hours=args.expiry_hours,
+        expiry_sweep_seconds=args.expiry_sweep_seconds,
         broker=args.broker,
         devices=tuple(args.device or ()),
     )

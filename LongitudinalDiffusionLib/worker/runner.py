@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import InputError
 from ..jobs import FINAL_KINDS, JobEvent, JobSpec, run_job
 from ..progress import Cancelled, CancelToken, ProgressEvent
-from .store import Store, save_result
+from .store import INTERRUPTED, Store, public_message, save_result
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,11 @@ def execute(data: Path, job_id: str, spec: JobSpec, device: str, cancel: CancelT
         report(JobEvent(job_id, "cancelled", message=str(exc)), "Cancelled")
         return "cancelled"
     except BaseException as exc:  # a failed job must never take the worker down
-        log.warning("job %s failed: %s", job_id, exc, exc_info=not isinstance(exc, InputError))
+        oom = out_of_memory(exc)
+        log.warning("job %s failed: %s", job_id, exc, exc_info=not (oom or isinstance(exc, InputError)))
         _discard(data, job_id)
-        report(JobEvent(job_id, "failed", message=describe_error(exc)), type(exc).__name__)
+        message = oom_message(exc) if oom else describe_error(exc)
+        report(JobEvent(job_id, "failed", message=public_message(message, data)), oom or type(exc).__name__)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         return "failed"
@@ -63,6 +65,29 @@ def execute(data: Path, job_id: str, spec: JobSpec, device: str, cancel: CancelT
         _free_gpu_memory()
     report(JobEvent(job_id, "done", message=f"finished in {time.perf_counter() - t0:.1f} s"), "")
     return "done"
+
+
+def out_of_memory(exc: BaseException) -> str:
+    """ "OutOfMemoryError" if ``exc`` is a device out-of-memory error, or the library's
+    report of one (the sampler re-raises it with the stage and batch shape), else ""."""
+    from ..diffusion.device import is_out_of_memory
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if is_out_of_memory(exc):
+            return "OutOfMemoryError"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return ""
+
+
+def oom_message(exc: BaseException) -> str:
+    """What a client is told when its job ran out of GPU memory on the worker."""
+    where = str(exc).split(";")[0].strip()
+    where = f" ({where})" if where and len(where) < 300 and "\n" not in where else ""
+    return (
+        f"the worker's GPU ran out of memory{where}; try fewer samples (n_samples) or a smaller model, "
+        "or submit again when the worker is less busy"
+    )
 
 
 def _discard(data: Path, job_id: str) -> None:
@@ -93,12 +118,19 @@ def worker_devices() -> tuple[str, ...]:
 
 
 class EmbeddedRunner:
-    """One thread per device; each takes the oldest queued job, runs it, and goes on."""
+    """One thread per device; each takes the oldest queued job, runs it, and goes on.
 
-    def __init__(self, store: Store, devices: tuple[str, ...], expiry_hours: float = 0.0) -> None:
+    When the worker is stopped, running jobs are stopped within a sampler step and marked
+    failed as interrupted (as after a crash), not as cancelled: nobody cancelled them.
+    """
+
+    def __init__(
+        self, store: Store, devices: tuple[str, ...], expiry_hours: float = 0.0, expiry_sweep_seconds: float = 60.0
+    ) -> None:
         self.store = store
         self.devices = devices or worker_devices()
-        self.expiry_hours = expiry_hours
+        self.expiry_hours, self.expiry_sweep_seconds = expiry_hours, expiry_sweep_seconds
+        self._user_cancelled: set[str] = set()
         self._tokens: dict[str, CancelToken] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -122,6 +154,8 @@ class EmbeddedRunner:
                 self.store.discard_partial(job_id)
         with self._lock:
             token = self._tokens.get(job_id)
+            if token is not None:
+                self._user_cancelled.add(job_id)
         if token is not None:
             token.cancel()
 
@@ -135,15 +169,15 @@ class EmbeddedRunner:
             t.join(timeout=30)
 
     def _loop(self, device: str) -> None:
-        last_expiry = 0.0
+        last_expiry = -float("inf")
         while not self._stop.is_set():
-            if time.monotonic() - last_expiry > 60:
+            if time.monotonic() - last_expiry >= self.expiry_sweep_seconds:
                 last_expiry = time.monotonic()
                 for gone in self.store.expire(self.expiry_hours):
                     log.info("job %s expired and was deleted", gone)
             job_id = self.store.next_queued(f"{device} (embedded)")
             if job_id is None:
-                self._wake.wait(1.0)
+                self._wake.wait(min(1.0, max(self.expiry_sweep_seconds, 0.05)))
                 self._wake.clear()
                 continue
             token = CancelToken()
@@ -153,13 +187,21 @@ class EmbeddedRunner:
                 spec = self.store.spec(job_id)
                 execute(self.store.data, job_id, spec, device, token, self._report)
             except Exception as exc:  # the spec vanished (deleted meanwhile): end the job
-                self._report(JobEvent(job_id, "failed", message=str(exc)), type(exc).__name__)
+                message = public_message(str(exc), self.store.data)
+                self._report(JobEvent(job_id, "failed", message=message), type(exc).__name__)
             finally:
                 with self._lock:
                     self._tokens.pop(job_id, None)
+                    self._user_cancelled.discard(job_id)
                 self._wake.set()  # another thread may be waiting for work
 
     def _report(self, event: JobEvent, error_type: str) -> None:
+        if event.kind == "cancelled" and self._stop.is_set():
+            with self._lock:
+                by_user = event.job_id in self._user_cancelled
+            if not by_user:  # stopped by the worker's shutdown
+                event = JobEvent(event.job_id, "failed", message=INTERRUPTED)
+                error_type = "Interrupted"
         self.store.add_event(event, error_type=error_type)
 
 
@@ -170,14 +212,16 @@ class CeleryDispatcher:
     the job database. A cancel is a Redis key the GPU worker checks between steps.
     """
 
-    def __init__(self, store: Store, broker: str, expiry_hours: float = 0.0) -> None:
+    def __init__(
+        self, store: Store, broker: str, expiry_hours: float = 0.0, expiry_sweep_seconds: float = 60.0
+    ) -> None:
         from .celery_app import EVENTS_KEY, cancel_key, make_celery, redis_client
 
         self.store = store
         self.celery = make_celery(broker)
         self.redis = redis_client(broker)
         self._events_key, self._cancel_key = EVENTS_KEY, cancel_key
-        self.expiry_hours = expiry_hours
+        self.expiry_hours, self.expiry_sweep_seconds = expiry_hours, expiry_sweep_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="longdiff-celery-events", daemon=True)
 
@@ -201,11 +245,12 @@ class CeleryDispatcher:
         self._thread.join(timeout=5)
 
     def _pump(self) -> None:
-        last_expiry = 0.0
+        last_expiry = -float("inf")
         while not self._stop.is_set():
-            if time.monotonic() - last_expiry > 60:
+            if time.monotonic() - last_expiry >= self.expiry_sweep_seconds:
                 last_expiry = time.monotonic()
-                self.store.expire(self.expiry_hours)
+                for gone in self.store.expire(self.expiry_hours):
+                    log.info("job %s expired and was deleted", gone)
             try:
                 item = self.redis.blpop([self._events_key], timeout=1)
             except Exception as exc:  # Redis restarting: keep trying

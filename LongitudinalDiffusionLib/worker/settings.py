@@ -34,6 +34,7 @@ class Settings:
         max_dim: largest extent along any axis (voxels).
         expiry_hours: finished jobs and their results are deleted this long after they
             end (0: kept until deleted).
+        expiry_sweep_seconds: how often the worker looks for expired jobs.
         broker: Celery broker URL (``redis://...``); None runs jobs in this process.
         devices: devices of the embedded runner, one job at a time on each.
     """
@@ -45,6 +46,7 @@ class Settings:
     max_dim: int = 2048
     max_inputs: int = 64
     expiry_hours: float = 72.0
+    expiry_sweep_seconds: float = 60.0
     broker: str | None = None
     devices: tuple[str, ...] = ()
 
@@ -76,7 +78,9 @@ def resolve_token(data: Path, token_file: str | os.PathLike | None = None) -> tu
         return env, f"${TOKEN_ENV}"
     path = data / "token"
     if not path.exists():
-        data.mkdir(parents=True, exist_ok=True)
+        from .store import private_folder
+
+        private_folder(data)
         _write_private(path, secrets.token_urlsafe(32))
         log.warning("created a new access token in %s (owner-only); give it to the clients", path)
     token = path.read_text(encoding="utf-8").strip()

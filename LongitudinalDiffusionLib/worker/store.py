@@ -8,6 +8,11 @@ Layout under the data folder::
     results/<id>/             Result.save() output (written atomically)
     results/<id>.zip          the same, as downloaded
 
+The data folder holds patients' images: it is created owner-only (0700) and the worker
+warns if it is readable by others. A job that expires leaves a tombstone (its id and when
+it expired) so that clients asking for it learn it expired (HTTP 410), not merely that it
+is unknown; tombstones themselves go after :data:`TOMBSTONE_DAYS`.
+
 A job's state only moves forward (queued -> running -> done | failed | cancelled); an
 event arriving after the final one is ignored, so a late report from a GPU machine can
 never resurrect a cancelled job.
@@ -16,8 +21,12 @@ never resurrect a cancelled job.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -25,7 +34,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..jobs import FINAL_KINDS, JobEvent, JobSpec, UnknownJob
+from ..jobs import FINAL_KINDS, JobEvent, JobExpired, JobSpec, UnknownJob
+
+log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted: the worker stopped while this job was running; submit it again"
 
@@ -44,6 +55,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_type TEXT NOT NULL DEFAULT '',
     runner TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS expired (
+    id TEXT PRIMARY KEY,
+    finished REAL NOT NULL,
+    expired REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -51,6 +67,8 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
+#: tombstones of expired jobs are kept this long (then an expired job is simply unknown)
+TOMBSTONE_DAYS = 30.0
 
 
 class Store:
@@ -58,8 +76,9 @@ class Store:
 
     def __init__(self, data: Path) -> None:
         self.data = Path(data)
-        (self.data / "jobs").mkdir(parents=True, exist_ok=True)
-        (self.data / "results").mkdir(parents=True, exist_ok=True)
+        private_folder(self.data)
+        for sub in ("jobs", "results"):
+            (self.data / sub).mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.data / "worker.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -99,6 +118,14 @@ class Store:
     def get(self, job_id: str) -> dict[str, Any]:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            gone = None if row else self._db.execute("SELECT * FROM expired WHERE id = ?", (job_id,)).fetchone()
+        if gone is not None:
+            ended = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(gone["finished"]))
+            deleted = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(gone["expired"]))
+            raise JobExpired(
+                f"job {job_id} expired: it ended {ended} and was deleted with its result {deleted}, "
+                "after this worker's expiry time; submit it again"
+            )
         if row is None:
             raise UnknownJob(f"no job {job_id!r} on this worker (never submitted, deleted or expired)")
         return dict(row)
@@ -222,16 +249,32 @@ class Store:
         self.discard_partial(job_id)
 
     def expire(self, hours: float) -> list[str]:
-        """Delete jobs that ended more than ``hours`` ago (0: never)."""
+        """Delete jobs (record, events, inputs, result) that ended more than ``hours`` ago
+        (0: never), leaving a tombstone each; returns their ids."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("DELETE FROM expired WHERE expired < ?", (now - TOMBSTONE_DAYS * 86400,))
         if hours <= 0:
             return []
-        cutoff = time.time() - hours * 3600
         with self._lock:
             rows = self._db.execute(
-                "SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?", (cutoff,)
+                "SELECT id, finished FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - hours * 3600,)
             ).fetchall()
         for r in rows:
-            self.delete(r["id"])
+            with self._lock:  # one transaction: tombstone and deletion together
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO expired (id, finished, expired) VALUES (?, ?, ?)",
+                        (r["id"], r["finished"], now),
+                    )
+                    self._db.execute("DELETE FROM events WHERE job_id = ?", (r["id"],))
+                    self._db.execute("DELETE FROM jobs WHERE id = ?", (r["id"],))
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            self.discard_partial(r["id"])
         return [r["id"] for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -244,8 +287,48 @@ class Store:
             self._db.close()
 
 
+_INPUT_FILE = re.compile(r"jobs/[0-9a-f]{32}/input-(\d{3})\.nii")
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])/(?:[^\s/:'\"(),]+/)+([^\s/:'\"(),]+)")
+
+
+def public_message(text: str, data: Path) -> str:
+    """A message fit for a client: the worker's paths never leave it. An uploaded file
+    becomes "file N" (as the client numbered it), the data folder "<worker data>", and any
+    other absolute path its last component."""
+    data = Path(data)
+    for root in {str(data.resolve()), str(data.absolute())}:
+        text = text.replace(root.rstrip("/") + "/", "")
+    text = _INPUT_FILE.sub(lambda m: f"file {int(m.group(1))}", text)
+    for root in {str(data.resolve()), str(data.absolute())}:
+        text = text.replace(root, "<worker data>")
+    return _ABS_PATH.sub(r"\1", text)
+
+
+def private_folder(path: Path) -> None:
+    """Create ``path`` owner-only (0700), or warn if it exists and others may read it."""
+    path = Path(path)
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # whatever the umask
+        return
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s is open to other users (mode %o): it holds patients' images; chmod 700 it", path,
+                    stat.S_IMODE(mode))  # fmt: skip
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk: a result reported done survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_result(data: Path, job_id: str, result: Any) -> None:
-    """Write a finished job's result folder and its zip (atomically: both or neither)."""
+    """Write a finished job's result folder and its zip (atomically: both or neither), and
+    flush them to the disk before the job may be reported done."""
     folder = data / "results" / job_id
     result.save(folder, overwrite=True)
     zpath = data / "results" / f"{job_id}.zip"
@@ -257,7 +340,9 @@ def save_result(data: Path, job_id: str, result: Any) -> None:
                     # NIfTI is already gzip-compressed; deflating it again costs time for nothing
                     kind = zipfile.ZIP_STORED if path.name.endswith(".gz") else zipfile.ZIP_DEFLATED
                     zf.write(path, path.relative_to(folder).as_posix(), compress_type=kind)
+        _fsync(tmp)
         tmp.replace(zpath)
+        _fsync(zpath.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,9 @@ An upload is a NIfTI-1/2 file, raw or gzip-compressed. It is streamed to a file 
 names itself (the client's file name is never used), decompressing on the way. The header
 is read first: the voxel count and dimensions must be within the worker's caps, and the
 decompressed stream may not run past the size the header declares - a decompression bomb
-is stopped after a few bytes too many, never inflated. The file is then read with the
+is stopped after a few bytes too many, never inflated. So that the declared size is itself
+bounded, the header may not put the voxels more than :data:`MAX_OFFSET` bytes in (NIfTI
+extensions are small) nor use voxel types wider than 8 bytes (complex, RGB, float128). The file is then read with the
 library's :func:`~LongitudinalDiffusionLib.imaging.load_image`, which refuses 4D data,
 NaN/Inf voxels, broken affines and absurd spacing.
 """
@@ -24,6 +26,8 @@ from ..imaging import load_image
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+#: largest offset of the voxel data (header + extensions) accepted
+MAX_OFFSET = 1 << 20
 
 
 class UploadRejected(InputError):
@@ -104,8 +108,8 @@ def store_upload(
             raise UploadRejected(name, f"file is truncated: {total} of the {limit} bytes its header declares")
         try:
             image = load_image(dest, dtype=np.int16 if labels else np.float32)
-        except InputError as exc:
-            raise UploadRejected(name, exc.problem) from None
+        except InputError as exc:  # the problem, without the server's path (nibabel may quote it)
+            raise UploadRejected(name, exc.problem.replace(str(dest), name)) from None
         del image
     except BaseException:
         dest.unlink(missing_ok=True)
@@ -128,8 +132,12 @@ def _limit(hdr: nib.Nifti1Header, name: str, max_voxels: int, max_dim: int, ndim
     if nvox > max_voxels:
         raise UploadRejected(name, f"image of {nvox} voxels exceeds this worker's limit of {max_voxels}", 413)
     try:
-        itemsize = hdr.get_data_dtype().itemsize
+        dtype = hdr.get_data_dtype()
     except Exception:
         raise UploadRejected(name, "unknown voxel type in the header") from None
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise UploadRejected(name, f"voxel type {dtype} is not supported (integers or floats of up to 8 bytes)")
     offset = int(hdr.get_data_offset()) or hdr.template_dtype.itemsize
-    return offset + nvox * itemsize
+    if offset > MAX_OFFSET:
+        raise UploadRejected(name, f"header puts the voxels {offset} bytes in (at most {MAX_OFFSET} accepted)", 413)
+    return offset + nvox * dtype.itemsize
