@@ -57,7 +57,12 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = LongitudinalDiffusionLogic()
         if not self.logic.ensureDependencies():
-            label = qt.QLabel(_("The module needs Python packages that are not installed (see the log)."))
+            report = self.logic.dependencyReport
+            label = qt.QLabel(
+                _("The module needs Python packages that are not installed.")
+                + "\n\n"
+                + (report.message if report else "")
+            )
             label.wordWrap = True
             self.layout.addWidget(label)
             return
@@ -75,6 +80,7 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             runFactory=self.logic.startRun,
             resultPlacer=self.logic.placeRun,
             uploadConsent=self.confirmUpload,
+            connectionTester=self.testConnection,
         )
         self.panel.sampleRequested.connect(self.onLoadSample)
         self.panel.addFromSceneRequested.connect(self.onAddFromScene)
@@ -95,6 +101,11 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             "Continue only if you may share them with that server."
         ).format(subject=request.subject.subject_id, count=len(request.subject.timepoints), url=request.serverUrl)
         return slicer.util.confirmOkCancelDisplay(message, windowTitle=_("Upload images?"))
+
+    def testConnection(self, url, token, modelName=None):
+        """Health and description of the worker at ``url`` (nothing is uploaded)."""
+        with slicer.util.WaitCursor():
+            return self.logic.runLogic().testConnection(url, token, modelName)
 
     def onLoadSample(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to load the demo subject."), waitCursor=True):
@@ -118,6 +129,7 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._runLogic = None
+        self.dependencyReport = None
 
     def runLogic(self):
         """The run logic (``LongitudinalDiffusionSlicer.logic.RunLogic``), made on first use."""
@@ -147,28 +159,19 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 
     def ensureDependencies(self):
-        """Install missing Python packages, after the user agrees; True when all are there."""
+        """Install missing Python packages on first use, after the user agrees; True when all are there.
+
+        ``LongitudinalDiffusionSlicer.dependencies.ensureDependencies`` decides: PyTorch through
+        the PyTorch extension (it asks), the rest with ``pip_ensure`` on Slicer 5.11 and newer
+        (it asks), or after ``confirmOkCancelDisplay`` with ``slicer.util.pip_install`` before.
+        Declining installs nothing; ``self.dependencyReport.message`` says what is missing.
+        """
         from LongitudinalDiffusionSlicer import dependencies
 
-        requirements = self.requirementsPath()
-        if not dependencies.missingRequirements(requirements):
-            return True
-        try:
-            import slicer.packaging as packaging  # Slicer 5.11 and newer
-        except ImportError:
-            packaging = None
-        if packaging is not None:
-            packaging.pip_ensure(packaging.load_requirements(requirements), requester="LongitudinalDiffusion")
-        else:
-            missing = dependencies.missingRequirements(requirements)
-            question = _("LongitudinalDiffusion needs these Python packages:\n{packages}\n\nInstall them now?")
-            if not slicer.util.confirmOkCancelDisplay(question.format(packages="\n".join(missing))):
-                return False
-            slicer.util.pip_install(missing)
-        missing = dependencies.missingRequirements(requirements)
-        if missing:
-            logging.error("LongitudinalDiffusion: still missing %s", ", ".join(missing))
-        return not missing
+        self.dependencyReport = dependencies.ensureDependencies(self.requirementsPath(), slicer)
+        if not self.dependencyReport.ok:
+            logging.error("LongitudinalDiffusion: %s", self.dependencyReport.message)
+        return self.dependencyReport.ok
 
     def loadSubject(self, path):
         """Read a subject (BIDS subject or dataset folder, manifest .tsv), show it in the
@@ -186,7 +189,12 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
 
 
 class LongitudinalDiffusionTest(ScriptedLoadableModuleTest):
-    """Self-test for real Slicer: the demo subject into the scene, and back."""
+    """Self-test for real Slicer: the sample subject into the scene, then a bundled demo model
+    end to end through the module's logic (blocking mode, 2 sampler steps, on the CPU)."""
+
+    #: The demo run: complete the 7.5-month visit with the Cas-DiffCom demo model.
+    DEMO_MODEL = "cas-diffcom-demo"
+    DEMO_AGE = 7.5
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -194,6 +202,8 @@ class LongitudinalDiffusionTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SampleSubjectRoundTrip()
+        self.setUp()
+        self.test_DemoModelEndToEnd()
 
     def test_SampleSubjectRoundTrip(self):
         from LongitudinalDiffusionSlicer import mrml
@@ -205,4 +215,63 @@ class LongitudinalDiffusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(volumes), len(subject.timepoints))
         back = mrml.subjectFromVolumes(volumes, subject.subject_id)
         self.assertEqual(back.ages(), subject.ages())
+        self.delayDisplay("Test passed")
+
+    def test_DemoModelEndToEnd(self):
+        import numpy
+        from LongitudinalDiffusionSlicer import mrml, results
+        from LongitudinalDiffusionSlicer.panel import RunRequest
+
+        from LongitudinalDiffusionLib.catalog import find_model
+
+        self.delayDisplay("Running the demo model on the sample subject")
+        logic = LongitudinalDiffusionLogic()
+        try:
+            subject = logic.loadSampleSubject()
+            scans = len(subject.timepoints)
+            request = RunRequest(
+                "complete-ages",
+                subject,
+                find_model(self.DEMO_MODEL),
+                ages=(self.DEMO_AGE,),
+                samples=2,
+                steps=2,
+                device="cpu",
+            )
+            view = logic.run(request, timeout=600)
+
+            # the generated volume, under the subject, with the input's geometry and its age
+            self.assertEqual(len(view.placed), 1)
+            placed = view.placed[0]
+            self.assertEqual(len(placed.volumeNodes), 1)
+            generated = placed.volumeNodes[0]
+            self.assertTrue(slicer.mrmlScene.IsNodePresent(generated))
+            self.assertAlmostEqual(float(generated.GetAttribute(mrml.AGE_ATTRIBUTE)), self.DEMO_AGE)
+            reference = mrml.subjectVolumes()[0]
+            self.assertEqual(generated.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions())
+            subjectVolumeIds = [node.GetID() for node in mrml.subjectVolumes()]
+            self.assertIn(generated.GetID(), subjectVolumeIds)
+            self.assertEqual(len(subjectVolumeIds), scans + 1 + len(placed.uncertaintyNodes))
+            self.assertGreater(float(slicer.util.arrayFromVolume(generated).std()), 0.0)
+            # its tissue segmentation, the uncertainty map (2 samples) and the tissue chart
+            self.assertIn(generated.GetID(), placed.segmentationNodes)
+            self.assertGreater(placed.segmentationNodes[generated.GetID()].GetSegmentation().GetNumberOfSegments(), 0)
+            self.assertEqual(len(placed.uncertaintyNodes), 1)
+            self.assertIsNotNone(placed.chartNode)
+            # the completed timeline: a sequence whose browser moves the proxy volume
+            self.assertTrue(placed.sequences)
+            timeline = placed.sequences[0]
+            frames = timeline.browser.GetNumberOfItems()
+            self.assertGreater(frames, 2)
+            index = timeline.generated.index(True)
+            proxy = results.selectFrame(timeline.browser, index)
+            self.assertEqual(timeline.browser.GetSelectedItemNumber(), index)
+            self.assertTrue(
+                numpy.allclose(slicer.util.arrayFromVolume(proxy), slicer.util.arrayFromVolume(generated)),
+                "the proxy shows the generated frame",
+            )
+            self.assertIsNotNone(timeline.proxySegmentation())
+            self.assertIn("generated volume", view.summary())
+        finally:
+            logic.close()
         self.delayDisplay("Test passed")

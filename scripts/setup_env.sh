@@ -24,6 +24,10 @@ want="$(cat "$here/requirements/"*.txt "$here/pyproject.toml" | sha256sum | cut 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup_env: installing pinned $kind requirements (torch is the CPU build)" >&2
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+  if [ "$kind" = test ]; then
+    # trame-slicer (slice-view renders): --no-deps, see the comment in that file.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$here/requirements/slicer-render.txt"
+  fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$here"
   echo "$want" > "$stamp"
 fi

@@ -92,6 +92,36 @@ class RunLogic:
             self._localBackend = LocalBackend(progress_interval=0.1)
         return self._localBackend
 
+    def testConnection(self, url: str, token: str = "", modelName: str | None = None) -> str:
+        """Ask a worker for its health and description ("Test connection"); nothing is uploaded.
+
+        Returns:
+            a one-line summary: version, API, devices, number of models (and whether it has
+            ``modelName``).
+
+        Raises:
+            LongitudinalDiffusionError: unreachable, refused token, or another API version
+                (the message says which).
+        """
+        from LongitudinalDiffusionLib.backends.remote import RemoteBackend
+
+        backend = RemoteBackend(url, token or None, retries=0, timeout=10.0)
+        try:
+            health = backend.check()
+            info = backend.info()
+        finally:
+            backend.close()
+        devices = [d.get("description") or d.get("device", "?") for d in info.get("devices", [])]
+        gpus = [f"{g.get('name')} ({g.get('memory_free_mb')} MB free)" for g in info.get("gpus", [])]
+        models = [m.get("name") for m in info.get("models", [])]
+        summary = (
+            f"longdiff-worker {health.get('version')} (API {health.get('api_version')}) at {backend.url}; "
+            f"{', '.join(gpus or devices) or 'no device listed'}; {len(models)} model(s)"
+        )
+        if modelName:
+            summary += f"; {modelName} " + ("available" if modelName in models else "NOT available on this worker")
+        return summary
+
     def close(self) -> None:
         """Stop the local backend (cancelling what runs on it)."""
         if self._localBackend is not None:
@@ -145,7 +175,15 @@ class RunLogic:
         """Submit ``request``'s jobs and return the run (not waiting for it)."""
         if not request.subject.timepoints:
             raise InputError(f"subject {request.subject.subject_id}", "has no scans")
-        staging, cleanup = stagingFolder()
+        staging, removeStaging = stagingFolder()
+        backend = None
+        ownClient = self._backendFactory is None and getattr(request, "backend", "local") == "remote"
+
+        def cleanup() -> None:
+            removeStaging()
+            if backend is not None and ownClient:
+                backend.close()  # the remote client made for this run: its event streams end with it
+
         try:
             specs = jobSpecsFromRequest(request, staging, self.options)
             backend = self.backendFor(request)

@@ -330,6 +330,12 @@ class Panel:
             uncertainty overlay, chart); it removes whatever it made if it fails.
         uploadConsent: asks the user before a remote run uploads the subject's images;
             returns True to go on (default: a Qt question box).
+        connectionTester: ``connectionTester(url, token, modelName)`` asks the server for its
+            health and description (and whether it has the chosen model) and returns a
+            one-line summary, or raises
+            ``LongitudinalDiffusionError`` with the reason ("Test connection"; the module's
+            logic: ``RunLogic.testConnection``); without it the button emits
+            ``testConnectionRequested`` instead.
         pollIntervalMs: how often the run's events are drained (milliseconds).
 
     Events the module connects to (plain-Python :class:`Signal` objects):
@@ -354,6 +360,7 @@ class Panel:
         runFactory: Callable[[RunRequest], Any] | None = None,
         resultPlacer: Callable[[Any], Any] | None = None,
         uploadConsent: Callable[[RunRequest], bool] | None = None,
+        connectionTester: Callable[[str, str, str | None], str] | None = None,
         pollIntervalMs: int = 100,
     ) -> None:
         self.ui = ui
@@ -371,6 +378,7 @@ class Panel:
         self._runFactory = runFactory
         self._resultPlacer = resultPlacer
         self._uploadConsent = uploadConsent or self._askUploadConsent
+        self._connectionTester = connectionTester
         self._run: Any = None
         self._results: Any = None
         self._timer = qt.QTimer()
@@ -809,10 +817,23 @@ class Panel:
         if problem:
             self.setStatus(problem)
             return
-        if not self.testConnectionRequested.isConnected():
-            self.setStatus(_("Remote servers are not supported in this version yet."))
+        url, token = self.serverUrl(), self.ui.tokenLineEdit.property("text") or ""
+        if self._connectionTester is None:
+            if not self.testConnectionRequested.isConnected():
+                self.setStatus(_("Remote servers are not supported in this version yet."))
+                return
+            self.testConnectionRequested.emit(url, token)
             return
-        self.testConnectionRequested.emit(self.serverUrl(), self.ui.tokenLineEdit.property("text") or "")
+        self.setStatus(_("Connecting to {url}...").format(url=url))
+        try:
+            card = self.currentModel()
+            summary = self._connectionTester(url, token, card.name if card is not None else None)
+        except (LongitudinalDiffusionError, OSError) as exc:
+            message = _("Connection failed: {error}").format(error=exc)
+        else:
+            message = _("Connection OK: {summary}").format(summary=summary)
+        self.appendLog(message)
+        self.setStatus(message)
 
     # --------------------------------------------------------------------------- run
 
