@@ -172,6 +172,7 @@ class PairDataset(GridDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         a, b = self.recipes[index]
         source, target = self.array(a.source), self.array(b.source)
+        unrotated = source
         if self._rotator is not None:  # the guidance image only (Cas-DiffCom sec. 3.1)
             self._rotator.set_random_state(seed=int(self.rng(index).integers(2**31)))
             source = torch.as_tensor(np.asarray(self._rotator(source)), dtype=torch.float32)
@@ -179,6 +180,7 @@ class PairDataset(GridDataset):
             return {"source": source, "target": target, "interval": torch.tensor(b.age - a.age, dtype=torch.float32)}
         return {
             "guidance_lr": source,
+            "guidance_reference": unrotated,
             "target_lr": target,
             "guidance_age": torch.tensor(a.age, dtype=torch.float32),
             "target_age": torch.tensor(b.age, dtype=torch.float32),

@@ -366,7 +366,8 @@ def loss(model: CasDiffCom, batch: dict, config: dict, generator: torch.Generato
         batch: ``{"stage": "generator", "target_lr", "guidance_lr", "guidance_age",
             "target_age"}`` (images (N, 1, *image_size), ages (N,) months) or
             ``{"stage": "refiner", "target_hr", "low_res"}`` ((N, 1, *sr_image_size) and the
-            real low-res image (N, 1, *image_size)). The stages are trained separately, as in
+            real low-res image (N, 1, *image_size)); optional ``"guidance_reference"``, the
+            guidance before augmentation (the residual's reference). The stages are trained separately, as in
             the paper; the 0-5 degree rotation augmentation of the guidance image is done by
             the data pipeline before this call.
         generator: CPU generator for the steps and noise (reproducible losses).
@@ -377,7 +378,10 @@ def loss(model: CasDiffCom, batch: dict, config: dict, generator: torch.Generato
         gen = model.generator
         cond = gen.encode_guidance(batch["guidance_lr"], batch["guidance_age"], batch["target_age"])
         schedule = Schedule.from_config(config["schedule"])
-        x0 = residual_target(batch["target_lr"], batch["guidance_lr"] if config.get("residual") else None)
+        # The residual is the change from the guidance scan as acquired: the rotation that
+        # augments the guidance (sec. 3.1) hardens the encoder, it is not a change to generate.
+        reference = batch.get("guidance_reference", batch["guidance_lr"]) if config.get("residual") else None
+        x0 = residual_target(batch["target_lr"], reference)
         return _diffusion_loss(gen.denoise, x0, cond, schedule, prediction, generator)
     if stage == "refiner":
         ref = model.refiner
