@@ -154,26 +154,37 @@ def test_loss_uses_target_and_context_with_dropout(tiny):
         sadm.loss(model, dict(batch, present=torch.zeros(2, 4, dtype=torch.bool)), config)
 
 
-def test_nearest_context_is_the_residual_reference(tiny):
+def test_context_reference_blends_the_neighbours_by_age(tiny):
     frames, ages, present = _timeline()
-    ref = sadm.nearest_context(frames, ages, present, torch.tensor([1, 2]))
-    # Row 0: target at 3 mo, present 0 and 6 mo -> 0 mo (tie broken to the earlier); row 1:
-    # target at 5 mo, present 1 and 2 mo -> 2 mo.
-    assert torch.equal(ref[0], frames[0, 0]) and torch.equal(ref[1], frames[1, 1])
+    ref = sadm.context_reference(frames, ages, present, torch.tensor([1, 2]))
+    # Row 0: target at 3 mo between present 0 and 6 mo -> the mean of frames 0 and 2; row 1:
+    # target at 5 mo after present 1 and 2 mo, nothing after -> frame 1 (2 mo).
+    assert torch.allclose(ref[0], 0.5 * (frames[0, 0] + frames[0, 2]))
+    assert torch.equal(ref[1], frames[1, 1])
+    ages = ages.clone()
+    ages[0, 2] = 12.0  # 3 mo between 0 and 12 mo: weights 3/4 and 1/4
+    ref = sadm.context_reference(frames, ages, present, torch.tensor([1, 2]))
+    assert torch.allclose(ref[0], 0.75 * frames[0, 0] + 0.25 * frames[0, 2])
     with pytest.raises(InputError, match="besides the target"):
-        sadm.nearest_context(frames, ages, torch.zeros_like(present), torch.tensor([1, 2]))
+        sadm.context_reference(frames, ages, torch.zeros_like(present), torch.tensor([1, 2]))
 
 
-def test_residual_model_starts_from_the_nearest_frame():
-    """An untrained residual x0-network (MONAI zero-initialises its output) returns the
-    context frame nearest in age: the residual option's promise."""
-    model, config = _tiny(seed=3, randomise=False)
-    config = dict(config, residual=True, prediction="sample")
+def test_residual_model_starts_from_its_reference():
+    """An untrained residual x0-network (MONAI zero-initialises its output) returns its
+    reference, the age-weighted blend of the neighbouring frames: the residual option's
+    promise. The U-Net reads the reference as a third channel."""
+    config = sadm.default_config("tiny") | {"residual": True, "prediction": "sample"}
+    torch.manual_seed(3)
+    model = sadm.build(config)
+    assert model.unet.conv_in.conv.in_channels == 3
     frames, ages, present = _timeline(n=1)
     out = sadm.fill_sequence(model, frames, ages, present, config=config, settings=_settings(name="ddim", steps=4))
-    # Frame 1 (3 mo) between 0 and 6 mo -> frame 0; frame 3 (9 mo) -> frame 2 (6 mo).
-    assert torch.allclose(out.frames[0, 1], frames[0, 0], atol=1e-5)
+    # Frame 1 (3 mo) between 0 and 6 mo -> their mean; frame 3 (9 mo), the future -> frame 2 (6 mo).
+    assert torch.allclose(out.frames[0, 1], 0.5 * (frames[0, 0] + frames[0, 2]), atol=1e-5)
     assert torch.allclose(out.frames[0, 3], frames[0, 2], atol=1e-5)
+    batch = {"frames": frames, "ages": ages, "present": torch.ones(1, 4, dtype=torch.bool)}
+    value = sadm.loss(model, batch | {"target_index": torch.tensor([2])}, config, torch.Generator().manual_seed(0))
+    assert torch.isfinite(value)
 
 
 def test_training_steps_lower_the_loss():

@@ -27,8 +27,11 @@ Choices made here, against the paper and upstream:
   Alg. 2's age order decides only which missing frame is generated first. Padding slots
   beyond a timeline's end are masked out of the attention and the read-out.
 - Residual option (``"residual": true``, the demo model; off at paper scale): the chain
-  generates the difference from the context frame nearest in age to the target, so an
-  untrained network returns that frame (docs/methods.md).
+  generates the difference from a reference, the age-weighted blend of the context frames
+  just before and just after the target (the frame before alone for a future frame), and
+  the U-Net reads that reference as a third input channel ``[x_t, c, reference]`` - ``c``
+  is a coarse read-out of patch tokens and cannot carry the detail a residual is measured
+  against. An untrained network therefore returns the reference (docs/methods.md).
 - Blocks. ``depth`` temporal blocks (across frames, per patch) come first, then ``depth``
   spatial blocks (across patches, per frame). This is the paper's temporal encoder and
   spatial decoder, built from pre-LayerNorm multi-head self-attention (ViViT [1]; upstream
@@ -133,7 +136,13 @@ def default_config(scale: str = "paper") -> dict:
 def build(config: dict) -> SADM:
     """The SADM network described by ``config`` (see :func:`default_config`)."""
     net = config["network"]
-    return SADM(config["image_size"], config["max_frames"], attention=net["attention"], unet=net["unet"])
+    return SADM(
+        config["image_size"],
+        config["max_frames"],
+        attention=net["attention"],
+        unet=net["unet"],
+        reference_channel=bool(config.get("residual")),
+    )
 
 
 # --------------------------------------------------------------------------- network
@@ -287,14 +296,25 @@ class SADM(nn.Module):
         attention: keyword arguments of :class:`SequenceAttention` (besides the two above).
         unet: keyword arguments of MONAI ``DiffusionModelUNet`` (besides ``spatial_dims``
             and the channel counts). Its input is ``[x_t, c]`` and its output is eps.
+        reference_channel: the U-Net also reads the residual reference, ``[x_t, c, ref]``
+            (the residual option).
     """
 
-    def __init__(self, image_size, max_frames: int, attention: dict[str, Any], unet: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        image_size,
+        max_frames: int,
+        attention: dict[str, Any],
+        unet: dict[str, Any],
+        reference_channel: bool = False,
+    ) -> None:
         super().__init__()
         self.image_size = tuple(int(s) for s in image_size)
         self.max_frames = int(max_frames)
         self.attention = SequenceAttention(self.image_size, self.max_frames, **attention)
-        self.unet = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=1, **unet)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=3 if reference_channel else 2, out_channels=1, **unet
+        )
 
     def condition(
         self, frames: torch.Tensor, ages: torch.Tensor, present: torch.Tensor, target_index: torch.Tensor
@@ -303,18 +323,20 @@ class SADM(nn.Module):
         return self.attention(frames, ages, present, target_index)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, c, t). x_t, c: (N, 1, D, H, W); t: (N,) long -> (N, 1, D, H, W)."""
+        """eps_theta(x_t, c, t). x_t: (N, 1, D, H, W); c: (N, 1 or 2, D, H, W) (with the
+        reference as a second channel for a residual model); t: (N,) long -> (N, 1, D, H, W)."""
         return self.unet(torch.cat([x_t, c.to(x_t.dtype)], dim=1), t)
 
 
 # --------------------------------------------------------------------------- training
 
 
-def nearest_context(
+def context_reference(
     frames: torch.Tensor, ages: torch.Tensor, present: torch.Tensor, target_index: torch.Tensor
 ) -> torch.Tensor:
-    """For each timeline, its present frame other than the target nearest in age to the
-    target (the residual reference): (N, 1, D, H, W)."""
+    """The residual reference of each timeline: the age-weighted blend of its present frames
+    just before and just after the target (linear interpolation in age), or the nearest
+    present frame when the target has context on one side only. (N, 1, D, H, W)."""
     rows = torch.arange(frames.shape[0], device=frames.device)
     target_index = target_index.to(frames.device).long().reshape(-1)
     slots = torch.arange(frames.shape[1], device=frames.device)[None]
@@ -322,8 +344,19 @@ def nearest_context(
     if not bool(context.any(dim=1).all()):
         raise InputError(None, "every timeline needs a present frame besides the target")
     ages = ages.to(frames.device).float()
-    gap = (ages - ages[rows, target_index][:, None]).abs().masked_fill(~context, float("inf"))
-    return frames[rows, gap.argmin(dim=1)]
+    delta = ages - ages[rows, target_index][:, None]  # < 0 before the target, > 0 after
+    inf = torch.tensor(float("inf"), device=frames.device)
+    before = torch.where(context & (delta < 0), -delta, inf)
+    after = torch.where(context & (delta > 0), delta, inf)
+    near = torch.where(context, delta.abs(), inf).argmin(dim=1)
+    i, j = before.argmin(dim=1), after.argmin(dim=1)
+    both = torch.isfinite(before.min(dim=1).values) & torch.isfinite(after.min(dim=1).values)
+    d_i, d_j = before[rows, i], after[rows, j]
+    w_i = torch.where(both, d_j / torch.where(both, d_i + d_j, torch.ones_like(d_i)), torch.ones_like(d_i))
+    w_i = w_i.reshape(-1, 1, 1, 1, 1).to(frames.dtype)
+    i = torch.where(both, i, near)
+    j = torch.where(both, j, near)
+    return w_i * frames[rows, i] + (1 - w_i) * frames[rows, j]
 
 
 def loss(model: SADM, batch: dict, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -343,13 +376,16 @@ def loss(model: SADM, batch: dict, config: dict, generator: torch.Generator | No
     if not bool(present[rows, target].all()):
         raise InputError(None, "every target frame must be present (it is what the model learns to produce)")
     x0 = frames[rows, target]
+    c = model.condition(frames, ages, present, target)
     if config.get("residual"):
-        x0 = residual_target(x0, nearest_context(frames, ages, present, target))
+        reference = context_reference(frames, ages, present, target)
+        x0 = residual_target(x0, reference)
+        c = torch.cat([c, reference.to(c)], dim=1)
     schedule = Schedule.from_config(config["schedule"])
     t = schedule.random_steps(x0.shape[0], generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     keep = torch.rand(x0.shape[0], generator=generator) >= float(config.get("p_uncond", 0.1))
-    c = model.condition(frames, ages, present, target) * keep.to(x0).reshape(-1, 1, 1, 1, 1)
+    c = c * keep.to(x0).reshape(-1, 1, 1, 1, 1)
     x_t = schedule.q_sample(x0, t, noise)
     prediction = config.get("prediction", "epsilon")
     return F.mse_loss(model(x_t, t, c), schedule.training_target(prediction, x0, noise, t))
@@ -460,18 +496,20 @@ def fill_sequence(
                 continue
             target = torch.full((rows.numel(),), k, dtype=torch.long, device=device)
             c = model.condition(timeline[rows], ages_d[rows], known[rows], target)
+            reference = None
+            if config.get("residual"):
+                reference = context_reference(timeline[rows], ages_d[rows], known[rows], target)
+                c = torch.cat([c, reference], dim=1)
             out = sample(
                 lambda x_t, t, cond: model(x_t, t, cond),
-                tuple(c.shape),
+                (c.shape[0], 1, *c.shape[2:]),
                 schedule,
                 config.get("prediction", "epsilon"),
                 settings,
                 cond=c,
                 uncond=torch.zeros_like(c),
                 clip_x0=clip,
-                reference=nearest_context(timeline[rows], ages_d[rows], known[rows], target)
-                if config.get("residual")
-                else None,
+                reference=reference,
                 generator=generator,
                 device=device,
                 progress=progress,
