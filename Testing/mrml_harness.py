@@ -1,27 +1,21 @@
 """Real MRML without the Slicer application: a scene bootstrapped on PyPI ``slicer-core``.
 
 Tests import this module (it is a plain helper, not a conftest) and call
-:func:`bootstrapScene`, which sets up what the Slicer application would:
-
-1. a ``vtkMRMLScene`` with the ``default`` crosshair node;
-2. a ``vtkSlicerApplicationLogic`` on the scene, its colour logic with the default colour
-   nodes, empty slice and view logic collections;
-3. the module logics (Colors first: Volumes looks it up; then Volumes, Segmentations,
-   Subject Hierarchy, Sequences, Plots, Tables), each given the scene and the application
-   logic and registered with it;
-4. a ``vtkMRMLRemoteIOLogic`` with a cache folder and ``AddDataIOToScene()`` (reading
-   ``.mrb`` bundles needs the data I/O manager);
-5. ``slicer.mrmlScene`` set to the new scene.
-
-It also installs the resolver through which ``LongitudinalDiffusionSlicer.mrml.moduleLogic``
+:func:`bootstrapScene`, which sets up what the Slicer application would (the scene, the
+application and module logics, remote I/O and ``slicer.mrmlScene``; the steps are listed in
+``LongitudinalDiffusionSlicer.headless``, where the bootstrap lives: batch scene export uses
+it too). It also installs the resolver through which ``LongitudinalDiffusionSlicer.mrml.moduleLogic``
 finds the logics of a scene (the Slicer application provides ``slicer.modules`` instead).
-The bootstrap itself lives in ``LongitudinalDiffusionSlicer.headless`` (batch scene export
-uses it too); this file puts the module on ``sys.path`` and adds counting helpers.
+This file puts the module on ``sys.path`` and adds counting helpers, the Slicer application
+stand-ins of the module file's tests and :func:`panelOnScene`, the panel of the run tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +121,65 @@ def importModuleFile() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def panelOnScene(
+    qtbot: Any,
+    monkeypatch: Any,
+    home: Path,
+    segmenter: Any,
+    consentAnswer: bool,
+    testConnections: bool = False,
+    size: tuple[int, int] | None = None,
+) -> Iterator[types.SimpleNamespace]:
+    """The panel as the run tests drive it: the real .ui offscreen (``qt_shim``), and a
+    ``Panel`` on the real ``RunLogic`` over a bootstrapped scene, polling every 20 ms.
+
+    ``home`` becomes ``$HOME`` and ``$LONGDIFF_MODELS`` is unset, so only the bundled demo
+    models are listed. Upload consent is answered with ``gui.consent["answer"]`` (initially
+    ``consentAnswer``; a test may change it), each request kept in ``gui.consent["asked"]``;
+    ``testConnections`` hands the logic's connection test to the panel. ``gui.finished``
+    collects the ``(state, error)`` of every finished run. On leaving, a run still going is
+    cancelled and waited for, and the logic and the scene are closed.
+    """
+    import qt_shim
+    from LongitudinalDiffusionSlicer.logic import RunLogic
+    from LongitudinalDiffusionSlicer.panel import Panel
+
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("LONGDIFF_MODELS", raising=False)
+    qt = qt_shim.installQtModule(monkeypatch)
+    headless = bootstrapScene()
+    logic = RunLogic(headless.scene, segmenter=segmenter)
+    root, ui = qt_shim.loadUi(qt_shim.UI_FILE)
+    if size is not None:
+        root.resize(*size)
+    qtbot.addWidget(root)
+    consent = {"answer": consentAnswer, "asked": []}
+
+    def askConsent(request: Any) -> bool:
+        consent["asked"].append(request)
+        return consent["answer"]
+
+    panel = Panel(
+        ui,
+        qt,
+        subjectLoader=logic.loadSubject,
+        runFactory=logic.startRun,
+        resultPlacer=logic.placeRun,
+        uploadConsent=askConsent,
+        connectionTester=logic.testConnection if testConnections else None,
+        pollIntervalMs=20,
+    )
+    finished: list[tuple[str, str]] = []
+    panel.runFinished.connect(lambda state, error: finished.append((state, error)))
+    yield types.SimpleNamespace(
+        root=root, ui=ui, panel=panel, logic=logic, scene=headless.scene, qtbot=qtbot, finished=finished,
+        consent=consent,
+    )  # fmt: skip
+    if panel.isRunning():
+        panel.cancelRun()
+        qtbot.waitUntil(lambda: not panel.isRunning(), timeout=15000)
+    logic.close()
+    headless.close()

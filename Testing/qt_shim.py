@@ -36,6 +36,7 @@ from PySide6.QtCore import Property, QFlag, Signal, Slot
 
 __all__ = [
     "ctkCollapsibleButton",
+    "UI_FILE",
     "ctkPathLineEdit",
     "installQtModule",
     "loadUi",
@@ -306,6 +307,8 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
 
 
 STAND_INS = (ctkCollapsibleButton, ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox)
+#: The module panel's Designer file (what the panel tests load).
+UI_FILE = Path(__file__).resolve().parents[1] / "LongitudinalDiffusion/Resources/UI/LongitudinalDiffusion.ui"
 
 
 # --------------------------------------------------------------------------------- load

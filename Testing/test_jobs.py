@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
-from worker_harness import FAST, ages_spec, gapped_subject, make_cohort, make_models
+from worker_harness import FAST, ages_spec, gapped_subject
 
 from LongitudinalDiffusionLib.backends import LocalBackend
 from LongitudinalDiffusionLib.errors import InputError
@@ -23,16 +23,7 @@ from LongitudinalDiffusionLib.subject import load_bids_subject
 from LongitudinalDiffusionLib.tasks import Result, complete_ages
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return make_cohort(tmp_path_factory.mktemp("jobs") / "cohort")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"))
+# the fixtures cohort and models are in conftest.py
 
 
 @pytest.fixture

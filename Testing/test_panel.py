@@ -25,12 +25,10 @@ import pytest
 import qt_shim
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
 from LongitudinalDiffusionLib.errors import InputError
 from LongitudinalDiffusionLib.subject import Modality, Subject, load_subject
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_FILE = ROOT / "LongitudinalDiffusion" / "Resources" / "UI" / "LongitudinalDiffusion.ui"
 #: Where the screenshot also goes when asked (scripts/make_docs_images.py sets it).
 DOCS_IMAGES = os.environ.get("LONGDIFF_DOCS_IMAGES")
 
@@ -93,12 +91,7 @@ CARD = {
 # ------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def subjectFolder(tmp_path_factory) -> Path:
-    """A real simulated BIDS subject: 7 ages x 4 modalities, tiny volumes."""
-    root = tmp_path_factory.mktemp("cohort") / "cohort"
-    write_cohort(root, CohortSpec(n_subjects=1, heart=False, shape=(20, 24, 20), spacing=(8, 8, 8)))
-    return root / "sub-001"
+# subjectFolder (a real simulated BIDS subject) is in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +120,7 @@ def qt(monkeypatch):
 @pytest.fixture
 def gui(qtbot, qt, modelsDir):
     """The loaded .ui and a Panel on it (torch not probed unless a test asks)."""
-    root, ui = qt_shim.loadUi(UI_FILE)
+    root, ui = qt_shim.loadUi(qt_shim.UI_FILE)
     qtbot.addWidget(root)
     panel = Panel(ui, qt)
     return types.SimpleNamespace(root=root, ui=ui, panel=panel, qtbot=qtbot, models=modelsDir)
@@ -161,7 +154,7 @@ def selectRows(table: QtWidgets.QTableWidget, rows) -> None:
 
 
 def test_ui_loads_with_every_widget_and_its_settings(qtbot, qtlog):
-    root, ui = qt_shim.loadUi(UI_FILE)
+    root, ui = qt_shim.loadUi(qt_shim.UI_FILE)
     qtbot.addWidget(root)
     problems = [r.message for r in qtlog.records if r.type != QtCore.QtMsgType.QtDebugMsg]
     assert problems == [], "QUiLoader complained while loading the .ui"

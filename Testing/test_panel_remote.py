@@ -14,8 +14,6 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import types
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,27 +21,14 @@ import pytest
 pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
 
 import mrml_harness
-import qt_shim
 import torch
 from LongitudinalDiffusionSlicer import mrml, results
-from LongitudinalDiffusionSlicer.logic import RunLogic
-from LongitudinalDiffusionSlicer.panel import Panel
 from worker_harness import WorkerProcess
 
-from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
-
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
-UI_FILE = ROOT / "LongitudinalDiffusion" / "Resources" / "UI" / "LongitudinalDiffusion.ui"
 TOKEN = "panel-remote-token-0123456789"
 MODEL = "interval-demo"
-
-
-@pytest.fixture(scope="module")
-def subjectFolder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("panelremote") / "cohort"
-    write_cohort(root, CohortSpec(n_subjects=1, heart=False, shape=(20, 24, 20), spacing=(8, 8, 8)))
-    return root / "sub-001"
+# subjectFolder (a real simulated BIDS subject) is in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -62,42 +47,15 @@ def workerJobs(worker) -> list[dict]:
 
 @pytest.fixture
 def gui(qtbot, monkeypatch, tmp_path, subjectFolder):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # only the bundled demo models
-    monkeypatch.delenv("LONGDIFF_MODELS", raising=False)
-    qt = qt_shim.installQtModule(monkeypatch)
-    headless = mrml_harness.bootstrapScene()
-    logic = RunLogic(headless.scene, segmenter=False)
-    root, ui = qt_shim.loadUi(UI_FILE)
-    qtbot.addWidget(root)
-    consent = {"answer": True, "asked": []}
-
-    def askConsent(request):
-        consent["asked"].append(request)
-        return consent["answer"]
-
-    panel = Panel(
-        ui,
-        qt,
-        subjectLoader=logic.loadSubject,
-        runFactory=logic.startRun,
-        resultPlacer=logic.placeRun,
-        uploadConsent=askConsent,
-        connectionTester=logic.testConnection,
-        pollIntervalMs=20,
-    )
-    finished = []
-    panel.runFinished.connect(lambda state, error: finished.append((state, error)))
-    assert panel.loadSubjectFrom(subjectFolder) is not None
-    ui.agesLineEdit.setText("15")
-    names = [card.name for card in panel.models()]
-    ui.modelComboBox.setCurrentIndex(names.index(MODEL))
-    ui.stepsSpinBox.setValue(2)
-    yield types.SimpleNamespace(ui=ui, panel=panel, scene=headless.scene, finished=finished, consent=consent)
-    if panel.isRunning():
-        panel.cancelRun()
-        qtbot.waitUntil(lambda: not panel.isRunning(), timeout=15000)
-    logic.close()
-    headless.close()
+    with mrml_harness.panelOnScene(
+        qtbot, monkeypatch, tmp_path / "home", segmenter=False, consentAnswer=True, testConnections=True
+    ) as gui:
+        assert gui.panel.loadSubjectFrom(subjectFolder) is not None
+        gui.ui.agesLineEdit.setText("15")
+        names = [card.name for card in gui.panel.models()]
+        gui.ui.modelComboBox.setCurrentIndex(names.index(MODEL))
+        gui.ui.stepsSpinBox.setValue(2)
+        yield gui
 
 
 def chooseRemote(ui, url: str, token: str) -> None:

@@ -16,7 +16,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +24,13 @@ import pytest
 pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
 
 import mrml_harness
-import qt_shim
 import torch
 from LongitudinalDiffusionSlicer import mrml, results
-from LongitudinalDiffusionSlicer.logic import RunLogic
-from LongitudinalDiffusionSlicer.panel import INTERPOLATE, Panel
-
-from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
+from LongitudinalDiffusionSlicer.panel import INTERPOLATE
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
-UI_FILE = ROOT / "LongitudinalDiffusion" / "Resources" / "UI" / "LongitudinalDiffusion.ui"
 DOCS_IMAGES = os.environ.get("LONGDIFF_DOCS_IMAGES")
-
-
-@pytest.fixture(scope="module")
-def subjectFolder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("panelrun") / "cohort"
-    write_cohort(root, CohortSpec(n_subjects=1, heart=False, shape=(20, 24, 20), spacing=(8, 8, 8)))
-    return root / "sub-001"
+# subjectFolder (a real simulated BIDS subject) is in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -53,35 +40,10 @@ def segmenter():
 
 @pytest.fixture
 def gui(qtbot, monkeypatch, tmp_path, segmenter):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # only the bundled demo models
-    monkeypatch.delenv("LONGDIFF_MODELS", raising=False)
-    qt = qt_shim.installQtModule(monkeypatch)
-    headless = mrml_harness.bootstrapScene()
-    logic = RunLogic(headless.scene, segmenter=segmenter)
-    root, ui = qt_shim.loadUi(UI_FILE)
-    root.resize(420, 1320)
-    qtbot.addWidget(root)
-    consent = []
-    panel = Panel(
-        ui,
-        qt,
-        subjectLoader=logic.loadSubject,
-        runFactory=logic.startRun,
-        resultPlacer=logic.placeRun,
-        uploadConsent=lambda request: consent.append(request) or False,
-        pollIntervalMs=20,
-    )
-    finished = []
-    panel.runFinished.connect(lambda state, error: finished.append((state, error)))
-    yield types.SimpleNamespace(
-        root=root, ui=ui, panel=panel, logic=logic, scene=headless.scene, qtbot=qtbot, finished=finished,
-        consent=consent,
-    )  # fmt: skip
-    if panel.isRunning():
-        panel.cancelRun()
-        qtbot.waitUntil(lambda: not panel.isRunning(), timeout=10000)
-    logic.close()
-    headless.close()
+    with mrml_harness.panelOnScene(
+        qtbot, monkeypatch, tmp_path / "home", segmenter, consentAnswer=False, size=(420, 1320)
+    ) as gui:
+        yield gui
 
 
 def loadSubject(gui, folder: Path) -> None:
@@ -92,6 +54,14 @@ def loadSubject(gui, folder: Path) -> None:
 def chooseModel(gui, name: str) -> None:
     names = [card.name for card in gui.panel.models()]
     gui.ui.modelComboBox.setCurrentIndex(names.index(name))
+
+
+def prepareAgesRun(gui, folder: Path, steps: int) -> None:
+    """The subject loaded, age 7.5 months asked of cas-diffcom-demo with ``steps`` sampler steps."""
+    loadSubject(gui, folder)
+    gui.ui.agesLineEdit.setText("7.5")
+    chooseModel(gui, "cas-diffcom-demo")
+    gui.ui.stepsSpinBox.setValue(steps)
 
 
 def applyAndWait(gui, timeout: float = 60.0) -> tuple[str, str]:
@@ -106,10 +76,7 @@ def applyAndWait(gui, timeout: float = 60.0) -> tuple[str, str]:
 
 def test_apply_runs_shows_progress_places_results_and_the_slider_moves_the_frame(gui, subjectFolder):
     ui, panel = gui.ui, gui.panel
-    loadSubject(gui, subjectFolder)
-    ui.agesLineEdit.setText("7.5")
-    chooseModel(gui, "cas-diffcom-demo")
-    ui.stepsSpinBox.setValue(2)
+    prepareAgesRun(gui, subjectFolder, 2)
     ui.samplesSpinBox.setValue(2)
     assert ui.applyButton.isEnabled(), ui.statusLabel.text()
 
@@ -160,10 +127,7 @@ def test_apply_runs_shows_progress_places_results_and_the_slider_moves_the_frame
 
 def test_cancel_stops_within_a_second_and_leaves_nothing(gui, subjectFolder):
     ui, panel = gui.ui, gui.panel
-    loadSubject(gui, subjectFolder)
-    ui.agesLineEdit.setText("7.5")
-    chooseModel(gui, "cas-diffcom-demo")
-    ui.stepsSpinBox.setValue(400)
+    prepareAgesRun(gui, subjectFolder, 400)
     nodes, items = gui.scene.GetNumberOfNodes(), mrml_harness.shItemCount(gui.scene)
     ui.applyButton.click()
     gui.qtbot.waitUntil(lambda: ui.progressBar.value() > 0 and "generate" in ui.progressBar.format(), timeout=30000)
@@ -181,10 +145,7 @@ def test_cancel_stops_within_a_second_and_leaves_nothing(gui, subjectFolder):
 
 def test_a_volume_deleted_during_the_run_stops_it_cleanly(gui, subjectFolder):
     ui = gui.ui
-    loadSubject(gui, subjectFolder)
-    ui.agesLineEdit.setText("7.5")
-    chooseModel(gui, "cas-diffcom-demo")
-    ui.stepsSpinBox.setValue(400)
+    prepareAgesRun(gui, subjectFolder, 400)
     ui.applyButton.click()
     gui.qtbot.waitUntil(lambda: ui.progressBar.value() > 0, timeout=30000)
     victim = mrml.subjectVolumes(gui.scene)[0]
@@ -259,7 +220,7 @@ def test_bad_input_gets_clear_messages(gui, subjectFolder, tmp_path):
     ui.serverUrlLineEdit.setText("https://gpu.example.org:8000")
     nodes = gui.scene.GetNumberOfNodes()
     ui.applyButton.click()
-    assert len(gui.consent) == 1 and gui.consent[0].serverUrl == "https://gpu.example.org:8000"
+    assert len(gui.consent["asked"]) == 1 and gui.consent["asked"][0].serverUrl == "https://gpu.example.org:8000"
     assert not panel.isRunning() and "declined" in ui.statusLabel.text()
     assert gui.scene.GetNumberOfNodes() == nodes
 

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from worker_harness import FAST, WorkerProcess, ages_spec, make_cohort, make_models
+from worker_harness import FAST, WorkerProcess, ages_spec
 
 from LongitudinalDiffusionLib.backends.remote import RemoteBackend, WorkerRefused, WorkerUnavailable
 from LongitudinalDiffusionLib.jobs import Backend, JobSpec
@@ -31,16 +31,7 @@ torch.set_num_threads(1)
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "interval-tiny-untrained"
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return make_cohort(tmp_path_factory.mktemp("worker") / "cohort")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"))
+# the fixtures cohort and models are in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -422,20 +422,23 @@ def addFrameSequence(
         mrml.moduleLogic("sequences", scene).UpdateProxyNodesFromSequences(browser)
         proxyVolume = placed.proxyVolume()
     if proxyVolume is not None:
-        proxyVolume.SetName(f"{name} frame")
-        mrml._setAttributes(proxyVolume, {**attributes, KIND_ATTRIBUTE: "frame"})
-        if proxyVolume.GetDisplayNode() is None:
-            proxyVolume.CreateDefaultDisplayNodes()
+        _nameProxy(proxyVolume, name, "frame", attributes)
     proxySegmentation = placed.proxySegmentation()
     if proxySegmentation is not None:
-        proxySegmentation.SetName(f"{name} frame segmentation")
-        mrml._setAttributes(proxySegmentation, {**attributes, KIND_ATTRIBUTE: "frame segmentation"})
-        if proxySegmentation.GetDisplayNode() is None:
-            proxySegmentation.CreateDefaultDisplayNodes()
+        _nameProxy(proxySegmentation, name, "frame segmentation", attributes)
         if proxyVolume is not None:
             role = proxySegmentation.GetReferenceImageGeometryReferenceRole()
             proxySegmentation.SetNodeReferenceID(role, proxyVolume.GetID())
     return placed
+
+
+def _nameProxy(proxy: Any, name: str, kind: str, attributes: dict[str, Any]) -> None:
+    """Name a sequence browser's proxy node ``"{name} {kind}"``, tag it with ``attributes`` and
+    ``kind``, and give it display nodes if it has none."""
+    proxy.SetName(f"{name} {kind}")
+    mrml._setAttributes(proxy, {**attributes, KIND_ATTRIBUTE: kind})
+    if proxy.GetDisplayNode() is None:
+        proxy.CreateDefaultDisplayNodes()
 
 
 def selectFrame(browser: Any, index: int) -> Any:

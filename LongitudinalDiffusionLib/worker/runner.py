@@ -117,6 +117,17 @@ def worker_devices() -> tuple[str, ...]:
     return ("cpu",)
 
 
+def _sweep_expired(store: Store, expiry_hours: float, every_seconds: float, last_sweep: float) -> float:
+    """Delete the expired jobs if the last sweep (a ``time.monotonic()``) is ``every_seconds``
+    old or more; returns the time of the last sweep (the new one, or ``last_sweep``)."""
+    if time.monotonic() - last_sweep < every_seconds:
+        return last_sweep
+    last_sweep = time.monotonic()
+    for gone in store.expire(expiry_hours):
+        log.info("job %s expired and was deleted", gone)
+    return last_sweep
+
+
 class EmbeddedRunner:
     """One thread per device; each takes the oldest queued job, runs it, and goes on.
 
@@ -171,10 +182,7 @@ class EmbeddedRunner:
     def _loop(self, device: str) -> None:
         last_expiry = -float("inf")
         while not self._stop.is_set():
-            if time.monotonic() - last_expiry >= self.expiry_sweep_seconds:
-                last_expiry = time.monotonic()
-                for gone in self.store.expire(self.expiry_hours):
-                    log.info("job %s expired and was deleted", gone)
+            last_expiry = _sweep_expired(self.store, self.expiry_hours, self.expiry_sweep_seconds, last_expiry)
             job_id = self.store.next_queued(f"{device} (embedded)")
             if job_id is None:
                 self._wake.wait(min(1.0, max(self.expiry_sweep_seconds, 0.05)))
@@ -247,10 +255,7 @@ class CeleryDispatcher:
     def _pump(self) -> None:
         last_expiry = -float("inf")
         while not self._stop.is_set():
-            if time.monotonic() - last_expiry >= self.expiry_sweep_seconds:
-                last_expiry = time.monotonic()
-                for gone in self.store.expire(self.expiry_hours):
-                    log.info("job %s expired and was deleted", gone)
+            last_expiry = _sweep_expired(self.store, self.expiry_hours, self.expiry_sweep_seconds, last_expiry)
             try:
                 item = self.redis.blpop([self._events_key], timeout=1)
             except Exception as exc:  # Redis restarting: keep trying
