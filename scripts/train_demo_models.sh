@@ -21,4 +21,4 @@ for method in cwdm ddm interval cas-diffcom sadm tissue-seg; do
 done
 "$py" -m training.evaluate --data "$work/cohort5" --out "$here/docs/evaluation" \
   --model cas-diffcom=cas-diffcom-demo --model sadm=sadm-demo --model interval=interval-demo \
-  --model cwdm=cwdm-demo --model ddm=ddm-demo
+  --model cwdm=cwdm-demo --model ddm=ddm-demo --model tissue-seg=tissue-seg-brain-demo
