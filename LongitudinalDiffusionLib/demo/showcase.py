@@ -1,8 +1,9 @@
 """The full demo (``longdiff demo``): one simulated subject through all three tasks with the
 demo models, on the CPU, in a few minutes.
 
-1. **Missing age**: a visit of the subject is hidden and generated from the rest (Cas-DiffCom
-   by default); the simulator's real scan is kept to compare with.
+1. **Missing age**: a visit of the subject is hidden and generated from the rest (the
+   time-interval model by default: of the demo missing-age models it is the one that beats
+   linear interpolation, docs/evaluation); the simulator's real scan is kept to compare with.
 2. **Missing modality**: one contrast of a session is hidden and synthesised from the
    others (cWDM).
 3. **Frames between two scans**: the heart phantom from end-diastole to end-systole (DDM),
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: the bundled demo models used for each step (names in the model catalog)
 DEMO_MODELS = {
-    "complete-ages": "cas-diffcom-demo",
+    "complete-ages": "interval-demo",
     "synthesize-modality": "cwdm-demo",
     "interpolate": "ddm-demo",
     "segment-brain": "tissue-seg-brain-demo",
