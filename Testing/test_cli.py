@@ -253,7 +253,10 @@ def test_interrupt_leaves_nothing_behind(dataset, catalog, tmp_path):
     env = {**os.environ, "LONGDIFF_MODELS": str(catalog), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "LongitudinalDiffusionLib", "complete-ages", str(dataset / "sub-001")]
     cmd += ["--ages", "7.5", "--model", "interval-tiny-untrained", "--out", str(out), "--steps", "1000"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # A terminal delivers Ctrl-C to a process with the default SIGINT disposition; a test run
+    # started in the background inherits "ignored", which Python then keeps.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     seen = ""
     deadline = time.time() + 120
     while "/1000" not in seen and time.time() < deadline:  # wait until sampling is under way
