@@ -460,8 +460,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for line in show.lines:
         print(line)
-    for name, path in {**show.results, **show.figures}.items():
-        print(f"  {name + ':':18s} {path}")
+    for kind, paths in (("results", show.results), ("figure", show.figures)):
+        for name, path in paths.items():
+            print(f"  {kind + ' ' + name + ':':26s} {path}")
     if args.scene is not None:
         print(f"  {'scene:':18s} {_write_scene(args.scene, show.scene_results, show.scene_subjects)}")
     return 0
