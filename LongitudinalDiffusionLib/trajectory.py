@@ -242,12 +242,10 @@ def _fit_one(tissue: str, data: str, rows: list[dict[str, Any]], offset: float) 
         logger.warning("trajectory %s (%s): %s", tissue, data, note)
         return _fit_ols(volumes, exog, note=note, **common)
     messages = sorted({str(w.message).splitlines()[0] for w in caught})
-    return TrajectoryFit(
-        model="MixedLM",
-        intercept=float(params[0]),
-        slope=float(params[1]),
-        intercept_ci=(float(ci[0, 0]), float(ci[0, 1])),
-        slope_ci=(float(ci[1, 0]), float(ci[1, 1])),
+    return _fit_result(
+        "MixedLM",
+        params,
+        ci,
         group_sd=math.sqrt(max(group_var, 0.0)),
         residual_sd=residual_sd,
         converged=bool(result.converged),
@@ -256,18 +254,26 @@ def _fit_one(tissue: str, data: str, rows: list[dict[str, Any]], offset: float) 
     )
 
 
-def _fit_ols(volumes: np.ndarray, exog: np.ndarray, *, note: str, **common: Any) -> TrajectoryFit:
-    from statsmodels.regression.linear_model import OLS
-
-    result = OLS(volumes, exog).fit()
-    params = np.asarray(result.params, dtype=np.float64)
-    ci = np.asarray(result.conf_int(), dtype=np.float64)
+def _fit_result(model: str, params: np.ndarray, ci: np.ndarray, **rest: Any) -> TrajectoryFit:
+    """A :class:`TrajectoryFit` from the (intercept, slope) estimates and their intervals."""
     return TrajectoryFit(
-        model="OLS",
+        model=model,
         intercept=float(params[0]),
         slope=float(params[1]),
         intercept_ci=(float(ci[0, 0]), float(ci[0, 1])),
         slope_ci=(float(ci[1, 0]), float(ci[1, 1])),
+        **rest,
+    )
+
+
+def _fit_ols(volumes: np.ndarray, exog: np.ndarray, *, note: str, **common: Any) -> TrajectoryFit:
+    from statsmodels.regression.linear_model import OLS
+
+    result = OLS(volumes, exog).fit()
+    return _fit_result(
+        "OLS",
+        np.asarray(result.params, dtype=np.float64),
+        np.asarray(result.conf_int(), dtype=np.float64),
         group_sd=None,
         residual_sd=math.sqrt(max(float(result.scale), 0.0)),
         converged=True,
