@@ -248,3 +248,17 @@ def test_metrics_have_the_values_one_expects():
     assert math.isnan(ev.dice(np.zeros((4, 4, 4)), np.zeros((4, 4, 4))))
     with pytest.raises(LongitudinalDiffusionError, match="differs from the truth"):
         ev.psnr(truth[:8], truth)
+
+
+def test_segmentation_cases_score_the_model_and_the_mixture_in_the_true_brain_mask(cohort, tmp_path):
+    """The tissue model and the Gaussian-mixture baseline on a scan with labels: both scored,
+    the mixture confined to the ground-truth brain mask (its strongest form)."""
+    from LongitudinalDiffusionLib.catalog import load_model
+    from LongitudinalDiffusionLib.subject import load_bids_subject
+
+    loaded = load_model(create_untrained("tissue-seg", tmp_path, scale="tiny"), device="cpu")
+    tp = next(t for t in load_bids_subject(cohort, subject="003").timepoints if t.labels and t.modality.value == "T1w")
+    case = ev.run_segmentation_case(tp, loaded, ev.Run(None, 1, 0, torch.device("cpu")))
+    assert set(case.scores) == {"model", "gaussian mixture"}
+    assert 0.3 < case.scores["gaussian mixture"]["dice"] <= 1.0  # a real segmentation, not an empty mask
+    assert 0.0 <= case.scores["model"]["dice"] <= 1.0

@@ -796,7 +796,7 @@ def run_segmentation_case(tp: Timepoint, loaded: LoadedModel, run: Run) -> Case:
     case = Case(tp.source.parts[-4] if tp.source else "subject", f"{tp.age:.2f} mo")
     predicted = segment(loaded.network, image, config=loaded.config, grid=grid, device=run.device)
     case.scores["model"] = {"dice": dice(predicted.array, truth)}
-    baseline = gmm_segment(image, truth > 0, age_months=tp.age, contrast=tp.modality.value)
+    baseline = gmm_segment(image, mask=truth > 0, age_months=tp.age, contrast=tp.modality.value)
     case.scores["gaussian mixture"] = {"dice": dice(baseline.array, truth)}
     return case
 
