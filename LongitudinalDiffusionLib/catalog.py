@@ -195,12 +195,13 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu")
 
     Weights are read with safetensors (no pickled code runs). The network is built from
     the card's method and config, then must match the weights key for key and shape for
-    shape.
+    shape. The network is returned ready for sampling on ``device`` (eval mode, no
+    gradients; on CUDA its Conv3d kernels channels-last-3d: ``diffusion.prepare_network``).
     """
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .diffusion import prepare_network
     from .models import build
 
     mc = name_or_path if isinstance(name_or_path, ModelCard) else resolve_card(name_or_path)
@@ -232,8 +233,8 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu")
         raise InputError(mc.path, f"cannot build a '{mc.method}' network from the card's config ({exc})") from None
     check_state_dict(network, state, weights)
     network.load_state_dict(state, strict=True)
-    network.eval().requires_grad_(False)
-    return LoadedModel(mc, network.to(torch.device(device) if not isinstance(device, torch.device) else device), config)
+    network.requires_grad_(False)
+    return LoadedModel(mc, prepare_network(network, device), config)
 
 
 def check_state_dict(network: Any, state: dict[str, Any], source: str | os.PathLike | None) -> None:

@@ -47,6 +47,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet
 from scipy import ndimage
 
+from .diffusion import prepare_network
 from .errors import InputError, LongitudinalDiffusionError
 from .grid import ModelGrid
 from .imaging import Image, check_array
@@ -228,7 +229,7 @@ def segment_tensor(
         raise InputError("segmentation input", "expected a (N, 1, D, H, W) tensor")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
-    model.to(device).eval()
+    prepare_network(model, device)
     try:
         logits = model(x.to(device, torch.float32))
     finally:

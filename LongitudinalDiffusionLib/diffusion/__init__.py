@@ -1,6 +1,6 @@
 """Diffusion engine: noise schedules, samplers, guidance, progress and cancellation."""
 
-from .device import autocast, describe_device, resolve_device
+from .device import autocast, describe_device, memory_format, prepare_network, resolve_device
 from .sampling import (
     SAMPLERS,
     Intermediate,
@@ -23,6 +23,8 @@ __all__ = [
     "autocast",
     "describe_device",
     "make_generator",
+    "memory_format",
+    "prepare_network",
     "residual_target",
     "resolve_device",
     "sample",

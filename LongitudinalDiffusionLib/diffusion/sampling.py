@@ -23,6 +23,13 @@ on a CPU generator and moved to the device, so a seed gives the same numbers on 
 CUDA. MONAI's schedulers were the starting point; the loop is owned here because MONAI's
 inferer has no progress or cancel hook and no place for x0 clipping with a custom
 transform (cWDM clips in image space, not in wavelet space).
+
+Cost per step: the network forward plus a handful of element-wise operations on one
+volume (``bench/loop_overhead.py`` measures the two against a bare forward). On a GPU the
+loop never waits for the device: the schedule tables and step indices live on it, the
+noise of stochastic samplers is drawn into page-locked memory and copied asynchronously,
+and nothing is read back before the end (or a captured intermediate). There, volumes are
+channels-last-3d and forwards run under float16 autocast (see :mod:`.device`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch
 
 from ..errors import LongitudinalDiffusionError
 from ..progress import CancelToken, ProgressCallback, Stage
-from .device import autocast, is_out_of_memory
+from .device import autocast, is_out_of_memory, memory_format, to_memory_format
 from .schedule import Schedule, _check_prediction
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -161,14 +168,28 @@ def _batch_pair(cond: Any, uncond: Any) -> Any:
     raise TypeError(f"cannot batch a condition of type {type(cond).__name__}")
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, fmt: torch.memory_format = torch.contiguous_format) -> Any:
+    """Tensors (in dicts, lists, tuples) moved to ``device``, 5-D ones in layout ``fmt``."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return to_memory_format(obj.to(device), fmt)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, fmt) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(_to_device(v, device, fmt) for v in obj)
     return obj
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of ``x`` that shares no memory with it."""
+    x = x.detach().contiguous()
+    return x.cpu() if x.device.type != "cpu" else x.clone()
+
+
+def _host_noise(shape: tuple[int, ...], generator: torch.Generator, pinned: bool = False) -> torch.Tensor:
+    """Standard normal float32 noise from the CPU generator, the very numbers of
+    ``torch.randn(shape, generator=generator)``; in page-locked memory when ``pinned``, so
+    that its copy to a GPU can be asynchronous."""
+    return torch.empty(shape, dtype=torch.float32, pin_memory=pinned).normal_(generator=generator)
 
 
 def _clipper(clip_x0: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -221,19 +242,27 @@ def sample(
             raise LongitudinalDiffusionError(f"reference has shape {tuple(ref.shape)}, expected {tuple(shape)}")
         image_clip = clip
         clip = (lambda r: image_clip(r + ref) - ref) if image_clip is not None else None
-    abar = schedule.alphas_cumprod
+    abar = schedule.alphas_cumprod  # float64 on the CPU: the update coefficients as Python floats
+    tables = schedule.to(device)  # the same tables on the device, for to_x0 / to_eps
+    fmt = memory_format(device)
+    cuda = device.type == "cuda"
 
     def randn() -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if cuda:  # page-locked and asynchronous: the loop does not wait for the GPU
+            return to_memory_format(_host_noise(shape, generator, pinned=True).to(device, non_blocking=True), fmt)
+        return _host_noise(shape, generator).to(device)
 
     x = noise.to(device=device, dtype=torch.float32) if noise is not None else randn()
     if tuple(x.shape) != tuple(shape):
         raise LongitudinalDiffusionError(f"initial noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    cond_in = _to_device(_batch_pair(cond, uncond) if guided else cond, device)
+    x = to_memory_format(x, fmt)
+    if ref is not None:
+        ref = to_memory_format(ref, fmt)
+    cond_in = _to_device(_batch_pair(cond, uncond) if guided else cond, device, fmt)
 
     def evaluate(x_t: torch.Tensor, t: int) -> torch.Tensor:
         tt = torch.full((x_t.shape[0] * (2 if guided else 1),), t, dtype=torch.long, device=device)
-        xin = torch.cat([x_t, x_t], dim=0) if guided else x_t
+        xin = to_memory_format(torch.cat([x_t, x_t], dim=0) if guided else x_t, fmt)
         try:
             with autocast(device, settings.amp):
                 out = denoiser(xin, tt, cond_in)
@@ -256,13 +285,13 @@ def sample(
     h_prev: float | None = None
     with torch.inference_mode():
         for i, t in enumerate(taus):
-            t_vec = torch.full((x.shape[0],), t, dtype=torch.long)
-            x0 = schedule.to_x0(prediction, evaluate(x, t), x, t_vec)
+            t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+            x0 = tables.to_x0(prediction, evaluate(x, t), x, t_vec)
             if clip is not None:
                 x0 = clip(x0)
             if i in keep:
                 shown = x0 if ref is None else x0 + ref
-                intermediates.append(Intermediate(i, t, x.detach().cpu().clone(), shown.detach().cpu().clone()))
+                intermediates.append(Intermediate(i, t, _to_host(x), _to_host(shown)))
             if i == len(taus) - 1:
                 x = x0
                 steps.advance()
@@ -280,7 +309,7 @@ def sample(
                 x = float(np.sqrt((1 - a_s) / (1 - a_t))) * x - float(np.sqrt(a_s) * np.expm1(-h)) * d
                 x0_prev, h_prev = x0, h
             else:
-                eps = schedule.to_eps(x0, x, t_vec)
+                eps = tables.to_eps(x0, x, t_vec)
                 beta = 1 - a_t / a_s
                 posterior_var = beta * (1 - a_s) / (1 - a_t)
                 if settings.name == "ddim":
@@ -295,7 +324,7 @@ def sample(
             steps.advance()
     if ref is not None:
         x = x + ref
-    return SampleOutput(x.detach().float().cpu(), intermediates, seed, len(taus))
+    return SampleOutput(x.detach().float().contiguous().cpu(), intermediates, seed, len(taus))
 
 
 def residual_target(target: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ what it means in MONAI's own schedulers; everything derived is kept in float64 s
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -70,6 +71,23 @@ class Schedule:
     @classmethod
     def cosine(cls, num_steps: int, s: float = 8e-3) -> Schedule:
         return cls.from_config({"kind": "cosine", "num_steps": num_steps, "s": s})
+
+    def to(self, device: torch.device | str) -> Schedule:
+        """This schedule with its tables on ``device`` (``self`` when they already are there).
+
+        For the per-step look-ups of a sampling loop on a GPU: with the tables and the step
+        index on the device, :meth:`to_x0` and :meth:`to_eps` copy nothing from the host, and a
+        host-to-device copy would make the CPU wait for the GPU at every step. Same float64
+        values, so the same results.
+        """
+        device = torch.device(device)
+        if self.betas.device == device:
+            return self
+        moved = copy.copy(self)
+        moved.betas, moved.alphas, moved.alphas_cumprod = (
+            v.to(device) for v in (self.betas, self.alphas, self.alphas_cumprod)
+        )
+        return moved
 
     def to_config(self) -> dict[str, Any]:
         return dict(self.config)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import SampleOutput, SamplerSettings, Schedule, sample
+from ..diffusion import SampleOutput, SamplerSettings, Schedule, prepare_network, sample
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
 from . import check_weights
@@ -490,7 +490,7 @@ def synthesize(
         ``x_t`` and ``x0`` are images (N, 1, D, H, W).
     """
     device = torch.device(device) if device is not None else _device_of(model)
-    model.to(device).eval()
+    prepare_network(model, device)
     settings = settings or SamplerSettings.from_dict(config["sampler"])
     cond = condition_channels(conditions.float(), config, mask)
     shape = (conditions.shape[0], SUBBANDS_PER_IMAGE, *cond.shape[2:])

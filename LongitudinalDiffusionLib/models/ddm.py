@@ -47,7 +47,7 @@ from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from torch import nn
 
-from ..diffusion import Schedule
+from ..diffusion import Schedule, prepare_network
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Stage
 from . import check_weights
@@ -528,7 +528,7 @@ def interpolate(
 
     stage = Stage("interpolate", gammas.numel(), progress, cancel).start()
     was_training = model.training
-    model.to(device).eval()
+    prepare_network(model, device)
     s, t = source.to(device, torch.float32), target.to(device, torch.float32)
     frames, fields, warped_labels = [], [], []
     try:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import SampleOutput, SamplerSettings, Schedule, residual_target, sample
+from ..diffusion import SampleOutput, SamplerSettings, Schedule, prepare_network, residual_target, sample
 from ..errors import InputError
 from .layers import ScalarEmbedding
 
@@ -168,7 +168,7 @@ def generate(
         device: where to run (the model is moved there); default: the model's device.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).eval()
+    prepare_network(model, device)
     if source.ndim != 5 or source.shape[1] != 1:
         raise InputError("source", f"expected a (N, 1, D, H, W) tensor, got shape {tuple(source.shape)}")
     if any(s % model.factor for s in source.shape[2:]):

@@ -73,7 +73,15 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import Intermediate, SamplerSettings, Schedule, make_generator, residual_target, sample
+from ..diffusion import (
+    Intermediate,
+    SamplerSettings,
+    Schedule,
+    make_generator,
+    prepare_network,
+    residual_target,
+    sample,
+)
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
 from .layers import ScalarEmbedding
@@ -457,7 +465,7 @@ def fill_sequence(
     unchanged, bit for bit.
 
     Args:
-        model: a trained :class:`SADM`, already on ``device``.
+        model: a trained :class:`SADM`; moved to ``device`` and put in eval mode.
         frames: (N, F, 1, D, H, W) on the model grid; values in missing slots are ignored.
         ages: (N, F) months, non-decreasing along F.
         present: (N, F) bool; frame 0 must be present in every row.
@@ -480,6 +488,7 @@ def fill_sequence(
     if generator is None:
         generator, seed = make_generator(settings.seed)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    prepare_network(model, device)
     schedule = Schedule.from_config(config["schedule"])
     clip = config.get("clip_x0")
     clip = tuple(clip) if isinstance(clip, (list, tuple)) else clip

@@ -1,0 +1,113 @@
+"""The device-dependent parts of the engine (diffusion/device.py, the layout logic of the
+sampler): channels-last-3d on CUDA only, nothing changed on the CPU. CUDA is absent here, so
+the decisions are tested as functions and the CUDA layout is exercised on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from LongitudinalDiffusionLib.diffusion import SamplerSettings, Schedule, memory_format, prepare_network, sample
+from LongitudinalDiffusionLib.diffusion import sampling as sampling_module
+from LongitudinalDiffusionLib.diffusion.device import set_memory_format, to_memory_format
+from LongitudinalDiffusionLib.models import interval, sadm
+
+torch.set_num_threads(1)
+CL3D = torch.channels_last_3d
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_channels_last_3d_is_chosen_for_cuda(device):
+    assert memory_format(device) == CL3D
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", torch.device("cpu")])
+def test_default_layout_everywhere_else(device):
+    assert memory_format(device) == torch.contiguous_format
+
+
+def test_prepare_network_is_a_no_op_on_cpu_beyond_eval():
+    torch.manual_seed(0)
+    model = interval.build(interval.default_config("tiny")).train()
+    before = {name: (p.data_ptr(), p.stride()) for name, p in model.state_dict().items()}
+    assert prepare_network(model, "cpu") is model
+    assert not model.training
+    after = {name: (p.data_ptr(), p.stride()) for name, p in model.state_dict().items()}
+    assert after == before
+
+
+def test_to_memory_format_leaves_other_tensors_and_the_default_layout_alone():
+    x = torch.randn(1, 2, 4, 4, 4)
+    assert to_memory_format(x, torch.contiguous_format) is x
+    flat = torch.randn(3, 4)
+    assert to_memory_format(flat, CL3D) is flat
+    y = to_memory_format(x, CL3D)
+    assert y.is_contiguous(memory_format=CL3D) and torch.equal(y, x)
+
+
+def test_the_cuda_layout_converts_conv_kernels_only_and_keeps_the_function():
+    """What prepare_network does on CUDA, done on the CPU: Conv3d kernels channels-last-3d,
+    SADM's 4-D position table left alone (``module.to(memory_format=...)`` would fail on it)."""
+    config = sadm.default_config("tiny")
+    torch.manual_seed(0)
+    model = _randomised(sadm.build(config))
+    x = torch.randn(1, 1, *config["image_size"])
+    c = torch.randn(1, 1, *config["image_size"])
+    t = torch.tensor([5])
+    with torch.inference_mode():
+        expected = model(x, t, c)
+        set_memory_format(model, CL3D)
+        got = model(to_memory_format(x, CL3D), t, to_memory_format(c, CL3D))
+    kernel = model.unet.conv_in.conv.weight
+    assert kernel.is_contiguous(memory_format=CL3D) and not kernel.is_contiguous()
+    assert model.attention.space_pos.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_in_the_cuda_layout_gives_the_same_contiguous_result(monkeypatch):
+    """The sampler's channels-last-3d path (volumes, conditions, residual reference), run on the CPU."""
+    config = interval.default_config("tiny")
+    torch.manual_seed(0)
+    model = _randomised(interval.build(config))
+    source = torch.rand(1, 1, *config["image_size"]) * 2 - 1
+    cond = {"source": source, "interval": torch.tensor([3.0])}
+    args = dict(cond=cond, clip_x0=(-1.0, 1.0), reference=source)
+    schedule = Schedule.from_config(config["schedule"])
+    settings = SamplerSettings("ddim", 4, eta=0.5, seed=3, capture=2)
+
+    def run():
+        return sample(lambda x, t, c: model(x, t, c["source"], c["interval"]), tuple(source.shape), schedule,
+                      "epsilon", settings, **args)  # fmt: skip
+
+    plain = run()
+    monkeypatch.setattr(sampling_module, "memory_format", lambda device: CL3D)
+    set_memory_format(model, CL3D)
+    channels_last = run()
+    assert channels_last.sample.is_contiguous()
+    assert all(i.x_t.is_contiguous() and i.x0.is_contiguous() for i in channels_last.intermediates)
+    torch.testing.assert_close(channels_last.sample, plain.sample, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_is_the_generator_stream_of_randn():
+    shape = (2, 3, 5, 6, 7)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    b = sampling_module._host_noise(shape, torch.Generator().manual_seed(11))
+    assert torch.equal(a, b)
+
+
+def test_schedule_tables_move_once_to_the_device():
+    schedule = Schedule.linear(1e-4, 0.02, 100)
+    assert schedule.to("cpu") is schedule
+    moved = schedule.to("meta")
+    assert moved.alphas_cumprod.device.type == "meta" and moved.betas.dtype == torch.float64
+    assert moved.num_steps == 100 and moved.to_config() == schedule.to_config()
+    assert schedule.alphas_cumprod.device.type == "cpu"
