@@ -78,7 +78,7 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             qt,
             subjectLoader=self.logic.loadSubject,
             runFactory=self.logic.startRun,
-            resultPlacer=self.logic.placeRun,
+            resultPlacer=self.logic.placeRunSteps,
             uploadConsent=self.confirmUpload,
             connectionTester=self.testConnection,
         )
@@ -146,6 +146,11 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
     def placeRun(self, run):
         """Put a finished run's results under the subject; returns a ``SceneResults`` view."""
         return self.runLogic().placeRun(run)
+
+    def placeRunSteps(self, run):
+        """``placeRun`` in steps (a generator returning the view): the panel runs one step per
+        turn of Qt's event loop, so Slicer stays responsive while the results are placed."""
+        return self.runLogic().placeRunSteps(run)
 
     def run(self, request, timeout=None):
         """Blocking form for scripts: run ``request``, place and return its results."""

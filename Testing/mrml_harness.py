@@ -167,7 +167,7 @@ def panelOnScene(
         qt,
         subjectLoader=logic.loadSubject,
         runFactory=logic.startRun,
-        resultPlacer=logic.placeRun,
+        resultPlacer=logic.placeRunSteps,
         uploadConsent=askConsent,
         connectionTester=logic.testConnection if testConnections else None,
         pollIntervalMs=20,

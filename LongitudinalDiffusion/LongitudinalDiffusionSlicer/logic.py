@@ -10,7 +10,11 @@ a script uses without the panel:
   scene during the run stops it.
 * :meth:`RunLogic.placeRun` puts a finished run's results into the scene under the subject
   (:func:`.results.placeResult` for each; all or nothing) and returns a
-  :class:`~.results.SceneResults` view.
+  :class:`~.results.SceneResults` view; :meth:`RunLogic.placeRunSteps` does the same in
+  steps of tens of milliseconds, for the panel, which lets Qt's event loop run in between.
+  The tissue segmentation of the results - the slow part of placing them - is done before,
+  on a background thread, while the run still shows as running
+  (:func:`.results.prepareSegmentations`, the run's ``prepare`` step).
 * :meth:`RunLogic.run` does both and blocks: the scripting form.
 
 Example (Slicer Python console)::
@@ -26,7 +30,7 @@ Example (Slicer Python console)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from LongitudinalDiffusionLib.catalog import find_model
@@ -187,13 +191,35 @@ class RunLogic:
         try:
             specs = jobSpecsFromRequest(request, staging, self.options)
             backend = self.backendFor(request)
-            return Run(backend, specs, request, inputCheck=lambda: self.inputProblem(request), cleanup=cleanup)
+            segmenter = self.segmenter()
+            prepare = None
+            if segmenter is not None:
+
+                def prepare(runResults: list[Any], progress: Any, cancel: Any) -> results.PreparedSegmentations:
+                    return results.prepareSegmentations(
+                        runResults, request.subject, segmenter, progress=progress, cancel=cancel
+                    )
+
+            return Run(
+                backend,
+                specs,
+                request,
+                inputCheck=lambda: self.inputProblem(request),
+                cleanup=cleanup,
+                prepare=prepare,
+            )
         except BaseException:
             cleanup()
             raise
 
     def placeRun(self, run: Run) -> results.SceneResults:
         """Put a finished run's results into the scene (all or nothing) and return the view."""
+        return results.runSteps(self.placeRunSteps(run))
+
+    def placeRunSteps(self, run: Run) -> Generator[None, None, results.SceneResults]:
+        """:meth:`placeRun` in steps: a generator that yields between units of work (a volume,
+        a frame, the chart; see :func:`.results.placeResultSteps`) and returns the view.
+        Closing it before its end takes out what it placed."""
         request = run.request
         scene = self.scene
         problem = self.inputProblem(request) if request is not None else ""
@@ -201,7 +227,7 @@ class RunLogic:
             raise LongitudinalDiffusionError(problem)
         subject = getattr(request, "subject", None)
         labelNames = None
-        segmenter = self.segmenter()
+        segmenter = run.prepared if getattr(run, "prepared", None) is not None else self.segmenter()
         if getattr(request, "task", "") == "interpolate":
             first = request.scans[0]
             if first.labels is not None:
@@ -209,10 +235,11 @@ class RunLogic:
         placed: list[results.PlacedResult] = []
         try:
             for result in run.results:
-                placed.append(
-                    results.placeResult(result, scene, subject=subject, segmenter=segmenter, labelNames=labelNames)
+                steps = results.placeResultSteps(
+                    result, scene, subject=subject, segmenter=segmenter, labelNames=labelNames
                 )
-        except BaseException:
+                placed.append((yield from steps))
+        except BaseException:  # a failure, or closed before the end
             for item in reversed(placed):
                 item.remove(scene)
             raise

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -312,6 +313,10 @@ def _months(ages: Iterable[float]) -> str:
 # -------------------------------------------------------------------------------- panel
 
 
+#: Pause between two steps of placing results (ms): the event loop runs in between.
+PLACE_STEP_DELAY_MS = 1
+
+
 class Panel:
     """The panel's state and behaviour.
 
@@ -327,7 +332,11 @@ class Panel:
             ``applyRequested`` instead.
         resultPlacer: puts a finished run's results into the scene and returns a view of
             them (see :class:`~.results.SceneResults`: frame series, segmentation display,
-            uncertainty overlay, chart); it removes whatever it made if it fails.
+            uncertainty overlay, chart); it removes whatever it made if it fails. It may
+            instead return a generator that places them in steps and returns the view
+            (``RunLogic.placeRunSteps``): the panel then runs one step per turn of Qt's event
+            loop, so the application stays responsive, and Cancel closes it (which takes
+            out what it placed).
         uploadConsent: asks the user before a remote run uploads the subject's images;
             returns True to go on (default: a Qt question box).
         connectionTester: ``connectionTester(url, token, modelName)`` asks the server for its
@@ -380,6 +389,7 @@ class Panel:
         self._uploadConsent = uploadConsent or self._askUploadConsent
         self._connectionTester = connectionTester
         self._run: Any = None
+        self._placing: Any = None  # the result placer's steps while they run
         self._results: Any = None
         self._timer = qt.QTimer()
         self._timer.setInterval(int(pollIntervalMs))
@@ -1016,8 +1026,17 @@ class Panel:
         return run
 
     def cancelRun(self) -> None:
-        """Ask the run to stop; the panel shows "cancelled" once the backend confirms."""
+        """Ask the run to stop; the panel shows "cancelled" once the backend confirms (at
+        once while the results are being placed: what was placed is taken out)."""
         if self._run is None:
+            return
+        if self._placing is not None:
+            placing, self._placing = self._placing, None
+            try:
+                placing.close()
+            except Exception:
+                logger.exception("taking out the partly placed results failed")
+            self._endRun("cancelled", "")
             return
         self._run.cancel()
         self.ui.applyButton.setEnabled(False)
@@ -1045,7 +1064,7 @@ class Panel:
     def pollRun(self, *_args: Any) -> Any:
         """Drain the run's events into the progress bar and the log (the timer calls it)."""
         run = self._run
-        if run is None:
+        if run is None or self._placing is not None:
             self._timer.stop()
             return None
         try:
@@ -1076,9 +1095,40 @@ class Panel:
         try:
             view = self._resultPlacer(run)
         except Exception as exc:
-            logger.exception("placing the results failed")
-            self._endRun("failed", _("the results could not be put into the scene: {error}").format(error=exc))
+            self._placingFailed(exc)
             return
+        if inspect.isgenerator(view):
+            self._timer.stop()
+            self._placing = view
+            self.ui.progressBar.setFormat(_("placing the results in the scene..."))
+            self.setStatus(_("Placing the results in the scene..."))
+            self._placeStep(view)
+            return
+        self._placed(view)
+
+    def _placeStep(self, placing: Any) -> None:
+        """One step of the result placer's steps, then the next one on the next turn of the
+        event loop (a step left over from a cancelled run does nothing)."""
+        if placing is not self._placing:
+            return
+        try:
+            next(placing)
+        except StopIteration as end:
+            self._placing = None
+            self._placed(end.value)
+            return
+        except Exception as exc:
+            self._placing = None
+            self._placingFailed(exc)
+            return
+        # 1 ms rather than 0: a zero timer may run again before Qt handles paint and input events
+        self.qt.QTimer.singleShot(PLACE_STEP_DELAY_MS, lambda: self._placeStep(placing))
+
+    def _placingFailed(self, exc: Exception) -> None:
+        logger.exception("placing the results failed")
+        self._endRun("failed", _("the results could not be put into the scene: {error}").format(error=exc))
+
+    def _placed(self, view: Any) -> None:
         self._showResults(view)
         for message in getattr(view, "messages", []) or []:
             self.appendLog(message)
@@ -1087,6 +1137,7 @@ class Panel:
     def _endRun(self, state: str, error: str) -> None:
         self._timer.stop()
         self._run = None
+        self._placing = None
         self._setRunning(False)
         if state == "done":
             self.ui.progressBar.setValue(100)

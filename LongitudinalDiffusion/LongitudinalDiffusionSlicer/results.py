@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,19 @@ __all__ = [
     "UNCERTAINTY_COLOR_NODE_ID",
     "PlacedResult",
     "PlacedSeries",
+    "PreparedSegmentations",
     "SceneResults",
     "TissueSegmenter",
     "addFrameSequence",
+    "addFrameSequenceSteps",
     "addTissueVolumePlot",
     "exportScene",
     "labelNamesFor",
     "placeResult",
+    "placeResultSteps",
+    "prepareSegmentations",
     "resultNodeIds",
+    "runSteps",
     "segmentationFromLabels",
     "selectFrame",
     "setSegmentationDisplay",
@@ -343,6 +348,16 @@ def _uniqueIndexValues(times: Sequence[float]) -> list[str]:
     return values
 
 
+class _LazyLabels:
+    """``segmenter(frames[i])`` when item ``i`` is asked for."""
+
+    def __init__(self, segmenter: Segmenter, frames: Sequence[Image]) -> None:
+        self.segmenter, self.frames = segmenter, frames
+
+    def __getitem__(self, index: int) -> Image:
+        return self.segmenter(self.frames[index])
+
+
 def addFrameSequence(
     series: Any,
     name: str,
@@ -361,6 +376,23 @@ def addFrameSequence(
 
     Not transactional by itself; :func:`placeResult` removes what it made on failure.
     """
+    return runSteps(
+        addFrameSequenceSteps(series, name, scene, segmenter=segmenter, labelNames=labelNames, attributes=attributes)
+    )
+
+
+def addFrameSequenceSteps(
+    series: Any,
+    name: str,
+    scene: Any = None,
+    *,
+    segmenter: Segmenter | None = None,
+    labelNames: Mapping[int, str] | None = None,
+    attributes: Mapping[str, str] | None = None,
+) -> Generator[None, None, PlacedSeries]:
+    """:func:`addFrameSequence` in steps: a generator that yields after each frame (and
+    between a frame and its segmentation) and returns the :class:`PlacedSeries` (see
+    :func:`placeResultSteps`)."""
     scene = mrml._scene(scene)
     attributes = dict(attributes or {})
     values = _uniqueIndexValues(series.times)
@@ -375,7 +407,7 @@ def addFrameSequence(
     labels = series.labels
     classes = dict(labelNames or {})
     if labels is None and segmenter is not None:
-        labels = [segmenter(frame) for frame in series.frames]
+        labels = _LazyLabels(segmenter, series.frames)  # one frame per step
         classes = {**getattr(segmenter, "classes", {}), **classes}
     segmentationSequence = None
     if labels is not None:
@@ -400,11 +432,13 @@ def addFrameSequence(
             frameNode.SetAttribute(GENERATED_ATTRIBUTE, "1" if generated else "0")
             volumeSequence.SetDataNodeAtValue(frameNode, value)
             if segmentationSequence is not None:
+                yield  # the frame's segmentation in a step of its own
                 segmentation = segmentationFromLabels(labels[i], classes, f"{label} segmentation", frameNode, scene)
                 try:
                     segmentationSequence.SetDataNodeAtValue(segmentation, value)
                 finally:
                     mrml._removeNodes(scene, [segmentation.GetDisplayNode(), segmentation])
+            yield
     finally:
         if frameNode is not None:
             mrml._removeNodes(scene, [frameNode.GetDisplayNode(), frameNode])
@@ -772,7 +806,8 @@ def placeResult(
             tissue volume plot; ``subject.meta["scene_nodes"]`` names its input volumes).
         subjectId: the subject hierarchy subject to place it under (default the subject's ID,
             else the provenance's first input); made when it does not exist.
-        segmenter: labels any image (e.g. :class:`TissueSegmenter`): segmentations of the
+        segmenter: labels any image (e.g. :class:`TissueSegmenter`, or the
+            :class:`PreparedSegmentations` of :func:`prepareSegmentations`): segmentations of the
             generated volumes and of frames without their own labels, and the tissue plot.
         labelNames: names of the values of the series' own labels.
         name: the folder's name (default ``"<task> (<model>)"``).
@@ -784,6 +819,51 @@ def placeResult(
 
     Raises:
         whatever fails; every node and item made so far is removed first.
+    """
+    return runSteps(
+        placeResultSteps(
+            result,
+            scene,
+            subject=subject,
+            subjectId=subjectId,
+            segmenter=segmenter,
+            labelNames=labelNames,
+            name=name,
+            tissuePlot=tissuePlot,
+            checkCancel=checkCancel,
+        )
+    )
+
+
+def runSteps(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator of steps (:func:`placeResultSteps`, ...) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+def placeResultSteps(
+    result: Any,
+    scene: Any = None,
+    *,
+    subject: Any = None,
+    subjectId: str | None = None,
+    segmenter: Segmenter | None = None,
+    labelNames: Mapping[int, str] | None = None,
+    name: str | None = None,
+    tissuePlot: bool = True,
+    checkCancel: Callable[[], None] | None = None,
+) -> Generator[None, None, PlacedResult]:
+    """:func:`placeResult` in steps, for a GUI: a generator that yields after each unit of
+    work (a volume with its segmentation, a frame, the chart) so that the caller can let its
+    event loop run in between, and returns the :class:`PlacedResult`.
+
+    Each step takes tens of milliseconds for the demo models' volumes when the labels were
+    prepared ahead (:func:`prepareSegmentations`, off the GUI thread); with a plain segmenter
+    a step also runs it once. Closing the generator before its end (``close()``) undoes the
+    placement, as a failure does: every node and item made so far is removed.
     """
     scene = mrml._scene(scene)
     name = name or _runName(result)
@@ -803,6 +883,15 @@ def placeResult(
     shNode.SetItemAttribute(folderItem, RUN_ATTRIBUTE, name)
     placed = PlacedResult(name, folderItem)
     attributes = {RUN_ATTRIBUTE: name, mrml.SUBJECT_ATTRIBUTE: subjectId}
+    others: set[str] = set()  # nodes added to the scene by others between two steps: not ours to undo
+
+    def pause() -> Generator[None, None, None]:
+        ids = mrml._nodeIds(scene)
+        try:
+            yield
+        finally:  # also when closed here
+            others.update(mrml._nodeIds(scene) - ids)
+
     try:
         labelsOf: dict[int, Image] = {}
         for r in result.images:
@@ -827,26 +916,23 @@ def placeResult(
                 display.SetAndObserveColorNodeID(UNCERTAINTY_COLOR_NODE_ID)
                 display.AutoWindowLevelOn()
                 placed.uncertaintyNodes.append(node)
+                yield from pause()
                 continue
             placed.volumeNodes.append(node)
-            labels = None
-            for other in result.images:  # labels the task made for this age (e.g. carried along)
-                if other.kind == "labels" and other.age == r.age:
-                    labels = other.image
-            classes = dict(labelNames or {})
-            if labels is None and segmenter is not None:
-                labels = segmenter(r.image)
-                classes = {**getattr(segmenter, "classes", {}), **classes}
+            yield from pause()
+            check()
+            labels, classes = _generatedLabels(result, r, segmenter, labelNames)
             if labels is not None:
                 labelsOf[id(r)] = labels
                 segmentation = segmentationFromLabels(labels, classes, f"{r.name} segmentation", node, scene)
                 mrml._setAttributes(segmentation, {**attributes, KIND_ATTRIBUTE: "segmentation"})
                 mrml._placeInHierarchy(shNode, segmentation, folderItem)
                 placed.segmentationNodes[node.GetID()] = segmentation
+            yield from pause()
         for series in result.series:
             check()
             seriesName = f"{subjectId} {series.name}"
-            seriesPlaced = addFrameSequence(
+            steps = addFrameSequenceSteps(
                 series,
                 seriesName,
                 scene,
@@ -854,12 +940,23 @@ def placeResult(
                 labelNames=labelNames,
                 attributes=attributes,
             )
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as end:
+                    seriesPlaced = end.value
+                    break
+                yield from pause()
+                check()
             placed.sequences.append(seriesPlaced)
             for node in seriesPlaced.nodes():
                 mrml._placeInHierarchy(shNode, node, folderItem)
+            yield from pause()
         check()
         if tissuePlot and (segmenter is not None or labelsOf):
-            rows = tissueVolumeRows(subject, result, segmenter, segmentations=labelsOf)
+            rows = segmenter.tissueRows(result) if isinstance(segmenter, PreparedSegmentations) else None
+            if rows is None:
+                rows = tissueVolumeRows(subject, result, segmenter, segmentations=labelsOf)
             if rows:
                 tables, chart, seriesNodes = addTissueVolumePlot(rows, subjectId, scene)
                 placed.tableNodes, placed.chartNode, placed.plotSeriesNodes = tables, chart, seriesNodes
@@ -874,8 +971,8 @@ def placeResult(
                 f"{len(missing)} input volume(s) were removed from the scene during the run; "
                 "the results are placed under the subject without them"
             )
-    except BaseException:
-        mrml._removeNewNodes(scene, beforeIds)
+    except BaseException:  # a failure, or the generator closed before its end: undo
+        mrml._removeNewNodes(scene, beforeIds | others)
         if shNode.GetItemName(folderItem):
             shNode.RemoveItem(folderItem, False, True)
         if not subjectExisted and shNode.GetItemName(subjectItem):
@@ -891,6 +988,141 @@ def placeResult(
         ", tissue volume chart" if placed.chartNode is not None else "",
     )
     return placed
+
+
+def _generatedLabels(
+    result: Any, r: Any, segmenter: Segmenter | None, labelNames: Mapping[int, str] | None
+) -> tuple[Image | None, dict[int, str]]:
+    """The labels of a generated image ``r`` of ``result`` and their names: those the task
+    made for its age (e.g. carried along a deformation), else ``segmenter``'s, else None."""
+    labels = None
+    for other in result.images:
+        if other.kind == "labels" and other.age == r.age:
+            labels = other.image
+    classes = dict(labelNames or {})
+    if labels is None and segmenter is not None:
+        labels = segmenter(r.image)
+        classes = {**getattr(segmenter, "classes", {}), **classes}
+    return labels, classes
+
+
+# ------------------------------------------------------------------- prepared labels
+
+
+class PreparedSegmentations:
+    """A segmenter whose answers for the images of some results were computed ahead.
+
+    :func:`prepareSegmentations` fills it away from the GUI thread (it touches no MRML);
+    :func:`placeResult` / :func:`placeResultSteps` then use it as their ``segmenter``: the
+    prepared images' labels and each prepared result's tissue volume rows are looked up,
+    any other image is segmented on the spot by the wrapped segmenter.
+    """
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self._labels: dict[int, tuple[Image, Image]] = {}  # id(image) -> (image, labels)
+        self._rows: dict[int, tuple[Any, list[dict[str, Any]]]] = {}  # id(result) -> (result, rows)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        return dict(getattr(self.segmenter, "classes", {}) or {})
+
+    def __call__(self, image: Image) -> Image:
+        entry = self._labels.get(id(image))
+        if entry is not None and entry[0] is image:
+            return entry[1]
+        return self.segmenter(image)
+
+    def prepare(self, image: Image) -> Image:
+        """Segment ``image`` now and keep its labels (the image is kept too, so its id stays its own)."""
+        labels = self(image)
+        self._labels[id(image)] = (image, labels)
+        return labels
+
+    def keepTissueRows(self, result: Any, rows: list[dict[str, Any]]) -> None:
+        """Keep the tissue volume rows of ``result`` (see :func:`tissueVolumeRows`)."""
+        self._rows[id(result)] = (result, rows)
+
+    def tissueRows(self, result: Any) -> list[dict[str, Any]] | None:
+        """The tissue volume rows prepared for ``result`` (None if it was not prepared)."""
+        entry = self._rows.get(id(result))
+        return entry[1] if entry is not None and entry[0] is result else None
+
+
+def prepareSegmentations(
+    results: Sequence[Any],
+    subject: Any,
+    segmenter: Segmenter,
+    *,
+    progress: Callable[[Any], None] | None = None,
+    cancel: Any = None,
+) -> PreparedSegmentations:
+    """Everything :func:`placeResult` would ask ``segmenter`` for, computed now: the labels of
+    the generated volumes and of the frames without labels of their own, and the tissue
+    volume rows (the real scans of ``subject`` included, each segmented once). Touches no
+    MRML, so it can run on a background thread while the GUI stays responsive.
+
+    Args:
+        results: ``tasks.Result`` objects, as they will be placed.
+        subject: the library ``Subject`` they were made for (as given to :func:`placeResult`).
+        segmenter: e.g. :class:`TissueSegmenter`.
+        progress: receives a ``ProgressEvent`` per image (stage "segmenting the results").
+        cancel: a ``CancelToken``, checked between images.
+
+    Raises:
+        Cancelled: ``cancel`` was set.
+    """
+    from LongitudinalDiffusionLib.progress import Stage
+
+    prepared = PreparedSegmentations(segmenter)
+    images, scans = [], set()
+    for result in results:
+        generated = _generatedImages(result)
+        images += [r.image for r in generated if _generatedLabels(result, r, None, None)[0] is None]
+        images += [f for s in result.series if s.unit != "step" and s.labels is None for f in s.frames]
+        modality = next((r.modality for r in generated if r.modality), None)
+        scans |= {id(tp) for tp in getattr(subject, "timepoints", None) or [] if modality in (None, tp.modality.value)}
+    images = list({id(image): image for image in images}.values())  # a generated volume is a frame too
+    stage = Stage("segmenting the results", len(images) + len(scans), progress, cancel).start()
+    for image in images:
+        prepared.prepare(image)
+        stage.advance()
+    realScans = _ScanLabels(segmenter, stage)
+    for result in results:
+        labelsOf = {id(r): _generatedLabels(result, r, prepared, None)[0] for r in _generatedImages(result)}
+        rows = tissueVolumeRows(subject, result, realScans, segmentations=labelsOf)
+        prepared.keepTissueRows(result, rows)
+    return prepared
+
+
+def _generatedImages(result: Any) -> list[Any]:
+    """The result's images that :func:`placeResult` segments (not labels, not spread maps)."""
+    return [r for r in result.images if r.kind not in ("labels", "std")]
+
+
+class _ScanLabels:
+    """The segmenter for the subject's real scans: each file once (every result's tissue
+    rows read the same scans), one step of ``stage`` each."""
+
+    def __init__(self, segmenter: Segmenter, stage: Any) -> None:
+        self.segmenter, self.stage = segmenter, stage
+        self._done: dict[Any, tuple[Image, Image]] = {}  # file (or image id) -> (image, labels)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        return dict(getattr(self.segmenter, "classes", {}) or {})
+
+    def __call__(self, image: Image) -> Image:
+        source = (image.meta or {}).get("source")  # a scan read from its file for each result
+        key = source if source is not None else id(image)  # else the scan's own image, kept
+        done = self._done.get(key)
+        if done is not None and (source is not None or done[0] is image):
+            return done[1]
+        self.stage.check()
+        labels = self.segmenter(image)
+        self.stage.advance()
+        self._done[key] = (image, labels)
+        return labels
 
 
 # ----------------------------------------------------------------------------- export

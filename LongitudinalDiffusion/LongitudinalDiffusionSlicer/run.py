@@ -10,7 +10,9 @@ stage, ETA, log lines). :meth:`Run.wait` blocks until the end, for scripts.
 A run ends ``done`` (every job finished: :attr:`Run.results` holds the results, none of
 them in the scene yet), ``failed`` (the first error; the other jobs are cancelled) or
 ``cancelled``. Results are put into the scene only when every job is done, so a failed or
-cancelled run leaves nothing in it.
+cancelled run leaves nothing in it. A run may also *prepare* its results before it ends
+``done`` - work that needs no scene, such as their tissue segmentation - on a thread of its
+own, so that the main thread only has the scene work left (:attr:`Run.prepared`).
 
 Nothing here imports ``slicer`` or ``qt``.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from typing import Any
 
 from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
 from LongitudinalDiffusionLib.jobs import Backend, JobEvent, JobSpec
-from LongitudinalDiffusionLib.progress import Cancelled
+from LongitudinalDiffusionLib.progress import Cancelled, CancelToken, ProgressEvent
 from LongitudinalDiffusionLib.subject import Subject
 
 logger = logging.getLogger(__name__)
@@ -133,6 +136,11 @@ class Run:
         inputCheck: called on every poll; returns a problem (e.g. "the volume X was removed
             from the scene") that stops the run, or "".
         cleanup: called once when the run ends (e.g. removes the staging folder).
+        prepare: ``prepare(results, progress, cancel)``, called on a background thread once
+            every job is done, before the run reports ``done``; what it returns is kept in
+            :attr:`prepared`. It must not touch the scene. It reports through ``progress``
+            (``ProgressEvent`` objects, shown like the jobs') and stops with ``Cancelled``
+            when ``cancel`` (a ``CancelToken``) is set; any other error fails the run.
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class Run:
         *,
         inputCheck: Callable[[], str] | None = None,
         cleanup: Callable[[], None] | None = None,
+        prepare: Callable[[list[Any], Callable[[ProgressEvent], None], CancelToken], Any] | None = None,
     ) -> None:
         if not specs:
             raise InputError("run", "nothing to run")
@@ -151,6 +160,8 @@ class Run:
         self.labels = [label for label, _spec in specs]
         self.jobIds: list[str] = []
         self.results: list[Any] = []
+        #: what ``prepare`` returned (None without one)
+        self.prepared: Any = None
         self.state = RUNNING
         self.error = ""
         self.started = time.monotonic()
@@ -162,6 +173,12 @@ class Run:
         self._current = 0
         self._percent = 0
         self._text = ""
+        self._prepare = prepare
+        self._preparing: threading.Thread | None = None
+        self._prepareCancel = CancelToken()
+        self._prepareEvents: list[ProgressEvent] = []
+        self._prepareCursor = 0
+        self._prepareError: BaseException | None = None
         try:
             for _label, spec in specs:
                 self.jobIds.append(backend.submit(spec))
@@ -182,6 +199,7 @@ class Run:
         if self.finished:
             return
         self._cancelReason = self._cancelReason or reason
+        self._prepareCancel.cancel()
         for jobId in self.jobIds:
             if jobId not in self._finishedJobs:
                 try:
@@ -211,6 +229,10 @@ class Run:
         if problem and not self._cancelReason:
             update.log.append(problem)
             self.cancel(problem)
+        if self._preparing is not None:
+            self._pollPreparing(update)
+            update.state, update.percent, update.text, update.error = self.state, self._percent, self._text, self.error
+            return update
         for index, jobId in enumerate(self.jobIds):
             if jobId in self._finishedJobs:
                 continue
@@ -274,8 +296,54 @@ class Run:
         except Exception as exc:  # a backend that lost a result; report it like a failure
             self._end(FAILED, f"the results could not be collected: {exc}")
             return
+        if self._prepare is not None:
+            self._startPreparing()
+            return
+        self._done()
+
+    def _done(self) -> None:
         self._percent, self._text = 100, f"done in {time.monotonic() - self.started:.1f} s"
         self._end(DONE, "")
+
+    # ------------------------------------------------------------------ prepare
+
+    def _startPreparing(self) -> None:
+        def work() -> None:
+            try:
+                self.prepared = prepare(self.results, self._prepareEvents.append, self._prepareCancel)
+            except BaseException as exc:  # reported by the next poll
+                self._prepareError = exc
+
+        prepare, self._prepare = self._prepare, None
+        self._text = "preparing the results"
+        self._preparing = threading.Thread(target=work, name="longdiff-prepare-results", daemon=True)
+        self._preparing.start()
+
+    def _pollPreparing(self, update: RunUpdate) -> None:
+        thread = self._preparing
+        events = self._prepareEvents[self._prepareCursor :]  # appended by the thread: read, never modified
+        self._prepareCursor += len(events)
+        for event in events:
+            total = max(int(event.total), 1)
+            self._percent = int(round(100.0 * min(event.step, total) / total))
+            eta = formatEta(event.eta)
+            self._text = f"{event.stage} {event.step}/{event.total}" + (f" · {eta}" if eta else "")
+            if event.step >= event.total:
+                update.log.append(f"{event.stage}: {event.total} images in {event.elapsed:.1f} s")
+        if thread.is_alive():
+            return
+        self._preparing = None
+        error = self._prepareError
+        if self._cancelReason or isinstance(error, Cancelled):
+            self.prepared = None
+            self._end(CANCELLED, self._cancelReason or "cancelled")
+            self._text = "cancelled"
+        elif error is not None:
+            self.prepared = None
+            update.log.append(f"failed: {error}")
+            self._end(FAILED, f"preparing the results failed: {error}")
+        else:
+            self._done()
 
     # --------------------------------------------------------------------- wait
 
