@@ -265,3 +265,22 @@ def test_two_cpu_processes_train_one_model_with_gloo(cohort, tmp_path):
     assert not torch.equal(ckpt["rng"][0]["loss"], ckpt["rng"][1]["loss"])  # each process its own noise
     card = catalog.load_model(run / "model" / "interval-tiny.json").card.card
     assert card["training"]["processes"] == 2 and card["metrics"]["cases"] == 2
+
+
+def test_training_pairs_can_be_limited_to_nearby_visits(cohort):
+    """``model.training_pairs.max_visit_gap`` k keeps the ordered pairs at most k visits apart
+    (a two-sided completion only asks for those); without it every ordered pair is used."""
+    from training.data import make_dataset, open_cohort
+
+    data = open_cohort(cohort)
+    ids = data.subjects[:1]
+    config = default_config("cas-diffcom", "tiny")
+    n = len(make_dataset("interval", default_config("interval", "tiny"), None, data, ids, train=False).recipes)
+    visits = round((1 + math.sqrt(1 + 4 * n)) / 2)  # n = v (v - 1) ordered pairs
+    assert visits * (visits - 1) == n and visits >= 4
+    for gap, expected in ((None, n), (1, 2 * (visits - 1)), (2, 2 * (visits - 1) + 2 * (visits - 2))):
+        config["training_pairs"] = {} if gap is None else {"max_visit_gap": gap}
+        pairs = make_dataset("cas-diffcom", config, None, data, ids, train=False).recipes
+        assert len(pairs) == expected
+        order = {id(tp): i for i, tp in enumerate(sorted({id(a): a for a, _ in pairs}.values(), key=lambda t: t.age))}
+        assert all(gap is None or abs(order[id(a)] - order[id(b)]) <= gap for a, b in pairs)

@@ -156,12 +156,31 @@ class PairDataset(GridDataset):
     """Ordered pairs (source, target) of one subject's scans of one modality, at different ages:
     the time-interval model and Cas-DiffCom's generator."""
 
-    def __init__(self, cohort, grid, ids, *, method: str, modality: Modality, train: bool, seed: int = 0, rotate=0.0):
+    def __init__(
+        self,
+        cohort,
+        grid,
+        ids,
+        *,
+        method: str,
+        modality: Modality,
+        train: bool,
+        seed: int = 0,
+        rotate=0.0,
+        max_visit_gap: int | None = None,
+    ):
         super().__init__(cohort, grid, train=train, seed=seed)
         self.method = method
         self.rotate = float(rotate)
+        # max_visit_gap k: only pairs at most k visits apart (1 = neighbouring visits), the
+        # pairs a two-sided completion asks of the model; None: every ordered pair.
         for tps in _timepoints(cohort, ids, modality).values():
-            self.recipes += [(a, b) for a in tps for b in tps if a is not b]
+            self.recipes += [
+                (a, b)
+                for i, a in enumerate(tps)
+                for j, b in enumerate(tps)
+                if i != j and (max_visit_gap is None or abs(i - j) <= max_visit_gap)
+            ]
         self._rotator = None
         if self.rotate and train:
             from monai.transforms import RandRotate
@@ -342,7 +361,18 @@ def make_dataset(
     modality = parse_modality(config.get("modality") or (config.get("modalities") or ["T1w"])[0])
     if method in ("interval", "cas-diffcom") and stage != "refiner":
         rotate = config.get("augment", {}).get("guidance_rotation_deg", 5.0) if method == "cas-diffcom" else 0.0
-        return PairDataset(cohort, grid, ids, method=method, modality=modality, train=train, seed=seed, rotate=rotate)
+        gap = config.get("training_pairs", {}).get("max_visit_gap")
+        return PairDataset(
+            cohort,
+            grid,
+            ids,
+            method=method,
+            modality=modality,
+            train=train,
+            seed=seed,
+            rotate=rotate,
+            max_visit_gap=gap,
+        )
     if method == "cas-diffcom":
         sr_grid = default_grid(method, config, "sr_image_size")
         crop = config.get("refiner_crop") if train else None
