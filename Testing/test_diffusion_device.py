@@ -35,7 +35,7 @@ def test_default_layout_everywhere_else(device):
     assert memory_format(device) == torch.contiguous_format
 
 
-def test_prepare_network_is_a_no_op_on_cpu_beyond_eval():
+def test_prepare_network_on_cpu_keeps_the_weights_in_place_and_sets_eval_mode():
     torch.manual_seed(0)
     model = interval.build(interval.default_config("tiny")).train()
     before = {name: (p.data_ptr(), p.stride()) for name, p in model.state_dict().items()}
@@ -111,3 +111,96 @@ def test_schedule_tables_move_once_to_the_device():
     assert moved.alphas_cumprod.device.type == "meta" and moved.betas.dtype == torch.float64
     assert moved.num_steps == 100 and moved.to_config() == schedule.to_config()
     assert schedule.alphas_cumprod.device.type == "cpu"
+
+
+def _aten_ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("method", ["interval", "cwdm"])
+def test_a_network_prepared_on_the_cpu_convolves_on_onednn_with_the_same_output(method, monkeypatch):
+    """prepare_network on the CPU routes every Conv3d through oneDNN for inference (PyTorch's
+    own choice for a batch of 1 on these grids is its native slow_conv3d); same output."""
+    from LongitudinalDiffusionLib.diffusion.device import OneDNNConv3d
+    from LongitudinalDiffusionLib.models import build, default_config
+
+    monkeypatch.delenv("LONGDIFF_CPU_ONEDNN", raising=False)
+    config = default_config(method, "tiny")
+    torch.manual_seed(0)
+    model = _randomised(build(method, config))
+    if method == "interval":
+        x = torch.randn(1, 1, *config["image_size"])
+    else:  # cWDM's network runs on the wavelet subbands, half the grid
+        x = torch.randn(1, config["network"]["in_channels"], *[s // 2 for s in config["image_size"]])
+    t = torch.tensor([7])
+    if method == "interval":
+        source = torch.randn(1, 1, *config["image_size"])
+
+        def forward():
+            return model(x, t, source, torch.tensor([6.0]))
+    else:
+
+        def forward():
+            return model(x, t)
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    with torch.inference_mode():
+        expected = forward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert prepare_network(model, "cpu") is model
+    assert convs and all(type(m) is OneDNNConv3d and isinstance(m, torch.nn.Conv3d) for m in convs)
+    assert "Conv3d(" in repr(convs[0])
+    with torch.inference_mode():
+        got = forward()
+        routed = _aten_ops(forward)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert "aten::mkldnn_convolution" in routed and "aten::slow_conv3d_forward" not in routed
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_onednn_route_has_a_switch_and_leaves_training_alone(monkeypatch):
+    from LongitudinalDiffusionLib.diffusion.device import OneDNNConv3d, cpu_onednn_enabled, use_onednn_convolutions
+
+    config = interval.default_config("tiny")
+    torch.manual_seed(0)
+    model = _randomised(interval.build(config))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+
+    def routed() -> bool:
+        kinds = {type(m) for m in convs}
+        assert len(kinds) == 1
+        return kinds == {OneDNNConv3d}
+
+    for off in ("0", "false", "OFF", " no "):
+        monkeypatch.setenv("LONGDIFF_CPU_ONEDNN", off)
+        assert not cpu_onednn_enabled()
+        prepare_network(model, "cpu")
+        assert not routed()
+    monkeypatch.setenv("LONGDIFF_CPU_ONEDNN", "1")
+    assert cpu_onednn_enabled()
+    prepare_network(model, "cpu")
+    assert routed()
+    monkeypatch.setenv("LONGDIFF_CPU_ONEDNN", "0")
+    prepare_network(model, "cpu")  # preparing again with the switch off undoes the route
+    assert not routed()
+    prepare_network(model, "cpu", onednn=True)  # the argument overrides the environment
+    assert routed()
+    assert use_onednn_convolutions(model, enabled=False) == len(convs) and not routed()
+    use_onednn_convolutions(model)
+
+    # with gradients on (training), the layers take Conv3d's own path and back-propagate as before
+    x = torch.randn(1, 1, *config["image_size"])
+    source, dt, t = torch.randn_like(x), torch.tensor([6.0]), torch.tensor([3])
+    model.train()
+    assert "aten::mkldnn_convolution" not in _aten_ops(lambda: model(x, t, source, dt))
+    model(x, t, source, dt).square().mean().backward()
+    routed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    use_onednn_convolutions(model, enabled=False)
+    model(x, t, source, dt).square().mean().backward()
+    for a, p in zip(routed_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad)

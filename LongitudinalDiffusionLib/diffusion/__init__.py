@@ -1,6 +1,14 @@
 """Diffusion engine: noise schedules, samplers, guidance, progress and cancellation."""
 
-from .device import autocast, describe_device, memory_format, prepare_network, resolve_device
+from .device import (
+    autocast,
+    cpu_onednn_enabled,
+    describe_device,
+    memory_format,
+    prepare_network,
+    resolve_device,
+    use_onednn_convolutions,
+)
 from .sampling import (
     SAMPLERS,
     Intermediate,
@@ -21,6 +29,7 @@ __all__ = [
     "SamplerSettings",
     "Schedule",
     "autocast",
+    "cpu_onednn_enabled",
     "describe_device",
     "make_generator",
     "memory_format",
@@ -29,4 +38,5 @@ __all__ = [
     "resolve_device",
     "sample",
     "timesteps",
+    "use_onednn_convolutions",
 ]

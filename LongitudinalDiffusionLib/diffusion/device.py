@@ -11,12 +11,20 @@ On CUDA, and only there:
   the layout in which cuDNN's 3D convolutions, float16 tensor-core ones above all, are
   fastest (:func:`memory_format`, :func:`prepare_network`).
 
-On the CPU nothing of this applies: float32, default (contiguous) layout.
+On the CPU nothing of this applies: float32, default (contiguous) layout. What the CPU
+gets instead is a choice of convolution kernel (:func:`use_onednn_convolutions`): PyTorch
+runs a float32 3D convolution of a batch of 1 with N*C*D*H <= 20480 (every level of the
+demo networks, and the deep levels of larger ones) on its native ``slow_conv3d`` kernel,
+about 3-4 times slower per sampling step here than oneDNN, which it uses for larger batches
+(docs/performance.md). :func:`prepare_network` therefore routes the Conv3d layers of a
+network prepared for the CPU through oneDNN for inference; the environment variable
+``LONGDIFF_CPU_ONEDNN=0`` (read when a network is prepared) keeps PyTorch's own choice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +33,9 @@ from torch import nn
 from ..errors import LongitudinalDiffusionError
 
 DEVICES = ("auto", "cpu", "cuda")
+
+#: "0" (or "false", "no", "off") keeps PyTorch's own choice of CPU convolution kernel
+CPU_ONEDNN_ENV = "LONGDIFF_CPU_ONEDNN"
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -85,12 +96,77 @@ def set_memory_format(module: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return module
 
 
-def prepare_network(module: nn.Module, device: torch.device | str) -> nn.Module:
+class OneDNNConv3d(nn.Conv3d):
+    """A ``Conv3d`` whose inference forwards on the CPU run on oneDNN whatever the batch size.
+
+    PyTorch (``ConvParams::use_mkldnn``, aten/src/ATen/native/Convolution.cpp) sends a
+    float32 CPU convolution to oneDNN only if the batch is larger than 1, or N*C*D*H >
+    20480, or the kernel is larger than 3x3 (or grouped), though on one thread never for an
+    unstrided 1x1 kernel; otherwise to its native ``slow_conv3d``. Here a float32,
+    zero-padded forward on the CPU with gradients off calls ``aten.mkldnn_convolution``
+    directly: the same convolution (equal up to float32 round-off), on the kernel PyTorch
+    itself picks for a batch of 2. Anything else (training,
+    other devices or dtypes, other padding modes, a PyTorch without oneDNN or with
+    ``torch.backends.mkldnn.enabled`` off) takes ``Conv3d``'s own path. Parameters, state
+    dict and the type checks of ``Conv3d`` are unchanged; :func:`use_onednn_convolutions`
+    switches a layer in and out of this class.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            not torch.is_grad_enabled()
+            and input.device.type == "cpu"
+            and input.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and self.padding_mode == "zeros"
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+        ):
+            return torch.ops.aten.mkldnn_convolution(
+                input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups
+            )
+        return super()._conv_forward(input, weight, bias)
+
+    def _get_name(self) -> str:  # printed as the Conv3d it is
+        return "Conv3d"
+
+
+def cpu_onednn_enabled() -> bool:
+    """Whether :func:`prepare_network` routes CPU convolutions through oneDNN (environment
+    variable ``LONGDIFF_CPU_ONEDNN``; on unless it says 0, false, no or off)."""
+    return os.environ.get(CPU_ONEDNN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def use_onednn_convolutions(module: nn.Module, enabled: bool = True) -> int:
+    """Route the ``nn.Conv3d`` layers of ``module`` through oneDNN for CPU inference
+    (:class:`OneDNNConv3d`), or with ``enabled=False`` back to PyTorch's own choice; in place.
+
+    Layers of other (sub)classes, and those with string padding ("same"), are left alone.
+    Returns the number of layers switched.
+    """
+    count = 0
+    for m in module.modules():
+        if enabled and type(m) is nn.Conv3d and not isinstance(m.padding, str):
+            m.__class__ = OneDNNConv3d
+        elif not enabled and type(m) is OneDNNConv3d:
+            m.__class__ = nn.Conv3d
+        else:
+            continue
+        count += 1
+    return count
+
+
+def prepare_network(module: nn.Module, device: torch.device | str, onednn: bool | None = None) -> nn.Module:
     """Ready a network for sampling on ``device``: moved there, in eval mode and, on CUDA, with
-    its Conv3d kernels channels-last-3d (:func:`memory_format`). On the CPU this is exactly
-    ``module.to(device).eval()``. Returns the same module, changed in place (as ``.to`` does).
+    its Conv3d kernels channels-last-3d (:func:`memory_format`). On the CPU its Conv3d layers
+    are routed through oneDNN for inference (:func:`use_onednn_convolutions`; ``onednn``
+    overrides the environment switch :func:`cpu_onednn_enabled`); weights and layout are
+    left as they are. Returns the same module, changed in place (as ``.to`` does).
     """
     device = torch.device(device)
+    if onednn is None:
+        onednn = cpu_onednn_enabled()
+    use_onednn_convolutions(module, enabled=device.type == "cpu" and onednn)
     return set_memory_format(module.to(device), memory_format(device)).eval()
 
 
