@@ -94,6 +94,7 @@ def subject_montage(
     age_unit: str = "mo",
     focus_mm: Sequence[float] | None = None,
     label_colours: Mapping[int, tuple[float, float, float, float]] = LABEL_COLOURS,
+    empty_text: str | Mapping[str, str] = "missing",
 ) -> Path:
     """Write a PNG grid: one row per modality (+ a label row), one column per age.
 
@@ -107,6 +108,8 @@ def subject_montage(
         focus_mm: a world point (RAS mm) the axial slices go through; by default a lesion
             if the labels show one, else the upper middle of the last head.
         label_colours: label value -> RGBA of the overlay.
+        empty_text: the word in an empty cell, or row -> word (rows not named: "missing");
+            e.g. "" for a row of generated images, where an empty cell is simply not asked for.
     """
     import matplotlib
 
@@ -154,7 +157,8 @@ def subject_montage(
                 lo, hi = window(vol)
                 ax.imshow(axial_display(vol, k), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             else:
-                ax.text(0.5, 0.5, "missing", color="#888888", ha="center", va="center", transform=ax.transAxes)
+                text = empty_text if isinstance(empty_text, str) else empty_text.get(row, "missing")
+                ax.text(0.5, 0.5, text, color="#888888", ha="center", va="center", transform=ax.transAxes)
             if r == 0:
                 ax.set_title(f"{age:.1f} {age_unit}", color="white", fontsize=10)
             if c == 0:

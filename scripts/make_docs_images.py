@@ -2,8 +2,8 @@
 
     python scripts/make_docs_images.py
 
-Runs `longdiff demo` (seed 0, 2 mm) into a temporary folder, copies its figures to
-docs/images/, draws the 128x128 icon (one simulated subject at three ages, T2w), and has
+Runs `longdiff demo` (seed 0) into a temporary folder, copies its figures to
+docs/images/ (demo_*.png, heart_frames.png), draws the 128x128 icon (one simulated subject at three ages, T2w), and has
 the panel test (PySide6, offscreen) save its screenshot as docs/images/panel.png.
 """
 
@@ -49,8 +49,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         assert longdiff(["-q", "demo", str(out), "--subjects", "1", "--seed", "0"]) == 0
-        for name in ("sub-001_montage.png", "heart_frames.png"):
-            target = ROOT / "docs" / "images" / ("demo_montage.png" if name.startswith("sub-") else name)
+        names = {"sub-001_montage.png": "demo_montage.png", "heart_frames.png": "heart_frames.png"}
+        names |= {f"{task}.png": f"demo_{task}.png" for task in ("missing_age", "missing_modality", "frames")}
+        names["tissue_volumes.png"] = "demo_tissue_volumes.png"
+        for name, picture in names.items():
+            target = ROOT / "docs" / "images" / picture
             shutil.copyfile(out / "figures" / name, target)
             print(f"wrote {target}")
         subject = load_bids_subject(out / "cohort", subject="001")

@@ -106,6 +106,7 @@ def run_showcase(
         out / "figures" / "missing_age.png",
         title=f"{subject.subject_id}: the {age:.1f}-month visit hidden and generated ({result.provenance.model})",
         simulated=True,
+        empty_text={f"{modality} generated": ""},
     )
     show.lines.append(f"missing age: {subject.subject_id} at {age:.1f} months generated from the other visits")
 
