@@ -1,10 +1,11 @@
-"""The two benchmarks of the panel's responsiveness and of fast sampling run in their quick
+"""The benchmarks of the panel's responsiveness and of fast sampling run in their quick
 form and say what they measured (no timing is asserted: that is the benchmarks' job).
 
 * ``bench/panel_stall.py --quick``: a local job from the panel (tiny subject, 2 steps),
   the event loop's longest stall per phase;
 * ``bench/fewer_steps.py --quick``: one held-out case of a small simulated cohort, DDIM with
-  1 and 2 steps against a 20-step DDPM, PSNR/SSIM table, CSV and plot.
+  1 and 2 steps against a 20-step DDPM, PSNR/SSIM table, CSV and plot;
+* ``bench/sample_spread.py --quick``: the spread of 2 samples at DDIM 1 and 2 steps.
 """
 
 from __future__ import annotations
@@ -54,3 +55,14 @@ def test_fewer_steps_quick(tmp_path):
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddpm", "20", "20"), ("ddim", "1", "1"),
                                                                    ("ddim", "2", "2")]  # fmt: skip
     assert all(float(r["psnr_mean"]) > 0 for r in rows) and png.stat().st_size > 10_000
+
+
+def test_sample_spread_quick(tmp_path):
+    from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
+
+    cohort = write_cohort(
+        tmp_path / "cohort", CohortSpec(n_subjects=3, seed=11, shape=(32, 40, 32), spacing=(5, 5, 5), heart=False)
+    )
+    out = _run([str(ROOT / "bench" / "sample_spread.py"), "--quick", "--data", str(cohort)], tmp_path, 300)
+    assert "| interval | sub-002 " in out, out  # the first held-out subject
+    assert "ratio spread DDIM 1 / DDIM 2 interval: " in out and "sample-spread: 1 method(s), 2 samples" in out
