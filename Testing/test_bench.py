@@ -65,3 +65,28 @@ def test_quick_bench_runs_and_reports(script):
     assert done.returncode == 0, done.stderr[-2000:]
     for pattern in EXPECTED[script]:
         assert re.search(pattern, done.stdout), f"{script}: no line matching {pattern!r} in\n{done.stdout}"
+
+
+def test_the_suite_runs_with_one_command_and_knows_every_benchmark():
+    """``bench/run_all.py`` lists every script of bench/ (a new benchmark cannot be left out)
+    and runs the chosen ones, reporting each one's status."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"common", "run_all"}
+    assert set(run_all.BENCHMARKS) == scripts
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--only", "loop_overhead", "remote_overhead"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"\| loop_overhead \| ok \| \d+ \|", done.stdout)
+    assert re.search(r"ratio remote/local: \d+\.\d+", done.stdout)
+    assert "bench suite: 2 of 2 benchmarks ran" in done.stdout
