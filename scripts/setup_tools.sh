@@ -20,6 +20,19 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
     echo "setup_tools: redis-server not found and no package manager to install it; the Celery test will be skipped" >&2
   fi
 fi
+# Real scans the project never trained on (Testing/realdata.py): Colin27 and ITK's head T1.
+if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ] || [ ! -d /usr/share/doc/insighttoolkit5-examples/examples/Data ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null 2>&1 && sudo="sudo -n"; }
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }; then
+    echo "setup_tools: installing the real test scans (Debian mricron-data, insighttoolkit5-examples)" >&2
+    { $sudo apt-get install -y -q mricron-data insighttoolkit5-examples >/dev/null 2>&1 \
+      || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q mricron-data insighttoolkit5-examples >/dev/null 2>&1; }; } \
+      || echo "setup_tools: could not install the real test scans; their tests will be skipped" >&2
+  else
+    echo "setup_tools: no package manager for the real test scans; their tests will be skipped" >&2
+  fi
+fi
 tools="$here/.tools"
 version="1.15.0"
 if ! command -v npm >/dev/null 2>&1; then
