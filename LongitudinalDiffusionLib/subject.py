@@ -899,12 +899,13 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass(kw_only=True)
+@dataclass
 class Provenance:
     """How a result was made; saved as the JSON sidecar of the result's NIfTI.
 
-    All fields are keyword-only. ``library_version`` and ``created`` (UTC, ISO-8601) are
-    filled automatically.
+    Pass the fields by keyword (plain ``@dataclass``: ``kw_only`` needs Python 3.10, and the
+    library runs on Slicer 5.8's Python 3.9). ``library_version`` and ``created`` (UTC,
+    ISO-8601) are filled automatically.
 
     Args:
         model: model card name (e.g. ``"cas-diffcom-demo"``).
