@@ -3,7 +3,7 @@
 A :class:`JobSpec` says what to run (task, model, the subject's input images and the
 task's parameters, the sampling options); :func:`run_job` runs it with the library's
 :mod:`~LongitudinalDiffusionLib.tasks`. The same spec runs on a :class:`Backend`: the
-local one (a background thread, :mod:`.backends.local`) or the remote worker
+local one (a warm child process, :mod:`.backends.local` and :mod:`.backends.process`) or the remote worker
 (:mod:`.backends.remote`). A caller (the Slicer panel, the CLI, a script) submits a spec,
 drains :class:`JobEvent` objects with ``poll`` on a timer, may ``cancel``, and finally
 takes the :class:`~LongitudinalDiffusionLib.tasks.Result`.
@@ -432,25 +432,35 @@ def load_subject(spec: JobSpec):
     return Subject(spec.subject_id, timepoints)
 
 
-def run_job(spec: JobSpec, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Result:
+def run_job(
+    spec: JobSpec,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    model: Any = None,
+) -> Result:
     """Run a spec with the library's tasks, in this process. Raises what the task raises
-    (:class:`InputError`, :class:`~LongitudinalDiffusionLib.progress.Cancelled`, ...)."""
+    (:class:`InputError`, :class:`~LongitudinalDiffusionLib.progress.Cancelled`, ...).
+
+    ``model``: the spec's model already loaded (a ``LoadedModel``, e.g. from the warm job
+    process's cache); by default it is loaded from ``spec.model``."""
     from . import tasks
 
     spec.validate()
     opts = run_options(spec, progress, cancel)
     p = spec.params
+    chosen = spec.model if model is None else model
     if cancel is not None:
         cancel.check("loading")
     if spec.task == "interpolate":
         src, tgt = spec.inputs[p["source"]], spec.inputs[p["target"]]
         return tasks.interpolate_frames(
-            src.path, tgt.path, p["n_frames"], spec.model, source_labels=src.labels, options=opts
+            src.path, tgt.path, p["n_frames"], chosen, source_labels=src.labels, options=opts
         )
     subject = load_subject(spec)
     if spec.task == "complete-ages":
-        return tasks.complete_ages(subject, p["ages"], spec.model, modality=p.get("modality"), options=opts)
-    return tasks.synthesize_modality(subject, p["session"], p["target"], spec.model, options=opts)
+        return tasks.complete_ages(subject, p["ages"], chosen, modality=p.get("modality"), options=opts)
+    return tasks.synthesize_modality(subject, p["session"], p["target"], chosen, options=opts)
 
 
 # ----------------------------------------------------------------------------- protocol

@@ -1,6 +1,8 @@
 """Job specs, events and the local backend: JSON round trips, clear refusals of malformed
-specs, FIFO order on one background thread, progress, cancel (nothing left behind) and
-failures that end a job but not the backend. Tiny untrained models, 2 sampler steps."""
+specs, FIFO order (in the local backend's child process, and on the thread backend's one
+thread), progress, cancel (nothing left behind) and failures that end a job but not the
+backend. Tiny untrained models, 2 sampler steps. The child process itself (warm reuse,
+crashes, killing the tree, a GIL-holding main thread) is tested in test_backend_process.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 from worker_harness import FAST, ages_spec, gapped_subject
 
-from LongitudinalDiffusionLib.backends import LocalBackend
+from LongitudinalDiffusionLib.backends import LocalBackend, ThreadBackend
 from LongitudinalDiffusionLib.errors import InputError
 from LongitudinalDiffusionLib.jobs import Backend, JobEvent, JobInput, JobNotFinished, JobSpec, UnknownJob, run_job
 from LongitudinalDiffusionLib.progress import Cancelled
@@ -139,7 +141,8 @@ def test_jobs_run_one_at_a_time_in_order(cohort, models):
             with lock:
                 running[0] -= 1
 
-    with LocalBackend(runner=runner) as b:
+    # a runner of the test's own runs only in this process: the thread backend
+    with ThreadBackend(runner=runner) as b:
         ids = [b.submit(ages_spec(cohort, str(models["interval"]), seed=s)) for s in range(4)]
         for i in ids:
             b.wait(i, timeout=120)

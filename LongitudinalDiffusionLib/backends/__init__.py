@@ -1,4 +1,4 @@
-"""Where jobs run: :class:`LocalBackend` (a background thread in this process) and
+"""Where jobs run: :class:`LocalBackend` (a warm child process, :mod:`.process`) and
 :class:`RemoteBackend` (the HTTP client of a ``longdiff-worker``). Both implement
 :class:`~LongitudinalDiffusionLib.jobs.Backend`, so a caller does not know which it has.
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .local import LocalBackend
+from .local import LocalBackend, ThreadBackend
+from .process import ProcessBackend
 
-__all__ = ["LocalBackend", "RemoteBackend"]
+__all__ = ["LocalBackend", "ProcessBackend", "RemoteBackend", "ThreadBackend"]
 
 
 def __getattr__(name: str) -> Any:

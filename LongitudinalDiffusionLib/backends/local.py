@@ -1,9 +1,17 @@
-"""Jobs on a background thread of this process, one at a time, first come first served.
+"""Local jobs: :class:`LocalBackend` runs them in a warm child Python process
+(:class:`~.process.ProcessBackend`); :class:`ThreadBackend` on a thread of this process.
 
-The Slicer panel uses it when no worker is configured: the GUI thread submits a spec,
-drains events with :meth:`LocalBackend.poll` on a timer and never blocks. Cancelling sets
-the job's :class:`~LongitudinalDiffusionLib.progress.CancelToken`; the sampler stops within
-a step and nothing is kept (results live in memory until taken; nothing is written).
+The Slicer panel uses :class:`LocalBackend` when no worker is configured: the GUI thread
+submits a spec, drains events with ``poll`` on a timer and never blocks. The work runs in a
+child process because inside Slicer the main thread holds Python's GIL while the event
+loop idles: a thread of the application would advance only during timer ticks (see
+``docs/performance.md``, "Local jobs in a child process").
+
+:class:`ThreadBackend` is the former in-process backend, kept for what a child process
+cannot do: running a runner function given by the caller (a test's instrumented runner) and
+the comparison of ``bench/gil_starvation.py``. Cancelling sets the job's
+:class:`~LongitudinalDiffusionLib.progress.CancelToken`; the sampler stops within a step and
+nothing is kept (results live in memory until taken; nothing is written).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 from ..errors import LongitudinalDiffusionError
 from ..jobs import JobEvent, JobNotFinished, JobSpec, UnknownJob, run_job
 from ..progress import Cancelled, CancelToken, ProgressEvent
+from .process import ProcessBackend
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +48,13 @@ class _Job:
     finished: threading.Event = field(default_factory=threading.Event)
 
 
-class LocalBackend:
+class LocalBackend(ProcessBackend):
+    """The local backend: jobs in a warm child process (see :class:`~.process.ProcessBackend`
+    for the arguments: ``python``, ``progress_interval``, ``idle_timeout``, ``cache_size``,
+    ``cancel_grace``, ``env``)."""
+
+
+class ThreadBackend:
     """Runs jobs with :func:`~LongitudinalDiffusionLib.jobs.run_job` on one background thread.
 
     Args:
@@ -136,7 +151,7 @@ class LocalBackend:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
 
-    def __enter__(self) -> LocalBackend:
+    def __enter__(self) -> ThreadBackend:
         return self
 
     def __exit__(self, *exc: Any) -> None:
