@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "LONGDIFF_MODELS"
 USER_DIR = Path("~/.longdiff/models")
@@ -49,6 +52,36 @@ class ModelCard:
         """False for a model with random weights (``trained_on`` is null)."""
         return self.card.get("trained_on", {}) is not None
 
+    @property
+    def what(self) -> str:
+        """What the model makes, in a few words: ``FLAIR from T1w,T1ce,T2w`` (cWDM),
+        ``T1w 0.15-24 mo`` (missing ages), ``frames`` (DDM)."""
+        config = self.card.get("config") or {}
+        if self.method == "cwdm":
+            if config.get("any_missing"):
+                return f"any of {','.join(config.get('modalities') or [])} from the others"
+            return f"{config.get('target', '?')} from {','.join(config.get('conditions') or [])}"
+        if self.method == "ddm":
+            return "frames between two scans"
+        mods = ",".join(self.card.get("modalities") or [])
+        if self.method == "tissue-seg":
+            mods = f"tissue labels of {mods}"
+        ages = self.card.get("age_range_months")
+        span = f" {ages[0]:g}-{ages[1]:g} mo" if isinstance(ages, list) and len(ages) == 2 else ""
+        return f"{mods}{span}".strip()
+
+
+@dataclass(frozen=True)
+class BrokenCard:
+    """A card that cannot be used, and why (``longdiff models`` lists it as broken)."""
+
+    name: str
+    path: Path
+    reason: str
+
+
+_WARNED: set[tuple[str, str]] = set()
+
 
 def search_paths() -> list[Path]:
     """The folders searched for model cards, in priority order."""
@@ -56,29 +89,55 @@ def search_paths() -> list[Path]:
     return paths + [USER_DIR.expanduser(), BUNDLED_DIR]
 
 
-def list_models() -> list[ModelCard]:
-    """Every card found, first occurrence of each name only. Unreadable cards raise."""
+def scan_models() -> tuple[list[ModelCard], list[BrokenCard]]:
+    """Every usable card (first occurrence of each name) and every broken one.
+
+    A card that cannot be read (invalid JSON, not an object, no ``method``) affects only
+    itself: it is skipped with a warning naming the file, and the other models stay usable.
+    """
     found: dict[str, ModelCard] = {}
+    broken: list[BrokenCard] = []
     for folder in search_paths():
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.json")):
             try:
-                card = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise InputError(path, f"model card is not valid JSON ({exc})") from None
-            if not isinstance(card, dict) or "method" not in card:
-                raise InputError(path, "model card has no 'method' field")
+                card = _read_card(path)
+            except InputError as exc:
+                broken.append(BrokenCard(path.stem, path, exc.problem))
+                if (str(path), exc.problem) not in _WARNED:
+                    _WARNED.add((str(path), exc.problem))
+                    log.warning("%s: %s; this model is skipped, the others are not affected", path, exc.problem)
+                continue
             found.setdefault(path.stem, ModelCard(path.stem, path, card))
-    return list(found.values())
+    return list(found.values()), broken
+
+
+def list_models() -> list[ModelCard]:
+    """Every usable card found, first occurrence of each name only (broken cards are
+    skipped with a warning: :func:`scan_models`)."""
+    return scan_models()[0]
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"model card is not valid JSON ({exc})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("method"), str):
+        raise InputError(path, "model card has no 'method' field")
+    return card
 
 
 def find_model(name: str) -> ModelCard:
     """The card called ``name``; a clear error listing what exists when there is none."""
-    models = list_models()
+    models, broken = scan_models()
     for m in models:
         if m.name == name:
             return m
+    for b in broken:
+        if b.name == name:
+            raise InputError(b.path, f"model '{name}' is broken: {b.reason}")
     have = ", ".join(m.name for m in models) or "none"
     where = ", ".join(str(p) for p in search_paths())
     raise InputError(None, f"no model named '{name}' (installed models: {have}; searched {where})")
@@ -138,15 +197,17 @@ def new_card(
 def save_model(model: Any, card: dict[str, Any], folder: str | os.PathLike) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' sha256) atomically.
 
-    Returns the card's path. Nothing is left behind if either write fails.
+    Returns the card's path. Nothing is left behind if either write fails. An existing
+    entry of that name is replaced only when longdiff wrote it (:func:`check_model_target`).
     """
     from safetensors.torch import save_file
 
     from .imaging import atomic_write, write_json
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     name = card["name"]
+    check_model_target(folder, name)
+    folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}{WEIGHTS_SUFFIX}"
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors writes a metadata dict in no fixed order, and the sha256
@@ -160,6 +221,37 @@ def save_model(model: Any, card: dict[str, Any], folder: str | os.PathLike) -> P
         weights.unlink(missing_ok=True)
         raise
     return card_path
+
+
+def check_model_target(folder: str | os.PathLike, name: str) -> None:
+    """Refuse, before any work, to write model ``name`` into ``folder`` where that would
+    replace a card or weights longdiff did not write.
+
+    An existing ``<name>.json`` may be replaced only when it is a catalog card (it has
+    ``card_version`` and names ``<name>.safetensors``) whose weights, if present, still
+    have the card's sha256; ``<name>.safetensors`` without such a card is never replaced.
+    The folder must be writable (a probe file is created and removed).
+    """
+    from .outputs import check_writable
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "is a file; a model is exported into a folder")
+    card_path, weights = folder / f"{name}.json", folder / f"{name}{WEIGHTS_SUFFIX}"
+    left_alone = "; it was left alone (choose another --name or folder)"
+    if card_path.exists() or card_path.is_symlink():
+        try:
+            old = _read_card(card_path)
+        except InputError:
+            raise InputError(card_path, "exists and is not a model card longdiff wrote" + left_alone) from None
+        entry = old.get("weights") or {}
+        if "card_version" not in old or entry.get("file") != weights.name:
+            raise InputError(card_path, "exists and is not a model card longdiff wrote" + left_alone)
+        if weights.is_file() and sha256_file(weights) != entry.get("sha256"):
+            raise InputError(weights, "differs from what its card says longdiff wrote" + left_alone)
+    elif weights.exists() or weights.is_symlink():
+        raise InputError(weights, "exists without a card, so longdiff did not write it" + left_alone)
+    check_writable(folder, "model folder")
 
 
 @dataclass

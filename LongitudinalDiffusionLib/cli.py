@@ -409,6 +409,7 @@ def _info_rows(subject) -> list[dict]:
         rows.append(
             {
                 **row,
+                "session": row.get("session") or "-",  # manifests without a session column
                 "age_months": f"{row['age_months']:.2f}",
                 "shape": "x".join(str(s) for s in row["shape"]),
                 "spacing": "x".join(f"{s:g}" for s in row["spacing"]),
@@ -433,6 +434,19 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """OUT is checked before anything runs (empty, or an earlier demo output with
+    --overwrite) and gets the tool's marker listing what the demo wrote, even when stopped."""
+    from . import outputs
+
+    outputs.check_output(args.out, overwrite=args.overwrite, what="demo output folder")
+    try:
+        return _run_demo(args)
+    finally:
+        if args.out.is_dir():
+            outputs.write_marker(args.out, "demo")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from .subject import load_bids_subject
 
     cohort = _write_cohort(args, args.out / "cohort")
@@ -500,13 +514,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .catalog import list_models, search_paths
+    from .catalog import scan_models, search_paths
 
-    models = list_models()
+    models, broken = scan_models()
     if args.json:
-        print(json.dumps([{"name": m.name, "path": str(m.path), **m.card} for m in models], indent=2))
+        rows = [{"name": m.name, "path": str(m.path), "generates": m.what, **m.card} for m in models]
+        rows += [{"name": b.name, "path": str(b.path), "broken": b.reason} for b in broken]
+        print(json.dumps(rows, indent=2))
         return 0
-    if not models:
+    if not models and not broken:
         print("no models installed. Searched:")
         for p in search_paths():
             print(f"  {p}")
@@ -516,22 +532,31 @@ def cmd_models(args: argparse.Namespace) -> int:
             {
                 "name": m.name,
                 "method": m.method,
+                "what": m.what,
                 "simulated": "UNTRAINED" if not m.trained else "yes" if m.simulated else "no",
                 "path": m.path,
             }
             for m in models
+        ]
+        + [{"name": b.name, "method": "BROKEN", "what": b.reason, "path": b.path} for b in broken],
+        [
+            ("name", "name"),
+            ("method", "method"),
+            ("what", "generates"),
+            ("simulated", "trained on simulated data"),
+            ("path", "card"),
         ],
-        [("name", "name"), ("method", "method"), ("simulated", "trained on simulated data"), ("path", "card")],
     )
     return 0
 
 
 def cmd_complete_ages(args: argparse.Namespace) -> int:
     from .subject import load_subject
-    from .tasks import complete_ages
 
     subject = load_subject(args.subject, subject=args.subject_id)
-    _check_out(args)
+    _check_out(args, _subject_inputs(subject))
+    from .tasks import complete_ages  # after the output checks: they come before any model
+
     if args.remote:
         from .jobs import JobSpec
 
@@ -543,10 +568,11 @@ def cmd_complete_ages(args: argparse.Namespace) -> int:
 
 def cmd_synthesize_modality(args: argparse.Namespace) -> int:
     from .subject import load_subject
-    from .tasks import synthesize_modality
 
     subject = load_subject(args.subject, subject=args.subject_id)
-    _check_out(args)
+    _check_out(args, _subject_inputs(subject))
+    from .tasks import synthesize_modality
+
     if args.remote:
         from .jobs import JobSpec
 
@@ -561,12 +587,13 @@ def cmd_synthesize_modality(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from .imaging import load_image
-    from .tasks import interpolate_frames
 
     source, target = load_image(args.source), load_image(args.target)
     if not source.same_geometry(target):
         log.warning("source and target geometries differ; the target will be resampled onto the source")
-    _check_out(args)
+    _check_out(args, [args.source, args.target, args.labels])
+    from .tasks import interpolate_frames
+
     if args.remote:
         from .jobs import JobSpec
 
@@ -614,13 +641,28 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(args: argparse.Namespace) -> None:
+def _subject_inputs(subject) -> list:
+    """Every file a subject was read from: its manifest or folder, its images and labels."""
+    paths = [subject.source]
+    for tp in subject.timepoints:
+        paths += [tp.source, tp.labels]
+    return paths
+
+
+def _check_out(args: argparse.Namespace, inputs: Sequence = ()) -> None:
+    """The output rule (docs/architecture.md), before any model is loaded: OUT is no file,
+    holds no input, is empty or an earlier result of longdiff (--overwrite), and writable."""
+    from . import outputs
+
     scene = getattr(args, "scene", None)
-    if scene is not None and scene.suffix.lower() != ".mrb":
-        raise LongitudinalDiffusionError(f"{scene}: a Slicer scene bundle's name must end in .mrb")
-    out = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise LongitudinalDiffusionError(f"{out}: output folder is not empty (use --overwrite to replace it)")
+    if scene is not None:
+        if scene.suffix.lower() != ".mrb":
+            raise LongitudinalDiffusionError(f"{scene}: a Slicer scene bundle's name must end in .mrb")
+        target = outputs.check_file_target(scene, overwrite=args.overwrite, what="scene file")
+        if outputs.check_output(args.out, inputs=inputs, overwrite=args.overwrite) in target.parents:
+            raise LongitudinalDiffusionError(f"{scene}: the scene must lie outside OUT, which is written whole")
+        return
+    outputs.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
 
 
 def _stage_bars(args: argparse.Namespace):
@@ -743,7 +785,23 @@ def _report(args: argparse.Namespace, result, subject=None) -> int:
     print(f"  {args.out / 'result.json'}")
     if args.scene is not None:
         print(f"  {_write_scene(args.scene, [(result, subject)], [subject] if subject is not None else [])}")
+    print(_synthetic_line(result, args.out))
     return 0
+
+
+def _synthetic_line(result, out: Path) -> str:
+    """The last line of a task: what was written is synthetic, by which model, trained on what."""
+    prov = result.provenance
+    if prov is None:
+        return f"{len(result.images)} SYNTHETIC images written to {out}: not scans"
+    trained = (prov.extra or {}).get("trained_on")
+    if prov.untrained:
+        how = "UNTRAINED, random weights"
+    elif prov.trained_on_simulated_data:
+        how = "trained on simulated data"
+    else:
+        how = f"trained on {trained.get('dataset') or 'real data'}" if isinstance(trained, dict) else "trained"
+    return f"{len(result.images)} SYNTHETIC images written to {out} (model {prov.model}, {how}): not scans"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

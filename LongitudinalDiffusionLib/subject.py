@@ -950,6 +950,34 @@ class Provenance:
         """JSON-ready dict (field order kept)."""
         return asdict(self)
 
+    @property
+    def untrained(self) -> bool:
+        """True when the model had random weights (its card's ``trained_on`` is null)."""
+        return (self.extra or {}).get("trained_on") is None
+
+    @property
+    def trained_on_simulated_data(self) -> bool:
+        """True when the model learnt from simulated data (its card's ``trained_on.simulated``)."""
+        trained = (self.extra or {}).get("trained_on")
+        return bool(isinstance(trained, dict) and trained.get("simulated", False))
+
+    def synthetic_marks(self) -> dict[str, Any]:
+        """What every generated image's sidecar starts with: it is synthetic, which model
+        made it and whether that model was trained on simulated data."""
+        marks = {"synthetic": True, "model": self.model, "trained_on_simulated_data": self.trained_on_simulated_data}
+        if self.untrained:
+            marks["untrained_model"] = True
+        return marks
+
+    def synthetic_description(self) -> str:
+        """The NIfTI header ``descrip`` (80 bytes at most) of a generated image, e.g.
+        ``SYNTHETIC longdiff interval-demo (sim-trained)``: it travels with the file when
+        the sidecar does not."""
+        tag = " (untrained)" if self.untrained else " (sim-trained)" if self.trained_on_simulated_data else ""
+        head = "SYNTHETIC longdiff "
+        name = self.model[: 80 - len(head) - len(tag)]
+        return f"{head}{name}{tag}"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | os.PathLike | None = None) -> Provenance:
         """Build from a dict; unknown keys are kept in ``extra``.
@@ -963,10 +991,14 @@ class Provenance:
             raise InputError(source, "provenance has no 'model'")
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
-        unknown = {k: v for k, v in data.items() if k not in names}
+        # the synthetic marks of a sidecar (synthetic_marks) follow from model and trained_on
+        unknown = {k: v for k, v in data.items() if k not in names and k not in _SYNTHETIC_MARKS}
         if unknown:
             known["extra"] = {**(known.get("extra") or {}), **unknown}
         return cls(**known)
+
+
+_SYNTHETIC_MARKS = ("synthetic", "trained_on_simulated_data", "untrained_model")
 
 
 def save_result(
@@ -977,6 +1009,10 @@ def save_result(
     dtype: Any = np.float32,
 ) -> Path:
     """Write a result as NIfTI plus its provenance as a JSON sidecar (``x.nii.gz`` -> ``x.json``).
+
+    The image is marked synthetic: the header's ``descrip`` names the model
+    (:meth:`Provenance.synthetic_description`) and the sidecar starts with
+    :meth:`Provenance.synthetic_marks`.
 
     Both files are written atomically; if the sidecar fails the image is removed too.
 
@@ -996,7 +1032,8 @@ def save_result(
     if not path.name.endswith(_NIFTI_EXTENSIONS):
         raise InputError(path, "results are written as NIfTI: the name must end in .nii or .nii.gz")
     check_array(image.array, path, ndim=np.ndim(image.array))
-    return save_image(image, path, dtype=dtype, sidecar=provenance.to_dict())
+    sidecar = {**provenance.synthetic_marks(), **provenance.to_dict()}
+    return save_image(image, path, dtype=dtype, sidecar=sidecar, description=provenance.synthetic_description())
 
 
 def load_provenance(path: str | os.PathLike) -> Provenance:

@@ -94,18 +94,24 @@ class Result:
         ``frames/<series>/``, and ``result.json`` listing it all.
 
         The files are written into a temporary folder next to ``folder`` and moved into
-        place at the end: a failure or a cancel leaves no partial result.
+        place at the end: a failure or a cancel leaves no partial result. The folder gets
+        the tool's marker (:mod:`.outputs`); ``overwrite`` replaces only a folder holding
+        nothing but an earlier result of the tool, and a folder that holds (or is) one of
+        the result's input files is refused (:func:`.outputs.check_output`).
         """
         folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise InputError(folder, "output folder is not empty (use overwrite to replace it)")
+        inputs = [e.get("file") for e in (self.provenance.inputs if self.provenance else []) if isinstance(e, dict)]
+        outputs.check_output(folder, inputs=inputs, overwrite=overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             listing = self._write(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+        from . import outputs
+
+            outputs.write_marker(
+                tmp, "result", task=self.task, model=self.provenance.model if self.provenance else None
+            )
+            outputs.install(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -166,12 +172,17 @@ class Result:
     def _write(self, root: Path) -> list[str]:
         prov = self.provenance.to_dict() if self.provenance else {}
         files: list[str] = []
-        summary: dict[str, Any] = {"task": self.task, "images": [], "series": [], "provenance": prov}
+        summary: dict[str, Any] = {"task": self.task, **marks, "images": [], "series": [], "provenance": prov}
         for r in self.images:
             rel = f"{r.name}.nii.gz"
             check_array(r.image.array, rel)
             dtype = np.int16 if r.kind == "labels" else np.float32
-            save_image(r.image, root / rel, dtype=dtype, sidecar={**prov, "kind": r.kind, "age_months": r.age})
+            sidecar = {**marks, **prov, "kind": r.kind, "age_months": r.age}
+            save_image(r.image, root / rel, dtype=dtype, sidecar=sidecar, description=descrip)
+        # Every generated image says so, in its sidecar and in its header's descrip (which
+        # travels with the file); real scans in a timeline stay unmarked.
+        marks = self.provenance.synthetic_marks() if self.provenance else {"synthetic": True}
+        descrip = self.provenance.synthetic_description() if self.provenance else "SYNTHETIC longdiff"
             files.append(rel)
             summary["images"].append({"file": rel, "kind": r.kind, "age_months": r.age, "modality": r.modality})
         for s in self.series:
@@ -180,17 +191,21 @@ class Result:
                 entry: dict[str, Any] = {"index": i, "time": s.times[i], "unit": s.unit}
                 rel = f"frames/{s.name}/frame-{i:03d}.nii.gz"
                 check_array(frame.array, rel)
-                save_image(frame, root / rel, dtype=np.float32)
+                synthetic = s.generated is None or bool(s.generated[i])
+                save_image(frame, root / rel, dtype=np.float32, description=descrip if synthetic else None)
                 entry["file"] = rel
                 if s.generated is not None:
                     entry["generated"] = bool(s.generated[i])
                 if s.labels is not None:
                     entry["labels"] = f"frames/{s.name}/labels-{i:03d}.nii.gz"
-                    save_image(s.labels[i], root / entry["labels"], dtype=np.int16)
+                    save_image(
+                        s.labels[i], root / entry["labels"], dtype=np.int16, description=descrip if synthetic else None
+                    )
                 if s.fields is not None:
                     entry["displacement"] = f"frames/{s.name}/displacement-{i:03d}.nii.gz"
-                    _save_vector(s.fields[i], root / entry["displacement"])
+                    _save_vector(s.fields[i], root / entry["displacement"], descrip)
                 entries.append(entry)
+                entry["synthetic"] = synthetic
                 files.extend(v for k, v in entry.items() if k in ("file", "labels", "displacement"))
             summary["series"].append({"name": s.name, "unit": s.unit, "frames": entries})
         write_json(root / "result.json", summary)
@@ -198,7 +213,7 @@ class Result:
         return files
 
 
-def _save_vector(image: Image, path: Path) -> None:
+def _save_vector(image: Image, path: Path, description: str | None = None) -> None:
     """A displacement field (I, J, K, 3) as a NIfTI vector image (intent VECTOR, mm)."""
     import nibabel as nib
 
@@ -215,6 +230,8 @@ def _save_vector(image: Image, path: Path) -> None:
 @dataclass
 class RunOptions:
     """How to run any task; ``None`` fields take the model card's defaults.
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:80]
 
     ``two_sided``: where a missing age has real scans on both sides, single-source models
     (Cas-DiffCom, time-interval) run from each neighbour and the two predictions are blended
@@ -536,7 +553,12 @@ def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
             "use Cas-DiffCom or the time-interval model for earlier ages"
         )
     capacity = int(loaded.config.get("max_frames", 12))
-    on_grid = {tp.age: torch.as_tensor(grid.forward(_image(tp), reference=ref.record).array) for tp in real}
+    # every scan on the first one's grid placement; each keeps its own record (geometry and
+    # intensity units), so an output goes back onto the nearest real scan, as documented
+    forwards = {
+        tp.age: (ref if i == 0 else grid.forward(_image(tp), reference=ref.record)) for i, tp in enumerate(real)
+    }
+    on_grid = {age: torch.as_tensor(f.array) for age, f in forwards.items()}
     captured: dict[float, list] = {}
 
     def run(seed, progress):
@@ -573,10 +595,11 @@ def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
     mean, std = _samples(opts, run)
     images, series = [], []
     for i, age in enumerate(targets):
-        image = grid.inverse(mean[i], ref.record)
-        spread = grid.inverse(std[i], _units_only(ref.record)) if std else None
+        near = forwards[_nearest(real, age).age].record
+        image = grid.inverse(mean[i], near)
+        spread = grid.inverse(std[i], _units_only(near)) if std else None
         images += _age_outputs(sid, mod, age, image, spread)
-        s = _denoising_series(f"denoising-{age:g}mo", grid, ref.record, captured.get(age, []))
+        s = _denoising_series(f"denoising-{age:g}mo", grid, near, captured.get(age, []))
         if s:
             series.append(s)
     series.insert(0, _timeline(real, images))

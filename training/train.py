@@ -988,6 +988,9 @@ class Trainer:
         stage, checkpoint and export (unless stopped by ``until``)."""
         from tqdm.auto import tqdm
 
+        if self.procs.main and self.config["export"]["enabled"]:
+            # before any training: the export must not replace a card or weights longdiff did not write
+            catalog.check_model_target(self._export_folder(), self.config["export"]["name"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.procs.main:
             write_json(self.run_dir / "config.json", self.config)
@@ -1128,12 +1131,14 @@ class Trainer:
         }
         return card
 
+    def _export_folder(self) -> Path:
+        return self.export_dir or Path(self.config["export"]["folder"] or self.run_dir / "model")
+
     def export(self, stopped: str = "completed") -> Path | None:
         """Save the EMA network as a catalog entry (main process) and check that it loads."""
         if not self.procs.main:
             return None
-        folder = self.export_dir or (Path(self.config["export"]["folder"] or self.run_dir / "model"))
-        path = catalog.save_model(self.ema.model, self.card(stopped), folder)
+        path = catalog.save_model(self.ema.model, self.card(stopped), self._export_folder())
         catalog.load_model(path)  # the entry must load exactly as users will load it
         log.info("exported %s", path)
         return path

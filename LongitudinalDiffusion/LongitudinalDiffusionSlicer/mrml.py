@@ -781,7 +781,9 @@ def sceneToMrb(scene: Any, path: str | os.PathLike) -> Path:
 
     Storable nodes without a storage node get their default one (volumes ``.nrrd``,
     segmentations ``.seg.nrrd``). The bundle is written in a temporary folder beside
-    ``path`` and renamed onto it: a failed save leaves any earlier file untouched.
+    ``path`` and renamed onto it: a failed save leaves any earlier file untouched. The
+    bundle holds longdiff's marker (``.longdiff-result.json``); an existing file is replaced
+    only when it holds one (a bundle longdiff wrote), any other file is left alone.
 
     Args:
         scene: the scene (None for ``slicer.mrmlScene``).
@@ -791,13 +793,19 @@ def sceneToMrb(scene: Any, path: str | os.PathLike) -> Path:
         ``path``.
 
     Raises:
-        InputError: the name does not end in ``.mrb``.
+        InputError: the name does not end in ``.mrb``; the file exists and longdiff did not
+            write it; the folder cannot be written.
         RuntimeError: MRML could not write the bundle (its messages are included).
     """
+    from LongitudinalDiffusionLib import outputs
+
     scene = _scene(scene)
     path = Path(path)
     if path.suffix.lower() != ".mrb":
         raise InputError(path, "a Medical Reality Bundle file name must end in .mrb")
+    if (path.exists() or path.is_symlink()) and not _mrbWrittenByLongdiff(path):
+        raise InputError(path, "exists and was not written by longdiff; it is left alone (choose another file name)")
+    outputs.check_writable(path.parent, "scene file")
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
     try:
@@ -806,11 +814,28 @@ def sceneToMrb(scene: Any, path: str | os.PathLike) -> Path:
         messages = slicer.vtkMRMLMessageCollection()
         if not scene.WriteToMRB(str(temporary), None, messages) or not temporary.is_file():
             raise RuntimeError(f"{path}: the scene could not be saved as a bundle ({_messages(messages)})")
+        with zipfile.ZipFile(temporary, "a") as bundle:
+            bundle.writestr(outputs.MARKER, _mrbMarker())
         os.replace(temporary, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("saved the scene to %s", path)
     return path
+
+
+def _mrbMarker() -> str:
+    import json
+
+    from LongitudinalDiffusionLib import __version__
+
+    return json.dumps({"tool": "longdiff", "version": __version__, "kind": "scene", "files": []})
+
+
+def _mrbWrittenByLongdiff(path: Path) -> bool:
+    """True when ``path`` is a bundle holding longdiff's marker (see :func:`sceneToMrb`)."""
+    from LongitudinalDiffusionLib.outputs import archive_written_by_tool
+
+    return archive_written_by_tool(path)
 
 
 def mrbToScene(path: str | os.PathLike, scene: Any = None, clear: bool = False) -> Any:

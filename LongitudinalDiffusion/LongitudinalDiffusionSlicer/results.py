@@ -55,7 +55,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GENERATED_ATTRIBUTE",
     "KIND_ATTRIBUTE",
+    "MODEL_ATTRIBUTE",
     "RUN_ATTRIBUTE",
+    "SIMULATED_TRAINING_ATTRIBUTE",
+    "SYNTHETIC_ATTRIBUTE",
+    "SYNTHETIC_PREFIX",
     "UNCERTAINTY_COLOR_NODE_ID",
     "PlacedResult",
     "PlacedSeries",
@@ -75,6 +79,7 @@ __all__ = [
     "segmentationFromLabels",
     "selectFrame",
     "setSegmentationDisplay",
+    "syntheticAttributes",
     "tissueVolumeRows",
 ]
 
@@ -83,6 +88,12 @@ __all__ = [
 KIND_ATTRIBUTE = "LongitudinalDiffusion.Kind"
 GENERATED_ATTRIBUTE = "LongitudinalDiffusion.Generated"
 RUN_ATTRIBUTE = "LongitudinalDiffusion.Run"
+#: Every generated node says so: its name starts with :data:`SYNTHETIC_PREFIX` and it carries
+#: these attributes ("1"; the model's name; "1" or "0"). Real scans in a timeline carry none.
+SYNTHETIC_ATTRIBUTE = "LongitudinalDiffusion.Synthetic"
+MODEL_ATTRIBUTE = "LongitudinalDiffusion.Model"
+SIMULATED_TRAINING_ATTRIBUTE = "LongitudinalDiffusion.TrainedOnSimulatedData"
+SYNTHETIC_PREFIX = "SYNTHETIC "
 #: The colour table of uncertainty maps (present in Slicer and in ``slicer-core``).
 UNCERTAINTY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 #: Index names of the frame sequences, by the series' unit.
@@ -366,6 +377,7 @@ def addFrameSequence(
     segmenter: Segmenter | None = None,
     labelNames: Mapping[int, str] | None = None,
     attributes: Mapping[str, str] | None = None,
+    synthetic: Mapping[str, str] | None = None,
 ) -> PlacedSeries:
     """A :class:`~LongitudinalDiffusionLib.tasks.FrameSeries` as a volume sequence with a browser.
 
@@ -377,7 +389,9 @@ def addFrameSequence(
     Not transactional by itself; :func:`placeResult` removes what it made on failure.
     """
     return runSteps(
-        addFrameSequenceSteps(series, name, scene, segmenter=segmenter, labelNames=labelNames, attributes=attributes)
+        addFrameSequenceSteps(
+            series, name, scene, segmenter=segmenter, labelNames=labelNames, attributes=attributes, synthetic=synthetic
+        )
     )
 
 
@@ -389,12 +403,15 @@ def addFrameSequenceSteps(
     segmenter: Segmenter | None = None,
     labelNames: Mapping[int, str] | None = None,
     attributes: Mapping[str, str] | None = None,
+    synthetic: Mapping[str, str] | None = None,
 ) -> Generator[None, None, PlacedSeries]:
     """:func:`addFrameSequence` in steps: a generator that yields after each frame (and
     between a frame and its segmentation) and returns the :class:`PlacedSeries` (see
-    :func:`placeResultSteps`)."""
+    :func:`placeResultSteps`). ``synthetic`` (:func:`syntheticAttributes`) marks the
+    generated frames: their names start with ``SYNTHETIC`` and they carry its attributes."""
     scene = mrml._scene(scene)
     attributes = dict(attributes or {})
+    synthetic = dict(synthetic or {})
     values = _uniqueIndexValues(series.times)
     volumeSequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{name} frames")
     placed = PlacedSeries(name, volumeSequence, None, None, [float(t) for t in series.times], series.unit)
@@ -423,6 +440,8 @@ def addFrameSequenceSteps(
         for i, (frame, value) in enumerate(zip(series.frames, values)):
             generated = placed.generated[i] if placed.generated is not None else True
             label = f"{name} {volumeSequence.GetIndexName()} {value}" + ("" if generated else " (real)")
+            if generated and synthetic:
+                label = SYNTHETIC_PREFIX + label
             if frameNode is None:
                 frameNode = mrml.volumeNodeFromImage(frame, label, scene)
             else:
@@ -430,6 +449,11 @@ def addFrameSequenceSteps(
                 mrml._setIJKToRAS(frameNode, frame.affine)
                 slicer.util.updateVolumeFromArray(frameNode, np.ascontiguousarray(frame.array.transpose(2, 1, 0)))
             frameNode.SetAttribute(GENERATED_ATTRIBUTE, "1" if generated else "0")
+            for key, text in synthetic.items():  # a real frame after a generated one loses the marks
+                if generated:
+                    frameNode.SetAttribute(key, text)
+                else:
+                    frameNode.RemoveAttribute(key)
             volumeSequence.SetDataNodeAtValue(frameNode, value)
             if segmentationSequence is not None:
                 yield  # the frame's segmentation in a step of its own
@@ -456,7 +480,9 @@ def addFrameSequenceSteps(
         mrml.moduleLogic("sequences", scene).UpdateProxyNodesFromSequences(browser)
         proxyVolume = placed.proxyVolume()
     if proxyVolume is not None:
-        _nameProxy(proxyVolume, name, "frame", attributes)
+        allSynthetic = bool(synthetic) and (placed.generated is None or all(placed.generated))
+        _nameProxy(proxyVolume, (SYNTHETIC_PREFIX if allSynthetic else "") + name, "frame",
+                   {**attributes, **(synthetic if allSynthetic else {})})  # fmt: skip
     proxySegmentation = placed.proxySegmentation()
     if proxySegmentation is not None:
         _nameProxy(proxySegmentation, name, "frame segmentation", attributes)
@@ -764,6 +790,19 @@ def _subjectItem(shNode: Any, subjectId: str) -> int:
     return item
 
 
+def syntheticAttributes(result: Any) -> dict[str, str]:
+    """The attributes that mark a node generated by ``result``'s model: synthetic, which
+    model, and whether it was trained on simulated data."""
+    prov = getattr(result, "provenance", None)
+    trained = (prov.extra or {}).get("trained_on") if prov is not None else None
+    simulated = isinstance(trained, dict) and bool(trained.get("simulated", False))
+    return {
+        SYNTHETIC_ATTRIBUTE: "1",
+        MODEL_ATTRIBUTE: prov.model if prov is not None else "?",
+        SIMULATED_TRAINING_ATTRIBUTE: "1" if simulated else "0",
+    }
+
+
 def _runName(result: Any) -> str:
     model = result.provenance.model if result.provenance is not None else "?"
     return f"{result.task} ({model})"
@@ -883,6 +922,7 @@ def placeResultSteps(
     shNode.SetItemAttribute(folderItem, RUN_ATTRIBUTE, name)
     placed = PlacedResult(name, folderItem)
     attributes = {RUN_ATTRIBUTE: name, mrml.SUBJECT_ATTRIBUTE: subjectId}
+    synthetic = syntheticAttributes(result)
     others: set[str] = set()  # nodes added to the scene by others between two steps: not ours to undo
 
     def pause() -> Generator[None, None, None]:
@@ -899,11 +939,12 @@ def placeResultSteps(
             kind = r.kind
             if kind == "labels":
                 continue
-            node = mrml.volumeNodeFromImage(r.image, r.name, scene)
+            node = mrml.volumeNodeFromImage(r.image, SYNTHETIC_PREFIX + r.name, scene)
             mrml._setAttributes(
                 node,
                 {
                     **attributes,
+                    **synthetic,
                     KIND_ATTRIBUTE: kind,
                     GENERATED_ATTRIBUTE: "1",
                     mrml.AGE_ATTRIBUTE: None if r.age is None else repr(float(r.age)),
@@ -924,8 +965,10 @@ def placeResultSteps(
             labels, classes = _generatedLabels(result, r, segmenter, labelNames)
             if labels is not None:
                 labelsOf[id(r)] = labels
-                segmentation = segmentationFromLabels(labels, classes, f"{r.name} segmentation", node, scene)
-                mrml._setAttributes(segmentation, {**attributes, KIND_ATTRIBUTE: "segmentation"})
+                segmentation = segmentationFromLabels(
+                    labels, classes, f"{SYNTHETIC_PREFIX}{r.name} segmentation", node, scene
+                )
+                mrml._setAttributes(segmentation, {**attributes, **synthetic, KIND_ATTRIBUTE: "segmentation"})
                 mrml._placeInHierarchy(shNode, segmentation, folderItem)
                 placed.segmentationNodes[node.GetID()] = segmentation
             yield from pause()
@@ -939,6 +982,7 @@ def placeResultSteps(
                 segmenter=segmenter if series.unit != "step" else None,
                 labelNames=labelNames,
                 attributes=attributes,
+                synthetic=synthetic,
             )
             while True:
                 try:

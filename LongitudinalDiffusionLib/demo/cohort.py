@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError
 from ..imaging import save_image, write_json
 from ..subject import bids_suffix
 from . import SIMULATED_NIFTI_DESCRIPTION, brain
@@ -86,7 +85,8 @@ def write_cohort(
     Args:
         out: the dataset folder to create. Must not exist (or be empty) unless ``overwrite``.
         spec: what to simulate.
-        overwrite: replace an existing dataset at ``out``.
+        overwrite: replace an existing dataset at ``out`` (only one longdiff wrote: a
+            folder holding any other file is refused, naming it).
         progress: called as ``progress(what, done, total)`` after each session (after
             each subject when ``jobs > 1``).
         jobs: worker processes; subjects are simulated in parallel when more than 1. The
@@ -95,18 +95,17 @@ def write_cohort(
     Returns:
         the dataset folder.
     """
+    from .. import outputs
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(out, "folder is not empty; choose another or pass overwrite (--overwrite)")
+    # the output rule (outputs.py): overwrite replaces only a cohort or result longdiff wrote
+    outputs.check_output(out, overwrite=overwrite, what="dataset folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _write(work, spec, progress, jobs)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        outputs.write_marker(work, "cohort", seed=spec.seed, subjects=spec.n_subjects)
+        outputs.install(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

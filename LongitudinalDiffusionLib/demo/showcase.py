@@ -81,10 +81,33 @@ def run_showcase(
     ``models`` maps the keys of :data:`DEMO_MODELS` to model names, card paths or loaded
     models; missing keys take the bundled demo models.
     """
+    from .. import outputs
+
+    cohort, out = Path(cohort), Path(out)
+    # The output rule before any compute: each result folder is new, empty or an earlier
+    # result of longdiff, and holds no input; a figure replaces only a figure longdiff wrote.
+    for task in ("missing-age", "missing-modality", "frames"):
+        outputs.check_output(out / "results" / task, inputs=[cohort], overwrite=True)
+    figures = [out / "figures" / f"{name}.png" for name in FIGURES]
+    for png in figures:
+        outputs.check_replaceable(png)
+    try:
+        return _showcase(cohort, out, models, subject_id, missing_age_near, modality_session_near, frames, device,
+                         seed, progress)  # fmt: skip
+    finally:
+        written = [p for p in figures if p.exists()]
+        if written:
+            outputs.claim(out / "figures", written, kind="figures")
+
+
+#: the figures :func:`run_showcase` draws, in ``OUT/figures/<name>.png``
+FIGURES = ("missing_age", "missing_modality", "frames", "tissue_volumes")
+
+
+def _showcase(cohort, out, models, subject_id, missing_age_near, modality_session_near, frames, device, seed, progress):
     from ..figures import frames_montage, subject_montage
     from ..tasks import complete_ages, interpolate_frames, synthesize_modality
 
-    cohort, out = Path(cohort), Path(out)
     chosen = {**DEMO_MODELS, **(models or {})}
     show = Showcase()
     subject = load_bids_subject(cohort, subject=subject_id)

@@ -34,6 +34,7 @@ channels-last-3d and forwards run under float16 autocast (see :mod:`.device`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -45,6 +46,8 @@ from ..errors import LongitudinalDiffusionError
 from ..progress import CancelToken, ProgressCallback, Stage
 from .device import autocast, is_out_of_memory, memory_format, to_memory_format
 from .schedule import Schedule, _check_prediction
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 VARIANCES = ("fixed_small", "fixed_large")
@@ -149,6 +152,21 @@ def timesteps(num_train: int, steps: int | None, alphas_cumprod: torch.Tensor | 
     return [int(v) for v in np.unique(taus)[::-1]]
 
 
+_CLAMPS_SAID: set[tuple[int, int]] = set()
+
+
+def _warn_clamp(asked: int, chain: int) -> None:
+    """Say aloud (once per run and pair) that more steps were asked than the chain has."""
+    if (asked, chain) not in _CLAMPS_SAID:
+        _CLAMPS_SAID.add((asked, chain))
+        log.warning(
+            "%d steps asked, but the model's chain has %d: sampling with %d steps (the most it can take)",
+            asked,
+            chain,
+            chain,
+        )
+
+
 def capture_indices(n: int, count: int) -> set[int]:
     if count <= 0:
         return set()
@@ -232,6 +250,8 @@ def sample(
         generator, seed = make_generator(settings.seed)
     spacing = schedule.alphas_cumprod if settings.name == "dpm++2m" else None
     taus = timesteps(schedule.num_steps, settings.steps, spacing)
+    if settings.steps is not None and int(settings.steps) > schedule.num_steps:
+        _warn_clamp(int(settings.steps), schedule.num_steps)
     keep = capture_indices(len(taus), settings.capture)
     guided = uncond is not None and settings.guidance != 1.0
     clip = _clipper(clip_x0)
