@@ -99,6 +99,8 @@ class Result:
         nothing but an earlier result of the tool, and a folder that holds (or is) one of
         the result's input files is refused (:func:`.outputs.check_output`).
         """
+        from . import outputs
+
         folder = Path(folder)
         inputs = [e.get("file") for e in (self.provenance.inputs if self.provenance else []) if isinstance(e, dict)]
         outputs.check_output(folder, inputs=inputs, overwrite=overwrite)
@@ -106,8 +108,6 @@ class Result:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             listing = self._write(tmp)
-        from . import outputs
-
             outputs.write_marker(
                 tmp, "result", task=self.task, model=self.provenance.model if self.provenance else None
             )
@@ -171,6 +171,10 @@ class Result:
 
     def _write(self, root: Path) -> list[str]:
         prov = self.provenance.to_dict() if self.provenance else {}
+        # Every generated image says so, in its sidecar and in its header's descrip (which
+        # travels with the file); real scans in a timeline stay unmarked.
+        marks = self.provenance.synthetic_marks() if self.provenance else {"synthetic": True}
+        descrip = self.provenance.synthetic_description() if self.provenance else "SYNTHETIC longdiff"
         files: list[str] = []
         summary: dict[str, Any] = {"task": self.task, **marks, "images": [], "series": [], "provenance": prov}
         for r in self.images:
@@ -179,10 +183,6 @@ class Result:
             dtype = np.int16 if r.kind == "labels" else np.float32
             sidecar = {**marks, **prov, "kind": r.kind, "age_months": r.age}
             save_image(r.image, root / rel, dtype=dtype, sidecar=sidecar, description=descrip)
-        # Every generated image says so, in its sidecar and in its header's descrip (which
-        # travels with the file); real scans in a timeline stay unmarked.
-        marks = self.provenance.synthetic_marks() if self.provenance else {"synthetic": True}
-        descrip = self.provenance.synthetic_description() if self.provenance else "SYNTHETIC longdiff"
             files.append(rel)
             summary["images"].append({"file": rel, "kind": r.kind, "age_months": r.age, "modality": r.modality})
         for s in self.series:
@@ -194,6 +194,7 @@ class Result:
                 synthetic = s.generated is None or bool(s.generated[i])
                 save_image(frame, root / rel, dtype=np.float32, description=descrip if synthetic else None)
                 entry["file"] = rel
+                entry["synthetic"] = synthetic
                 if s.generated is not None:
                     entry["generated"] = bool(s.generated[i])
                 if s.labels is not None:
@@ -205,7 +206,6 @@ class Result:
                     entry["displacement"] = f"frames/{s.name}/displacement-{i:03d}.nii.gz"
                     _save_vector(s.fields[i], root / entry["displacement"], descrip)
                 entries.append(entry)
-                entry["synthetic"] = synthetic
                 files.extend(v for k, v in entry.items() if k in ("file", "labels", "displacement"))
             summary["series"].append({"name": s.name, "unit": s.unit, "frames": entries})
         write_json(root / "result.json", summary)
@@ -221,6 +221,8 @@ def _save_vector(image: Image, path: Path, description: str | None = None) -> No
     img = nib.Nifti1Image(data, image.affine)
     img.header.set_intent("vector")
     img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:80]
     nib.save(img, path)
 
 
@@ -230,8 +232,6 @@ def _save_vector(image: Image, path: Path, description: str | None = None) -> No
 @dataclass
 class RunOptions:
     """How to run any task; ``None`` fields take the model card's defaults.
-    if description:
-        img.header["descrip"] = description.encode("ascii", "replace")[:80]
 
     ``two_sided``: where a missing age has real scans on both sides, single-source models
     (Cas-DiffCom, time-interval) run from each neighbour and the two predictions are blended
