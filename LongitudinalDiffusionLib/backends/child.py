@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = _Output(protocol_fd)
     server = Server(out, args.cache_size)
     out.send({"type": "ready", "pid": os.getpid(), "protocol": PROTOCOL, "python": sys.version.split()[0]})

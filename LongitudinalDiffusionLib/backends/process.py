@@ -118,7 +118,8 @@ def describe_exit(code: int | None, tail: list[str]) -> str:
             how += " (a crash)"
     message = f"the job process {how}"
     if tail:
-        message += "; its last messages: " + " | ".join(line.strip() for line in tail[-5:] if line.strip())
+        last = [line.strip() if len(line.strip()) <= 240 else line.strip()[:237] + "..." for line in tail[-3:]]
+        message += "; its last messages: " + " | ".join(line for line in last if line)
     return message
 
 
