@@ -671,8 +671,8 @@ def _stage_bars(args: argparse.Namespace):
     bars: dict[str, object] = {}
 
     def progress(event) -> None:
-        if args.quiet or event.message == "done":
-            return
+        if args.quiet or event.message == "done" or event.stage == "warning":
+            return  # warnings reach the console through logging (domain checks)
         from tqdm import tqdm
 
         bar = bars.get(event.stage)

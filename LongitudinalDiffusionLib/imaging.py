@@ -146,7 +146,22 @@ def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float3
         raise InputError(path, f"voxel data cannot be read ({type(exc).__name__}: {msg})") from None
     data = check_array(data, path, ndim=ndim)
     check_affine(img.affine, path)
-    return Image(np.asarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64), {"source": str(path)})
+    meta: dict[str, Any] = {"source": str(path)}
+    descrip = _description(img)
+    if descrip:
+        meta["description"] = descrip  # e.g. "SIMULATED data ...", "SYNTHETIC ...": what the file says it is
+    return Image(np.asarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64), meta)
+
+
+def _description(img: Any) -> str:
+    """The NIfTI header's ``descrip`` text ('' for other formats or an unreadable field)."""
+    header = getattr(img, "header", None)
+    try:
+        raw = header["descrip"] if header is not None and "descrip" in header else b""
+    except (KeyError, TypeError, ValueError):
+        return ""
+    raw = raw.item() if hasattr(raw, "item") else raw
+    return raw.decode("ascii", "replace").strip("\x00 ") if isinstance(raw, bytes) else str(raw).strip()
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:

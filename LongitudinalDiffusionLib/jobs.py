@@ -405,6 +405,10 @@ class JobEvent:
 
     @classmethod
     def from_progress(cls, job_id: str, event: ProgressEvent, seq: int = 0) -> JobEvent:
+        """The job event of a progress event; a domain-check warning (stage ``warning``,
+        :mod:`.domain`) becomes a ``log`` event whose message starts with "warning: "."""
+        if event.stage == "warning":
+            return cls(job_id, "log", "warning", message=f"warning: {event.message}", seq=seq)
         return cls(
             job_id, "progress", event.stage, event.step, event.total, event.elapsed, event.eta, event.message, seq
         )

@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .catalog import LoadedModel, load_model
 from .diffusion import SamplerSettings, resolve_device
+from .domain import DomainReport, check_images, check_request, fit_grid
 from .errors import InputError, LongitudinalDiffusionError
 from .grid import GridRecord, ModelGrid, resample_to
 from .imaging import Image, check_array, load_image, save_image, write_json
@@ -81,6 +82,12 @@ class Result:
     series: list[FrameSeries] = field(default_factory=list)
     provenance: Provenance | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The domain checks' warnings (:mod:`.domain`), as the provenance records them."""
+        extra = self.provenance.extra if self.provenance is not None else None
+        return list((extra or {}).get("warnings") or [])
 
     def image(self, kind: str = "generated", age: float | None = None) -> Image:
         """The first output of ``kind`` (and at ``age`` months, if given)."""
@@ -381,23 +388,46 @@ def complete_ages(
     for age in targets:
         if any(abs(tp.age - age) < SAME_AGE for tp in real):
             raise InputError(subject.source, f"{subject.subject_id} already has a {mod.value} scan at {age:g} months")
-    age_range = loaded.card.card.get("age_range_months")
-    if age_range:
-        lo, hi = age_range
-        outside = [a for a in targets if not lo - 1e-6 <= a <= hi + 1e-6]
-        if outside:
-            raise LongitudinalDiffusionError(
-                f"age(s) {', '.join(f'{a:g}' for a in outside)} months lie outside the ages model "
-                f"'{loaded.card.name}' was trained on ({lo:g} to {hi:g} months)"
-            )
+    report = DomainReport(loaded.card.name)
+    check_request(loaded.card.card, report, target_ages=targets, input_ages=[tp.age for tp in real])
+    keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
+    grids = _checked_grids(loaded, [_image(tp) for tp in real], [_scan_name(tp) for tp in real], report, opts, keys)
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
-        loaded, real, targets, mod, opts, device, subject.subject_id
+        loaded, real, targets, mod, opts, device, subject.subject_id, grids
     )
-    prov = _provenance(loaded, "complete-ages", settings, real, target_ages=targets, n_samples=opts.n_samples, **extra)
+    extra.update(target_ages=targets, n_samples=opts.n_samples, warnings=report.warnings)
+    prov = _provenance(loaded, "complete-ages", settings, real, **extra)
     _emit_done(opts, "complete-ages", t0)
     return Result("complete-ages", images, series, prov, {"total_s": time.perf_counter() - t0})
+
+
+def _scan_name(tp: Timepoint) -> str:
+    """How a message names a scan: its file name, else its modality and age."""
+    if tp.source is not None:
+        return Path(tp.source).name
+    return f"the {tp.modality.value} scan at {tp.age:g} months"
+
+
+def _checked_grids(
+    loaded: LoadedModel,
+    images: list[Image],
+    names: list[str],
+    report: DomainReport,
+    opts: RunOptions,
+    keys: Sequence[str] = ("grid",),
+) -> dict[str, ModelGrid]:
+    """Run the domain checks on the scans the model will read (:mod:`.domain`), refuse
+    before any compute when one fails, announce the warnings, and return the card's grids
+    fitted to the scans (re-centred where that keeps the head inside the model's box)."""
+    card = loaded.card.card
+    check_images(card, images, report, names=names)
+    strict = bool(card.get("domain"))  # a card that states its domain is held to its box
+    grids = {key: fit_grid(_grid(loaded, key), images, report, names, strict=strict) for key in keys}
+    report.announce(opts.progress)  # the warnings too, when it refuses: every doubt at once
+    report.raise_if_refused()
+    return grids
 
 
 def _nearest(real: list[Timepoint], age: float) -> Timepoint:
@@ -446,9 +476,9 @@ def _denoising_series(name: str, grid: ModelGrid, record: GridRecord, intermedia
     return FrameSeries(name, frames, [float(it.t) for it in intermediates], "step")
 
 
-def _complete_cascade(loaded, real, targets, mod, opts, device, sid):
+def _complete_cascade(loaded, real, targets, mod, opts, device, sid, grids):
     mod_cas = method_module("cas-diffcom")
-    grid, sr_grid = _grid(loaded), _grid(loaded, "sr_grid")
+    grid, sr_grid = grids["grid"], grids["sr_grid"]
     settings = opts.settings(loaded)
     refine_settings = opts.settings(loaded, "refine_sampler")
     images, series, used = [], [], []
@@ -497,9 +527,9 @@ def _source_prefix(age: float, source: Timepoint, n_sources: int) -> str:
     return f"{age:g} mo from {source.age:g} mo: " if n_sources > 1 else f"{age:g} mo: "
 
 
-def _complete_interval(loaded, real, targets, mod, opts, device, sid):
+def _complete_interval(loaded, real, targets, mod, opts, device, sid, grids):
     mod_int = method_module("interval")
-    grid = _grid(loaded)
+    grid = grids["grid"]
     settings = opts.settings(loaded)
     images, series, used = [], [], []
     for age in targets:
@@ -538,13 +568,13 @@ def _complete_interval(loaded, real, targets, mod, opts, device, sid):
     return images, series, settings, {"source_ages": used, "two_sided": opts.two_sided}
 
 
-def _complete_sadm(loaded, real, targets, mod, opts, device, sid):
+def _complete_sadm(loaded, real, targets, mod, opts, device, sid, grids):
     """SADM reads the timeline around each missing age and generates it (paper Alg. 2, with
     context on both sides). A model holds ``max_frames`` slots, so each target sees the
     ``max_frames - 1`` timepoints nearest in age (:func:`_window`), real or generated earlier
     in this run."""
     mod_sadm = method_module("sadm")
-    grid = _grid(loaded)
+    grid = grids["grid"]
     settings = opts.settings(loaded)
     ref = grid.forward(_image(real[0]))
     if targets[0] < real[0].age - SAME_AGE:
@@ -672,10 +702,16 @@ def synthesize_modality(
             subject.source,
             f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
         )
+    report = DomainReport(loaded.card.name)
+    check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
     if cfg.get("preprocessing") == "brats":
         grid = _BratsGrid([_image(have[m]) for m in cond_mods])
+        check_images(loaded.card.card, [_image(have[m]) for m in cond_mods], report)
+        report.announce(opts.progress)
+        report.raise_if_refused()
     else:
-        grid = _grid(loaded)
+        cond_images = [_image(have[m]) for m in cond_mods]
+        grid = _checked_grids(loaded, cond_images, [_scan_name(have[m]) for m in cond_mods], report, opts)["grid"]
     first = grid.forward(_image(have[cond_mods[0]]))
     on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)
@@ -722,7 +758,13 @@ def synthesize_modality(
     images = _age_outputs(sid, target, age, image, spread, kind="generated")
     series = [s for s in [_denoising_series("denoising", grid, record, captured)] if s]
     prov = _provenance(
-        loaded, "synthesize-modality", settings, [have[m] for m in cond_mods], target=target.value, session=str(session)
+        loaded,
+        "synthesize-modality",
+        settings,
+        [have[m] for m in cond_mods],
+        target=target.value,
+        session=str(session),
+        warnings=report.warnings,
     )
     _emit_done(opts, "synthesize-modality", t0)
     return Result("synthesize-modality", images, series, prov, {"total_s": time.perf_counter() - t0})
@@ -803,7 +845,11 @@ def interpolate_frames(
     device = resolve_device(opts.device)
     loaded = _load(model, device, "interpolate")
     src_img, tgt_img = (_as_image(x) for x in (source, target))
-    grid = _grid(loaded)
+    report = DomainReport(loaded.card.name)
+    names = [
+        p.name if p is not None else what for p, what in ((_path_of(source), "source"), (_path_of(target), "target"))
+    ]
+    grid = _checked_grids(loaded, [src_img, tgt_img], names, report, opts)["grid"]
     src = grid.forward(src_img)
     tgt = grid.forward(tgt_img, reference=src.record)
     labels = None
@@ -837,7 +883,7 @@ def interpolate_frames(
     series = FrameSeries("frames", frames, [float(g) for g in gammas], "gamma", frame_labels, fields=fields)
     inputs = [Timepoint(0.0, "T1w", src_img, _path_of(source)), Timepoint(0.0, "T1w", tgt_img, _path_of(target))]
     settings = SamplerSettings(name="ddim", steps=1, seed=None)
-    prov = _provenance(loaded, "interpolate", settings, inputs, n_frames=int(n_frames))
+    prov = _provenance(loaded, "interpolate", settings, inputs, n_frames=int(n_frames), warnings=report.warnings)
     prov.inputs = [{"file": None if p is None else str(p)} for p in (_path_of(source), _path_of(target))]
     _emit_done(opts, "interpolate", t0)
     images = [ResultImage("frame-last", frames[-1], "generated")]
