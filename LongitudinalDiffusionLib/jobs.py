@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +81,18 @@ MAX_AGES = 64
 MAX_FRAMES = 256
 MAX_STEPS = 10_000
 MAX_SAMPLES = 64
+#: sampler steps captured as frames (each is a full volume held in memory)
+MAX_CAPTURE = 64
+#: seeds: what every random generator of the library accepts
+MAX_SEED = 2**32 - 1
+#: a subject id names output files (and, on a worker, nothing else): letters, digits, '.', '_', '-'
+SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def safe_subject_id(text: str) -> str:
+    """``text`` made a valid subject id (other characters become '_'; e.g. a folder name)."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).replace("..", "_").lstrip("._-")[:64]
+    return out or "subject"
 
 
 class UnknownJob(LongitudinalDiffusionError, KeyError):
@@ -206,7 +219,8 @@ class JobSpec:
                     None if tp.labels is None or task != "interpolate" else str(tp.labels),
                 )
             )
-        spec = cls(task, str(model), subject.subject_id, inputs, dict(params or {}), dict(options or {}))
+        sid = subject.subject_id if SUBJECT_ID.match(subject.subject_id) else safe_subject_id(subject.subject_id)
+        spec = cls(task, str(model), sid, inputs, dict(params or {}), dict(options or {}))
         spec.validate()
         return spec
 
@@ -281,8 +295,12 @@ class JobSpec:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model).strip():
             raise InputError(where, "'model' must be a model name (or the path of a model card)")
         self.model = str(self.model)
-        if not isinstance(self.subject_id, str) or not self.subject_id.strip() or len(self.subject_id) > 200:
-            raise InputError(where, "'subject_id' must be a non-empty string of at most 200 characters")
+        if not isinstance(self.subject_id, str) or not SUBJECT_ID.match(self.subject_id) or ".." in self.subject_id:
+            raise InputError(
+                where,
+                "'subject_id' must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                "(no '..')",
+            )
         if not isinstance(self.inputs, list) or not self.inputs:
             raise InputError(where, "'inputs' must be a non-empty list of images")
         if len(self.inputs) > MAX_INPUTS:
@@ -357,8 +375,10 @@ class JobSpec:
             raise InputError(where, "'eta' must lie in [0, 1]")
         if "n_samples" in o and not 1 <= o["n_samples"] <= MAX_SAMPLES:
             raise InputError(where, f"'n_samples' must lie in 1..{MAX_SAMPLES}")
-        if "capture" in o and not 0 <= o["capture"] <= MAX_STEPS:
-            raise InputError(where, "'capture' must be 0 or more")
+        if "capture" in o and not 0 <= o["capture"] <= MAX_CAPTURE:
+            raise InputError(where, f"'capture' must lie in 0..{MAX_CAPTURE}")
+        if o.get("seed") is not None and not 0 <= o["seed"] <= MAX_SEED:
+            raise InputError(where, f"'seed' must lie in 0..{MAX_SEED}")
 
     def input_files(self) -> list[str]:
         """Every file the job reads: images, then label maps."""

@@ -186,6 +186,8 @@ class Result:
         summary: dict[str, Any] = {"task": self.task, **marks, "images": [], "series": [], "provenance": prov}
         for r in self.images:
             rel = f"{r.name}.nii.gz"
+            if r.name.startswith(".") or any(c in r.name for c in "/\\\0"):  # the name comes from a subject id
+                raise InputError(rel, "an output name may not start with '.' nor hold '/', '\\' or NUL")
             check_array(r.image.array, rel)
             dtype = np.int16 if r.kind == "labels" else np.float32
             sidecar = {**marks, **prov, "kind": r.kind, "age_months": r.age}
@@ -391,7 +393,10 @@ def complete_ages(
     report = DomainReport(loaded.card.name)
     check_request(loaded.card.card, report, target_ages=targets, input_ages=[tp.age for tp in real])
     keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
-    grids = _checked_grids(loaded, [_image(tp) for tp in real], [_scan_name(tp) for tp in real], report, opts, keys)
+    ages = [f"{tp.age:g} months" for tp in real]
+    grids = _checked_grids(
+        loaded, [_image(tp) for tp in real], [_scan_name(tp) for tp in real], report, opts, keys, labels=ages
+    )
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
@@ -417,12 +422,15 @@ def _checked_grids(
     report: DomainReport,
     opts: RunOptions,
     keys: Sequence[str] = ("grid",),
+    *,
+    labels: Sequence[str] | None = None,
+    distinct: bool = False,
 ) -> dict[str, ModelGrid]:
     """Run the domain checks on the scans the model will read (:mod:`.domain`), refuse
     before any compute when one fails, announce the warnings, and return the card's grids
     fitted to the scans (re-centred where that keeps the head inside the model's box)."""
     card = loaded.card.card
-    check_images(card, images, report, names=names)
+    check_images(card, images, report, names=names, labels=labels, distinct=distinct)
     strict = bool(card.get("domain"))  # a card that states its domain is held to its box
     grids = {key: fit_grid(_grid(loaded, key), images, report, names, strict=strict) for key in keys}
     report.announce(opts.progress)  # the warnings too, when it refuses: every doubt at once
@@ -711,7 +719,9 @@ def synthesize_modality(
         report.raise_if_refused()
     else:
         cond_images = [_image(have[m]) for m in cond_mods]
-        grid = _checked_grids(loaded, cond_images, [_scan_name(have[m]) for m in cond_mods], report, opts)["grid"]
+        names = [_scan_name(have[m]) for m in cond_mods]
+        contrasts = [m.value for m in cond_mods]
+        grid = _checked_grids(loaded, cond_images, names, report, opts, labels=contrasts, distinct=True)["grid"]
     first = grid.forward(_image(have[cond_mods[0]]))
     on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)

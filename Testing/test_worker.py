@@ -121,7 +121,8 @@ def test_token_created_on_first_start_is_private(tmp_path, models):
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text().strip()
         assert len(token) >= 32
-        assert httpx.get(f"{w.url}/v1/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        r = httpx.get(f"{w.url}/v1/info", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert r.status_code == 200
 
 
 def test_unreachable_worker_and_version_mismatch(worker, monkeypatch):
@@ -241,7 +242,7 @@ def test_hostile_file_names_are_never_used(worker):
         )
         assert r.status_code == 202, r.text
         job = r.json()["job_id"]
-        assert sorted(os.listdir(worker.data / "jobs" / job)) == ["input-000.nii", "spec.json"]
+        assert sorted(os.listdir(worker.data / "jobs" / job)) == ["input-000.nii.gz", "spec.json"]
         httpx.delete(f"{worker.url}/v1/jobs/{job}", headers=AUTH)
     assert not os.path.exists("/tmp/evil.nii.gz")
 

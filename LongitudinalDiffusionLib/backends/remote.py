@@ -8,6 +8,11 @@ without losing or repeating events. Transient failures (connection refused or re
 502/503/504) are retried with exponential back-off; everything else gets one clear message
 at once - TLS failures included (a certificate does not get better by asking again), and a
 plain ``http://`` address pointing at a worker that speaks HTTPS is recognised as such.
+
+The client never hangs: whatever ends an event stream early - a malformed event, a
+connection that keeps dropping or stalling for ``stream_patience`` seconds - ends the job's
+:meth:`~RemoteBackend.wait` with that error (and :meth:`~RemoteBackend.poll` with a
+``failed`` event saying so).
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class RemoteBackend:
         timeout: seconds for connecting and for each read.
         retries: attempts after the first one for transient failures.
         backoff: first back-off delay (seconds), doubled at each retry.
+        stream_timeout: seconds an event stream may stay silent (the worker sends a
+            keep-alive every 15 s) before it counts as stalled and is reopened.
+        stream_patience: seconds an event stream may keep failing (dropped, stalled,
+            refused) before the job's wait() ends with the error.
     """
 
     def __init__(
@@ -75,11 +84,14 @@ class RemoteBackend:
         timeout: float = 30.0,
         retries: int = 4,
         backoff: float = 0.5,
+        stream_timeout: float = 60.0,
+        stream_patience: float = 120.0,
     ) -> None:
         import httpx
 
         self.url = url.rstrip("/")
         self.retries, self.backoff = retries, backoff
+        self.stream_timeout, self.stream_patience = stream_timeout, stream_patience
         headers = {"User-Agent": f"LongitudinalDiffusion/{__version__}"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -89,6 +101,7 @@ class RemoteBackend:
         self._cursor: dict[str, int] = {}
         self._streams: dict[str, threading.Thread] = {}
         self._ended: dict[str, threading.Event] = {}
+        self._failures: dict[str, Exception] = {}
         self._closed = threading.Event()
         self._checked = False
 
@@ -113,7 +126,12 @@ class RemoteBackend:
                 err = WorkerUnavailable(f"lost the connection to the worker at {self.url} ({type(exc).__name__})")
             else:
                 if response.status_code in TRANSIENT_STATUS:
-                    err = WorkerUnavailable(f"the worker at {self.url} is unavailable ({response.status_code})")
+                    try:
+                        why = str(response.json().get("detail") or "")[:300]
+                    except (ValueError, AttributeError):
+                        why = ""
+                    why = f": {why}" if why else ""
+                    err = WorkerUnavailable(f"the worker at {self.url} is unavailable ({response.status_code}{why})")
                 else:
                     self._raise_for(response)
                     return response
@@ -253,6 +271,10 @@ class RemoteBackend:
         self._follow(job_id)
         if not self._ended[job_id].wait(timeout):
             raise TimeoutError(f"job {job_id} did not finish within {timeout:g} s")
+        with self._lock:
+            failure = self._failures.get(job_id)
+        if failure is not None:
+            raise failure
         return self.result(job_id)
 
     def delete(self, job_id: str) -> None:
@@ -288,20 +310,41 @@ class RemoteBackend:
     def _stream(self, job_id: str) -> None:
         try:
             self._stream_events(job_id)
-        except Exception:
-            if not self._closed.is_set():  # a stream cut by close() ends quietly
+        except BaseException as exc:  # whatever it is, the waiter hears of it
+            if isinstance(exc, LongitudinalDiffusionError):
+                error: Exception = exc
+            else:
+                error = WorkerUnavailable(f"the event stream of job {job_id} failed ({type(exc).__name__}: {exc})")
+                error.__cause__ = exc
+            self._fail(job_id, error)
+            if not isinstance(exc, Exception):
                 raise
+        finally:
+            if not self._ended[job_id].is_set():  # close() cut it: a waiter must not wait forever
+                self._fail(job_id, WorkerUnavailable(f"stopped following job {job_id}: the client was closed"))
+
+    def _fail(self, job_id: str, error: Exception) -> None:
+        """End the job for this client's waiters: ``wait`` raises ``error``, ``poll`` gives a failed event."""
+        with self._lock:
+            if self._ended[job_id].is_set():
+                return
+            self._failures[job_id] = error
+            events = self._events[job_id]
+            events.append(JobEvent(job_id, "failed", message=str(error), seq=events[-1].seq + 1 if events else 0))
+        self._ended[job_id].set()
 
     def _stream_events(self, job_id: str) -> None:
         import httpx
 
         delay = self.backoff
+        last_good = time.monotonic()  # the last time the stream was open or brought an event
+        timeout = httpx.Timeout(30, read=self.stream_timeout)
         while not self._closed.is_set():
             with self._lock:
                 after = self._events[job_id][-1].seq if self._events[job_id] else -1
             try:
                 with self._http.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", params={"after": after}, timeout=httpx.Timeout(30, read=60)
+                    "GET", f"/v1/jobs/{job_id}/events", params={"after": after}, timeout=timeout
                 ) as response:
                     if response.status_code in (401, 404, 410):
                         response.read()
@@ -313,13 +356,22 @@ class RemoteBackend:
                     if response.status_code >= 400:
                         raise WorkerUnavailable(f"event stream answered {response.status_code}")
                     delay = self.backoff
+                    last_good = time.monotonic()
                     for event in _sse(response.iter_lines()):
+                        last_good = time.monotonic()
                         self._add(event)
                         if event.kind in FINAL_KINDS:
                             return
                         if self._closed.is_set():
                             return
             except (httpx.HTTPError, WorkerUnavailable) as exc:
+                if self._closed.is_set():
+                    return
+                if time.monotonic() - last_good > self.stream_patience:
+                    raise WorkerUnavailable(
+                        f"lost the event stream of job {job_id} for over {self.stream_patience:g} s "
+                        f"({type(exc).__name__}: {exc or 'no detail'})"
+                    ) from None
                 log.info("event stream of job %s interrupted (%s); reconnecting in %.1f s", job_id, exc, delay)
             self._closed.wait(delay)
             delay = min(delay * 2, 10.0)

@@ -18,19 +18,24 @@ N-th uploaded file; the server stores the files under names it makes itself.
 """
 
 import asyncio
-import hmac
+import errno
 import json
 import logging
+import os
 import re
 import shutil
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InputError
@@ -39,12 +44,18 @@ from . import API_VERSION
 from .settings import Settings
 from .store import Store
 from .uploads import UploadRejected, store_upload
+from .users import Audit, User, Users
 
 log = logging.getLogger(__name__)
 
-UPLOAD_REF = re.compile(r"^upload:(\d{1,4})$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+UPLOAD_REF = re.compile(r"^upload:(\d{1,4})\Z")
+JOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
+#: an idle event stream sends a comment this often (proxies and clients see it is alive)
+KEEPALIVE_SECONDS = 15.0
+#: errors of a data folder the worker cannot write
+STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
+USER_KEY = "longdiff.user"
 
 
 class Problem(BaseModel):
@@ -56,15 +67,17 @@ class Problem(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses a route can answer."""
     meaning = {
-        400: "malformed job spec",
+        400: "malformed job spec or request",
         401: "missing or wrong access token",
-        404: "no such job (never submitted or deleted)",
+        404: "no such job (never submitted, deleted, or another user's)",
         409: "the job has no result (yet)",
         410: "the job expired: it and its result were deleted",
-        413: "request, file or image too large",
-        422: "unusable image or unknown model",
+        413: "request, file, image or capture too large",
+        422: "unusable image, unknown model or invalid parameter",
+        429: "too many open event streams",
+        507: "the worker cannot write its data folder",
     }
-    return {c: {"model": Problem, "description": meaning[c]} for c in (401, *codes)}
+    return {c: {"model": Problem, "description": meaning[c]} for c in (401, 422, 507, *codes)}
 
 
 class WorkerError(Exception):
@@ -81,51 +94,71 @@ class WorkerError(Exception):
 PUBLIC_PATHS = frozenset({"/v1/health"})
 
 
-def token_ok(header: bytes | None, token: str) -> bool:
-    """Whether an ``Authorization`` header carries ``token`` (constant-time comparison)."""
+def bearer_token(header: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
     if not header:
-        return False
+        return None
     scheme, _, value = header.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return False
-    return hmac.compare_digest(value.strip(), token.encode())
+    if scheme.lower() != b"bearer" or not value.strip():
+        return None
+    return value.strip()
 
 
 class Guard:
     """The worker's front door, before any route runs or any body byte is read.
 
-    * Every path but ``/v1/health`` needs the bearer token: a request without it gets 401
-      at once, so an unauthenticated client cannot make the worker receive, parse or
-      spool an upload.
+    * The ``Authorization`` header is read here, once: a request with two gets 400, one
+      without a known token 401 (every path but ``/v1/health``) - an unauthenticated client
+      cannot make the worker receive, parse or spool an upload. The user it names is put
+      in the request's scope for the routes.
     * Request bodies over the limit get 413: by ``Content-Length`` at once, and while
       streaming (chunked uploads) as soon as the limit is passed - the application then
       sees a disconnected client and whatever it would answer is dropped.
+    * A client that stops sending its body for ``body_timeout`` seconds gets 408.
     """
 
-    def __init__(self, app: Any, limit: int, token: str) -> None:
-        self.app, self.limit, self.token = app, limit, token
+    def __init__(self, app: Any, limit: int, users: Users, body_timeout: float = 30.0) -> None:
+        self.app, self.limit, self.users, self.body_timeout = app, limit, users, body_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if scope.get("path") not in PUBLIC_PATHS and not token_ok(headers.get(b"authorization"), self.token):
-            problem = "wrong access token" if headers.get(b"authorization") else "missing access token"
+        raw = scope.get("headers") or []
+        auth = [v for k, v in raw if k.lower() == b"authorization"]
+        if len(auth) > 1:
+            return await _send_json(send, 400, "send one Authorization header, not several")
+        headers = dict(raw)
+        user = None
+        token = bearer_token(auth[0]) if auth else None
+        if token is not None:
+            user = self.users.lookup(token)
+        if scope.get("path") not in PUBLIC_PATHS and user is None:
+            problem = "wrong access token" if auth else "missing access token"
             detail = f"{problem} (send 'Authorization: Bearer <token>')"
             return await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+        scope[USER_KEY] = user
         message = f"request body exceeds this worker's upload limit of {self.limit / 2**20:g} MB"
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await _send_json(send, 413, message)
-        seen, started, refused = 0, False, False
+        seen, started, refused, body_done = 0, False, False, False
 
         async def limited() -> dict:
-            nonlocal seen, refused
+            nonlocal seen, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
-            msg = await receive()
+            if body_done:  # afterwards only a disconnect can come: wait for it as long as it takes
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                if not started:
+                    await _send_json(send, 408, f"no part of the request body came for {self.body_timeout:g} s")
+                refused = True
+                return {"type": "http.disconnect"}
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if seen > self.limit:
                     if not started:
                         await _send_json(send, 413, message)
@@ -152,16 +185,113 @@ async def _send_json(send: Any, status: int, message: str, extra: list | None = 
     await send({"type": "http.response.body", "body": body})
 
 
+# ----------------------------------------------------------------------------- event push
+
+
+class EventHub:
+    """Wakes the event streams of a job when the store records an event for it (or deletes
+    it), from whatever thread did so: the streams wait instead of polling the database."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+
+    def notify(self, job_id: str) -> None:  # any thread
+        if job_id in self.waiters:
+            try:
+                self.loop.call_soon_threadsafe(self._wake, job_id)
+            except RuntimeError:  # the loop has closed (shutdown)
+                pass
+
+    def _wake(self, job_id: str) -> None:
+        for event in self.waiters.get(job_id, ()):
+            event.set()
+
+    def subscribe(self, job_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self.waiters.setdefault(job_id, set()).add(event)
+        return event
+
+    def unsubscribe(self, job_id: str, event: asyncio.Event) -> None:
+        waiting = self.waiters.get(job_id)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self.waiters[job_id]
+
+
+class CountedStream(StreamingResponse):
+    """A streaming response that gives its slot back however it ends (finished, cut, never started)."""
+
+    def __init__(self, content: Any, release: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """The one-line message for an error of the data folder (read-only, full...), else None."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        reason = exc.strerror or os.strerror(exc.errno)
+        return f"the worker cannot write its data folder ({reason}); tell its administrator"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if any(k in text for k in ("readonly", "read-only", "disk", "full", "unable to open")):
+            return f"the worker cannot write its job database ({exc}); tell its administrator"
+    return None
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: 'where: what' of the first, and how many more."""
+    errors = list(exc.errors())
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
+    where = ".".join(loc) or "request"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where}: {str(first.get('msg', 'invalid')).splitlines()[0]}{more}"
+
+
+def data_folder_problem(data: Any) -> str | None:
+    """Whether the worker can create a file in its data folder (None) or why not."""
+    probe = os.path.join(str(data), f".health-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"the worker cannot write its data folder ({exc.strerror or exc})"
+    return None
+
+
 # ----------------------------------------------------------------------------- application
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The worker application for ``settings`` (nothing is read from the environment here)."""
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"streams": {}, "health": (0.0, None)}
+    users = Users(settings.users_path, settings.token)
+    if not len(users):
+        log.warning("no users and no token: every request but /v1/health is refused "
+                    "(add one with `longdiff-worker token add NAME`)")  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.data)
+        hub = EventHub(asyncio.get_running_loop())
+        store.listeners.append(hub.notify)
         if settings.broker:
             from .runner import CeleryDispatcher
 
@@ -174,11 +304,12 @@ def create_app(settings: Settings) -> FastAPI:
                 log.warning("job %s was running when the worker stopped: marked failed", job_id)
             runner = EmbeddedRunner(store, settings.devices, settings.expiry_hours, settings.expiry_sweep_seconds)
         runner.start()
-        state.update(store=store, runner=runner)
+        state.update(store=store, runner=runner, hub=hub, audit=Audit(settings.data))
         try:
             yield
         finally:
             runner.stop()
+            store.listeners.remove(hub.notify)
             store.close()
 
     app = FastAPI(
@@ -191,7 +322,7 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token)
+    app.add_middleware(Guard, limit=settings.max_upload_bytes, users=users, body_timeout=settings.body_timeout)
 
     @app.exception_handler(WorkerError)
     async def _worker_error(request: Request, exc: WorkerError) -> JSONResponse:
@@ -201,30 +332,81 @@ def create_app(settings: Settings) -> FastAPI:
     async def _unknown(request: Request, exc: UnknownJob) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=410 if isinstance(exc, JobExpired) else 404)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse({"detail": " ".join(detail.split())}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        problem = storage_problem(exc)
+        if problem is None:
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+            return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": problem}, status_code=507)
+
+    @app.exception_handler(sqlite3.Error)
+    async def _db_error(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        problem = storage_problem(exc)
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=problem is None)
+        if problem is None:
+            return JSONResponse({"detail": "internal error of the worker's job database (see its log)"}, 500)
+        return JSONResponse({"detail": problem}, status_code=507)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
+
     bearer = HTTPBearer(auto_error=False, description="the worker's access token")
 
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise WorkerError(401, "missing access token (send 'Authorization: Bearer <token>')", challenge)
-        # checked again here (the Guard already did): the route's security is then declared
-        # in the OpenAPI description, and a route can never be reached without the token
-        if not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
-            raise WorkerError(401, "wrong access token", challenge)
+    def authorized(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> User:
+        # the Guard has read the header and found the user: the dependency declares the
+        # security in the OpenAPI description and makes sure no route runs without a user
+        user = request.scope.get(USER_KEY)
+        if user is None:
+            raise WorkerError(401, "missing access token (send 'Authorization: Bearer <token>')",
+                              {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return user
+
+    Caller = Annotated[User, Depends(authorized)]
 
     def store() -> Store:
         return state["store"]
 
-    def job_id_ok(job_id: str) -> str:
+    def audit(user: User, action: str, job_id: str, **extra: Any) -> None:
+        state["audit"](user, action, job_id, **extra)
+
+    def owner(user: User) -> str | None:
+        return None if user.admin else user.name
+
+    def job_of(job_id: str, user: User) -> dict[str, Any]:
+        """The job's record if ``user`` may see it (else 404, as if it did not exist)."""
         if not JOB_ID.match(job_id):
             raise WorkerError(404, f"no job {job_id[:40]!r} on this worker (malformed id)")
-        return job_id
+        return store().get(job_id, owner(user))
 
     public = APIRouter(prefix="/v1", tags=["health"])
 
-    @public.get("/health", summary="Liveness and versions (no token needed)")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "api_version": API_VERSION}
+    unwritable = {503: {"model": Problem, "description": "the worker cannot write its data folder"}}
+
+    @public.get("/health", summary="Liveness and versions (no token needed)", responses=unwritable)
+    async def health() -> JSONResponse:
+        checked, problem = state["health"]
+        if time.monotonic() - checked > 1.0:  # at most one probe a second, whatever the load
+            problem = data_folder_problem(settings.data)
+            state["health"] = (time.monotonic(), problem)
+        body: dict[str, Any] = {"status": "ok", "version": __version__, "api_version": API_VERSION}
+        if problem:
+            body.update(status="error", detail=problem)
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
@@ -232,58 +414,76 @@ def create_app(settings: Settings) -> FastAPI:
 
     @api.get("/info", tags=["info"], summary="Version, devices, GPU memory, limits, models and their cards",
              responses=_errors())  # fmt: skip
-    def info() -> dict[str, Any]:
-        return _info(settings, state)
+    def info(user: Caller) -> dict[str, Any]:
+        return _info(settings, state, user)
 
     @api.get("/openapi.json", tags=["info"], summary="This API's OpenAPI description", responses=_errors())
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
     @api.post("/jobs", status_code=202, tags=["jobs"], summary="Submit a job: its spec and input images",
-              responses=_errors(400, 413, 422))  # fmt: skip
+              responses=_errors(400, 413))  # fmt: skip
     def submit(
+        user: Caller,
         spec: Annotated[str, Form(description="the job spec (JSON); input paths are 'upload:N'")],
         files: Annotated[list[UploadFile], File(description="the input images (NIfTI, gzip welcome)")],
     ) -> dict[str, Any]:
-        return _submit(settings, state, spec, files)
+        return _submit(settings, state, spec, files, user)
 
-    @api.get("/jobs", tags=["jobs"], summary="The jobs on this worker, newest first", responses=_errors())
-    def jobs(limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
-        return store().list(limit)
+    @api.get("/jobs", tags=["jobs"], summary="The jobs on this worker (yours; an admin's: all), newest first",
+             responses=_errors())  # fmt: skip
+    def jobs(user: Caller, limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
+        return store().list(limit, owner(user))
 
     @api.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, queue position and last progress",
              responses=job_errors)  # fmt: skip
-    def status(job_id: str) -> dict[str, Any]:
-        return store().status(job_id_ok(job_id))
+    def status(job_id: str, user: Caller) -> dict[str, Any]:
+        job_of(job_id, user)
+        return store().status(job_id, owner(user))
 
     @api.get(
         "/jobs/{job_id}/events",
         tags=["jobs"],
         summary="Server-sent events of a job, from the start or after an event id",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}, **job_errors},
+        responses={200: {"content": {"text/event-stream": {}}}, **_errors(404, 410, 429)},
     )
     async def events(
         job_id: str,
-        request: Request,
+        user: Caller,
         after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> StreamingResponse:
-        job_id_ok(job_id)
-        store().get(job_id)
+        job_of(job_id, user)
         if last_event_id and last_event_id.isdigit() and len(last_event_id) < 18:
             after = max(after, int(last_event_id))
-        return StreamingResponse(
-            _stream(store(), job_id, after, request),
+        streams: dict[str, int] = state["streams"]
+        retry = {"Retry-After": "5"}
+        if sum(streams.values()) >= settings.max_streams:
+            raise WorkerError(429, f"this worker has {settings.max_streams} event streams open, its limit; "
+                              "try again later", retry)  # fmt: skip
+        if streams.get(user.name, 0) >= settings.max_streams_per_user:
+            raise WorkerError(429, f"you have {settings.max_streams_per_user} event streams open on this worker, "
+                              "its limit per user; close one first", retry)  # fmt: skip
+        streams[user.name] = streams.get(user.name, 0) + 1
+
+        def release() -> None:
+            streams[user.name] -= 1
+            if not streams[user.name]:
+                del streams[user.name]
+
+        return CountedStream(
+            _stream(store(), state["hub"], job_id, after, owner(user)),
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     @api.post("/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], summary="Cancel a job", responses=job_errors)
-    def cancel(job_id: str) -> dict[str, Any]:
-        job_id_ok(job_id)
-        if store().get(job_id)["state"] not in FINAL_KINDS:
+    def cancel(job_id: str, user: Caller) -> dict[str, Any]:
+        if job_of(job_id, user)["state"] not in FINAL_KINDS:
             state["runner"].cancel(job_id)
+        audit(user, "cancel", job_id)
         return store().status(job_id)
 
     @api.get(
@@ -293,23 +493,24 @@ def create_app(settings: Settings) -> FastAPI:
         response_class=FileResponse,
         responses={200: {"content": {"application/zip": {}}}, **_errors(404, 409, 410)},
     )
-    def result(job_id: str) -> FileResponse:
-        row = store().get(job_id_ok(job_id))
+    def result(job_id: str, user: Caller) -> FileResponse:
+        row = job_of(job_id, user)
         if row["state"] != "done":
             why = f": {row['message']}" if row["message"] else ""
             raise WorkerError(409, f"job {job_id} has no result: it is {row['state']}{why}")
         path = store().result_zip(job_id)
         if not path.is_file():
             raise WorkerError(410, f"the result of job {job_id} is gone from the worker's disk")
+        audit(user, "download", job_id)
         return FileResponse(path, media_type="application/zip", filename=f"{job_id}.zip")
 
     @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Cancel if needed, then delete",
                 responses=job_errors)  # fmt: skip
-    def delete(job_id: str) -> Response:
-        job_id_ok(job_id)
-        if store().get(job_id)["state"] not in FINAL_KINDS:
+    def delete(job_id: str, user: Caller) -> Response:
+        if job_of(job_id, user)["state"] not in FINAL_KINDS:
             state["runner"].cancel(job_id)
         store().delete(job_id)
+        audit(user, "delete", job_id)
         return Response(status_code=204)
 
     app.include_router(public)
@@ -320,7 +521,7 @@ def create_app(settings: Settings) -> FastAPI:
 # ----------------------------------------------------------------------------- handlers
 
 
-def _info(settings: Settings, state: dict[str, Any]) -> dict[str, Any]:
+def _info(settings: Settings, state: dict[str, Any], user: User) -> dict[str, Any]:
     import torch
 
     from ..catalog import list_models
@@ -346,19 +547,27 @@ def _info(settings: Settings, state: dict[str, Any]) -> dict[str, Any]:
         "mode": "celery" if settings.broker else "embedded",
         "devices": [{"device": d, "description": describe_device(torch.device(d))} for d in devices],
         "gpus": gpus,
+        "user": {"name": user.name, "admin": user.admin},
         "limits": {
             "max_upload_mb": settings.max_upload_mb,
+            "max_file_mb": settings.max_file_mb,
+            "max_job_mb": settings.max_job_mb,
             "max_voxels": settings.max_voxels,
             "max_dim": settings.max_dim,
             "max_inputs": settings.max_inputs,
+            "max_capture": settings.max_capture,
+            "max_streams_per_user": settings.max_streams_per_user,
+            "max_streams": settings.max_streams,
             "expiry_hours": settings.expiry_hours,
         },
-        "jobs": state["store"].counts(),
+        "jobs": state["store"].counts(None if user.admin else user.name),
         "models": [{"name": m.name, "method": m.method, "trained": m.trained, "card": m.card} for m in list_models()],
     }
 
 
-def _submit(settings: Settings, state: dict[str, Any], text: str, files: list[UploadFile]) -> dict[str, Any]:
+def _submit(
+    settings: Settings, state: dict[str, Any], text: str, files: list[UploadFile], user: User
+) -> dict[str, Any]:
     store: Store = state["store"]
     try:
         data = json.loads(text)
@@ -386,29 +595,40 @@ def _submit(settings: Settings, state: dict[str, Any], text: str, files: list[Up
     unused = sorted(set(range(len(files))) - set(used))
     if unused:
         raise WorkerError(400, f"uploaded file(s) {unused} are not used by the job spec")
+    capture = spec.options.get("capture", 0)
+    if capture > settings.max_capture:
+        raise WorkerError(413, f"capture of {capture} frames; this worker captures at most {settings.max_capture}")
     _check_model(spec)
     job_id = store.new_id()
     folder = store.job_dir(job_id)
     folder.mkdir(parents=True)
+    per_file, per_job = int(settings.max_file_mb * 2**20), int(settings.max_job_mb * 2**20)
+    left = per_job
     try:
         for n in sorted(used):
-            dest = folder / f"input-{n:03d}.nii"
+            dest = folder / f"input-{n:03d}.nii.gz"
             upload = files[n]
             upload.file.seek(0)
-            store_upload(
+            if left < per_file:
+                cap, budget = left, f" per job ({settings.max_job_mb:g} MB; {left / 2**20:.1f} MB left for it)"
+            else:
+                cap, budget = per_file, " per file"
+            left -= store_upload(
                 upload.file,
                 dest,
                 f"file {n}",
                 max_voxels=settings.max_voxels,
                 max_dim=settings.max_dim,
                 labels=used[n] == "labels",
+                max_bytes=cap,
+                budget=budget,
             )
         rel = f"jobs/{job_id}"
         for item in spec.inputs:
-            item.path = f"{rel}/input-{int(UPLOAD_REF.match(item.path).group(1)):03d}.nii"
+            item.path = f"{rel}/input-{int(UPLOAD_REF.match(item.path).group(1)):03d}.nii.gz"
             if item.labels:
-                item.labels = f"{rel}/input-{int(UPLOAD_REF.match(item.labels).group(1)):03d}.nii"
-        store.add(job_id, spec)
+                item.labels = f"{rel}/input-{int(UPLOAD_REF.match(item.labels).group(1)):03d}.nii.gz"
+        store.add(job_id, spec, user.name)
     except UploadRejected as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise WorkerError(exc.status, f"rejected upload: {exc}") from None
@@ -416,7 +636,7 @@ def _submit(settings: Settings, state: dict[str, Any], text: str, files: list[Up
         shutil.rmtree(folder, ignore_errors=True)
         raise
     state["runner"].submitted(job_id)
-    log.info("job %s queued: %s with %s, %d file(s)", job_id, spec.task, spec.model, len(files))
+    state["audit"](user, "submit", job_id, task=spec.task, model=spec.model, files=len(files))
     return store.status(job_id)
 
 
@@ -445,26 +665,28 @@ def _installed() -> str:
     return f" on this worker (installed: {names})"
 
 
-async def _stream(store: Store, job_id: str, after: int, request: Request) -> AsyncIterator[bytes]:
-    idle = 0.0
-    while True:
-        try:
-            events = store.events(job_id, after)
-            if not events:
-                store.get(job_id)  # deleted or expired meanwhile: end the stream (a reconnect gets 404/410)
-        except Exception:
-            return
-        for e in events:
-            after = e.seq
-            yield f"id: {e.seq}\nevent: {e.kind}\ndata: {json.dumps(e.to_dict())}\n\n".encode()
-            if e.kind in FINAL_KINDS:
+async def _stream(store: Store, hub: EventHub, job_id: str, after: int, owner: str | None) -> AsyncIterator[bytes]:
+    """The job's events as server-sent events, woken by the store's news of the job (no polling)."""
+    wake = hub.subscribe(job_id)
+    try:
+        while True:
+            wake.clear()  # before reading: news that comes while reading is not lost
+            try:
+                events = store.events(job_id, after)
+                if not events:
+                    store.get(job_id, owner)  # deleted or expired meanwhile: end (a reconnect gets 404/410)
+            except Exception:
                 return
-        if events:
-            idle = 0.0
-        elif idle >= 15.0:
-            idle = 0.0
-            yield b": keep-alive\n\n"
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.1)
-        idle += 0.1
+            for e in events:
+                after = e.seq
+                yield f"id: {e.seq}\nevent: {e.kind}\ndata: {json.dumps(e.to_dict())}\n\n".encode()
+                if e.kind in FINAL_KINDS:
+                    return
+            if events:
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+    finally:
+        hub.unsubscribe(job_id, wake)

@@ -159,14 +159,13 @@ class EmbeddedRunner:
         self._wake.set()
 
     def cancel(self, job_id: str) -> None:
-        status = self.store.get(job_id)["state"]
-        if status == "queued":
-            if self.store.add_event(JobEvent(job_id, "cancelled", message="cancelled before it started"), "Cancelled"):
-                self.store.discard_partial(job_id)
+        if self.store.cancel_queued(job_id):  # atomic: a runner thread cannot take it meanwhile
+            self.store.discard_partial(job_id)
+            return
         with self._lock:
             token = self._tokens.get(job_id)
-            if token is not None:
-                self._user_cancelled.add(job_id)
+            if self.store.get(job_id)["state"] == "running":
+                self._user_cancelled.add(job_id)  # also seen by a thread that took it but has no token yet
         if token is not None:
             token.cancel()
 
@@ -191,6 +190,8 @@ class EmbeddedRunner:
             token = CancelToken()
             with self._lock:
                 self._tokens[job_id] = token
+                if job_id in self._user_cancelled:
+                    token.cancel()
             try:
                 spec = self.store.spec(job_id)
                 execute(self.store.data, job_id, spec, device, token, self._report)
@@ -201,6 +202,8 @@ class EmbeddedRunner:
                 with self._lock:
                     self._tokens.pop(job_id, None)
                     self._user_cancelled.discard(job_id)
+                if not self.store.exists(job_id):  # deleted while it ran: nothing of it may stay
+                    self.store.discard_partial(job_id)
                 self._wake.set()  # another thread may be waiting for work
 
     def _report(self, event: JobEvent, error_type: str) -> None:
@@ -244,9 +247,8 @@ class CeleryDispatcher:
 
     def cancel(self, job_id: str) -> None:
         self.redis.set(self._cancel_key(job_id), "1", ex=7 * 24 * 3600)
-        if self.store.get(job_id)["state"] == "queued":
-            if self.store.add_event(JobEvent(job_id, "cancelled", message="cancelled before it started"), "Cancelled"):
-                self.store.discard_partial(job_id)
+        if self.store.cancel_queued(job_id):
+            self.store.discard_partial(job_id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -267,8 +269,13 @@ class CeleryDispatcher:
             try:
                 payload: dict[str, Any] = json.loads(item[1])
                 event = JobEvent.from_dict(payload["event"])
-                self.store.add_event(event, error_type=payload.get("error_type", ""), runner=payload.get("runner", ""))
+                added = self.store.add_event(
+                    event, error_type=payload.get("error_type", ""), runner=payload.get("runner", "")
+                )
                 if event.kind in FINAL_KINDS:
                     self.redis.delete(self._cancel_key(event.job_id))
+                    if not added and event.kind == "done" and self.store.state(event.job_id) != "done":
+                        # cancelled or deleted while a GPU machine finished it: its result must go
+                        self.store.discard_partial(event.job_id)
             except Exception as exc:
                 log.warning("ignored a malformed event from a GPU worker (%s)", exc)

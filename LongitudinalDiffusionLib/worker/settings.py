@@ -40,7 +40,7 @@ class Settings:
     """
 
     data: Path
-    token: str
+    token: str | None
     max_upload_mb: float = 512.0
     max_voxels: int = 512**3
     max_dim: int = 2048
@@ -49,10 +49,32 @@ class Settings:
     expiry_sweep_seconds: float = 60.0
     broker: str | None = None
     devices: tuple[str, ...] = ()
+    #: the users file (one token per user); None: ``DATA/users.json``
+    users_file: Path | None = None
+    #: decompressed size of one uploaded image, and of all images of a job (MB)
+    max_file_mb: float = 512.0
+    max_job_mb: float = 2048.0
+    #: denoising steps a job may capture as frames (each a full volume in memory)
+    max_capture: int = 16
+    #: open event streams, per user and in all
+    max_streams_per_user: int = 16
+    max_streams: int = 256
+    #: seconds a client may take to send a request's headers, and between two pieces of a body
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    #: open connections, in all and from one address (more are answered 503 and closed)
+    max_connections: int = 512
+    max_connections_per_address: int = 128
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def users_path(self) -> Path:
+        from .users import USERS_FILE
+
+        return Path(self.users_file) if self.users_file is not None else Path(self.data) / USERS_FILE
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -61,8 +83,11 @@ def _write_private(path: Path, text: str) -> None:
         fh.write(text + "\n")
 
 
-def resolve_token(data: Path, token_file: str | os.PathLike | None = None) -> tuple[str, str]:
-    """The token and where it came from (for the start-up log, never the token itself)."""
+def resolve_token(
+    data: Path, token_file: str | os.PathLike | None = None, *, create: bool = True
+) -> tuple[str | None, str]:
+    """The token and where it came from (for the start-up log, never the token itself).
+    Without ``create``, a missing ``DATA/token`` is not made (None: the users file serves)."""
     if token_file is not None:
         path = Path(token_file)
         try:
@@ -77,6 +102,8 @@ def resolve_token(data: Path, token_file: str | os.PathLike | None = None) -> tu
         _check_token(env, TOKEN_ENV)
         return env, f"${TOKEN_ENV}"
     path = data / "token"
+    if not path.exists() and not create:
+        return None, "the users file"
     if not path.exists():
         from .store import private_folder
 

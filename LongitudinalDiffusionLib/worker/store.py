@@ -4,7 +4,8 @@ Layout under the data folder::
 
     worker.sqlite3            jobs (FIFO by ``seq``) and events
     jobs/<id>/spec.json       the spec, its inputs named by the server (paths relative to the data folder)
-    jobs/<id>/input-NNN.nii   validated uploads
+    jobs/<id>/input-NNN.nii.gz  validated uploads, compressed as received
+    audit.log                 who submitted, cancelled, downloaded, deleted which job (JSON lines)
     results/<id>/             Result.save() output (written atomically)
     results/<id>.zip          the same, as downloaded
 
@@ -31,6 +32,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table in ("jobs", "expired"):  # databases of earlier versions: jobs had no owner
+            columns = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if "owner" not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
         self.changed = threading.Condition(self._lock)
+        #: called with a job id (from any thread) when the job has a new event or is deleted
+        self.listeners: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ paths
 
@@ -104,21 +112,26 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
 
-    def add(self, job_id: str, spec: JobSpec) -> None:
+    def add(self, job_id: str, spec: JobSpec, owner: str = "") -> None:
         """Record a queued job whose inputs are already in :meth:`job_dir`."""
         text = json.dumps(spec.to_dict())
         (self.job_dir(job_id) / "spec.json").write_text(text, encoding="utf-8")
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, state, task, model, spec, created) VALUES (?, 'queued', ?, ?, ?, ?)",
-                (job_id, spec.task, spec.model, text, time.time()),
+                "INSERT INTO jobs (id, state, task, model, spec, created, owner) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, spec.task, spec.model, text, time.time(), owner),
             )
             self._event(job_id, JobEvent(job_id, "queued", message=f"{spec.task} with {spec.model}"))
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The job's record; with ``owner``, another user's job is unknown (never "forbidden":
+        a job id does not tell whether it exists)."""
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             gone = None if row else self._db.execute("SELECT * FROM expired WHERE id = ?", (job_id,)).fetchone()
+        if owner is not None:
+            row = row if row is not None and row["owner"] == owner else None
+            gone = gone if gone is not None and gone["owner"] == owner else None
         if gone is not None:
             ended = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(gone["finished"]))
             deleted = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(gone["expired"]))
@@ -139,8 +152,8 @@ class Store:
                 item.labels = str(self.data / item.labels)
         return spec
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        row = self.get(job_id)
+    def status(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        row = self.get(job_id, owner)
         with self._lock:
             last = self._db.execute(
                 "SELECT data FROM events WHERE job_id = ? AND data LIKE '%\"progress\"%' ORDER BY seq DESC LIMIT 1",
@@ -153,6 +166,7 @@ class Store:
                 ).fetchone()[0]
         return {
             "job_id": job_id,
+            "owner": row["owner"] or None,
             "state": row["state"],
             "task": row["task"],
             "model": row["model"],
@@ -167,10 +181,21 @@ class Store:
             "result_available": row["state"] == "done" and self.result_zip(job_id).is_file(),
         }
 
-    def list(self, limit: int = 1000) -> list[dict[str, Any]]:
+    def list(self, limit: int = 1000, owner: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs (with ``owner``: that user's only)."""
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [self.status(r["id"]) for r in rows]
+            if owner is None:
+                rows = self._db.execute("SELECT id FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                query = "SELECT id FROM jobs WHERE owner = ? ORDER BY seq DESC LIMIT ?"
+                rows = self._db.execute(query, (owner, limit)).fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(self.status(r["id"]))
+            except UnknownJob:  # deleted meanwhile
+                pass
+        return out
 
     def next_queued(self, runner: str) -> str | None:
         """Take the oldest queued job for ``runner`` (marks it running)."""
@@ -180,6 +205,23 @@ class Store:
                 return None
             self.add_event(JobEvent(row["id"], "started", message=runner), runner=runner)
             return row["id"]
+
+    def exists(self, job_id: str) -> bool:
+        return self.state(job_id) is not None
+
+    def state(self, job_id: str) -> str | None:
+        """The job's state, None if there is no such job."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else row["state"]
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel the job if it is still queued (atomically: no runner can take it meanwhile)."""
+        with self._lock:
+            if self.state(job_id) != "queued":
+                return False
+            event = JobEvent(job_id, "cancelled", message="cancelled before it started")
+            return self.add_event(event, error_type="Cancelled")
 
     def add_event(self, event: JobEvent, *, error_type: str = "", runner: str = "") -> bool:
         """Append an event and move the job's state; False (ignored) once the job has ended."""
@@ -208,6 +250,14 @@ class Store:
             "INSERT INTO events (job_id, seq, data) VALUES (?, ?, ?)", (job_id, seq, json.dumps(event.to_dict()))
         )
         self.changed.notify_all()
+        self._tell(job_id)
+
+    def _tell(self, job_id: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(job_id)
+            except Exception:  # a listener must never break the store
+                log.exception("event listener failed")
 
     def events(self, job_id: str, after: int = -1) -> list[JobEvent]:
         with self._lock:
@@ -240,6 +290,11 @@ class Store:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.result_dir(job_id), ignore_errors=True)
         self.result_zip(job_id).unlink(missing_ok=True)
+        for stale in (self.data / "results").glob(f".{job_id}*"):  # Result.save's and the zip's temporaries
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
     def delete(self, job_id: str) -> None:
         self.get(job_id)
@@ -247,6 +302,7 @@ class Store:
             self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         self.discard_partial(job_id)
+        self._tell(job_id)
 
     def expire(self, hours: float) -> list[str]:
         """Delete jobs (record, events, inputs, result) that ended more than ``hours`` ago
@@ -258,15 +314,16 @@ class Store:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, finished FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - hours * 3600,)
+                "SELECT id, finished, owner FROM jobs WHERE finished IS NOT NULL AND finished < ?",
+                (now - hours * 3600,),
             ).fetchall()
         for r in rows:
             with self._lock:  # one transaction: tombstone and deletion together
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.execute(
-                        "INSERT OR REPLACE INTO expired (id, finished, expired) VALUES (?, ?, ?)",
-                        (r["id"], r["finished"], now),
+                        "INSERT OR REPLACE INTO expired (id, finished, expired, owner) VALUES (?, ?, ?, ?)",
+                        (r["id"], r["finished"], now, r["owner"]),
                     )
                     self._db.execute("DELETE FROM events WHERE job_id = ?", (r["id"],))
                     self._db.execute("DELETE FROM jobs WHERE id = ?", (r["id"],))
@@ -275,11 +332,16 @@ class Store:
                     raise
                 self._db.execute("COMMIT")
             self.discard_partial(r["id"])
+            self._tell(r["id"])
         return [r["id"] for r in rows]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, owner: str | None = None) -> dict[str, int]:
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+            if owner is None:
+                rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+            else:
+                query = "SELECT state, COUNT(*) AS n FROM jobs WHERE owner = ? GROUP BY state"
+                rows = self._db.execute(query, (owner,)).fetchall()
         return {r["state"]: r["n"] for r in rows}
 
     def close(self) -> None:
@@ -287,7 +349,7 @@ class Store:
             self._db.close()
 
 
-_INPUT_FILE = re.compile(r"jobs/[0-9a-f]{32}/input-(\d{3})\.nii")
+_INPUT_FILE = re.compile(r"jobs/[0-9a-f]{32}/input-(\d{3})\.nii(?:\.gz)?")
 _ABS_PATH = re.compile(r"(?<![\w.:/\\])/(?:[^\s/:'\"(),]+/)+([^\s/:'\"(),]+)")
 
 

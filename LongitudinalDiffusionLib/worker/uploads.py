@@ -1,7 +1,8 @@
 """Uploaded images, checked before a job is queued.
 
 An upload is a NIfTI-1/2 file, raw or gzip-compressed. It is streamed to a file the server
-names itself (the client's file name is never used), decompressing on the way. The header
+names itself (the client's file name is never used), kept compressed (a gzip upload as
+received, a raw one compressed on the way) and inflated alongside with a running count. The header
 is read first: the voxel count and dimensions must be within the worker's caps, and the
 decompressed stream may not run past the size the header declares - a decompression bomb
 is stopped after a few bytes too many, never inflated. So that the declared size is itself
@@ -13,6 +14,7 @@ NaN/Inf voxels, broken affines and absurd spacing.
 
 from __future__ import annotations
 
+import gzip
 import io
 import zlib
 from pathlib import Path
@@ -51,55 +53,86 @@ def _header(head: bytes, name: str) -> nib.Nifti1Header:
 
 
 def store_upload(
-    src: BinaryIO, dest: Path, name: str, *, max_voxels: int, max_dim: int, ndim: int = 3, labels: bool = False
-) -> Path:
-    """Stream an upload into ``dest`` (a ``.nii`` file), checking it on the way and at the end.
+    src: BinaryIO,
+    dest: Path,
+    name: str,
+    *,
+    max_voxels: int,
+    max_dim: int,
+    ndim: int = 3,
+    labels: bool = False,
+    max_bytes: int | None = None,
+    budget: str = "",
+) -> int:
+    """Stream an upload into ``dest`` (a ``.nii.gz`` file: a gzip upload is kept as received,
+    a raw one compressed on the way), inflating it alongside to check it with a running count
+    of the decompressed bytes, then read it with the library's checks.
+
+    ``max_bytes`` bounds the decompressed size (header and voxels); ``budget`` says which
+    limit it is, for the message. Returns the decompressed size.
 
     Raises:
         UploadRejected: with status 413 for images beyond the caps, else 422.
     """
     first = src.read(2)
     gz = first == GZIP_MAGIC
+    state = {"limit": None, "total": 0, "head": b""}
+
+    def count(data: bytes) -> None:
+        """The running count of decompressed bytes against the header's and the worker's limits."""
+        if state["limit"] is None:
+            state["head"] += data[: max(0, 540 - len(state["head"]))]
+            if len(state["head"]) >= 348:
+                limit = _limit(_header(state["head"], name), name, max_voxels, max_dim, ndim)
+                if max_bytes is not None and limit > max_bytes:
+                    raise UploadRejected(
+                        name,
+                        f"decompressed size {limit / 2**20:.1f} MB exceeds this worker's limit of "
+                        f"{max_bytes / 2**20:.1f} MB{budget}",
+                        413,
+                    )
+                state["limit"] = limit
+        state["total"] += len(data)
+        if state["limit"] is not None and state["total"] > state["limit"]:
+            raise UploadRejected(
+                name,
+                "holds more data than its header declares " + ("(a decompression bomb?)" if gz else "(trailing bytes)"),
+                413 if gz else 422,
+            )
+
+    def room() -> int:  # never inflate more than the header allows (plus one byte to notice)
+        limit = state["limit"]
+        return CHUNK if limit is None else max(1, min(CHUNK, limit + 1 - state["total"]))
+
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
-    limit: int | None = None  # bytes the header declares (header + voxels)
-    head = b""
-    total = 0
     try:
-        with open(dest, "wb") as out:
-            pending = first
-            while True:
-                if pending:
-                    if inflater is not None:
-                        # never inflate more than the header allows (plus one byte to notice)
-                        room = CHUNK if limit is None else max(1, limit + 1 - total)
+        with open(dest, "wb") as raw_out:
+            packer = None if gz else gzip.GzipFile(fileobj=raw_out, mode="wb", compresslevel=1, mtime=0)
+            chunk = first
+            while chunk:
+                if inflater is None:
+                    count(chunk)
+                    packer.write(chunk)
+                else:
+                    raw_out.write(chunk)  # kept compressed, as received
+                    pending = chunk
+                    while pending:
                         try:
-                            data = inflater.decompress(pending, room)
+                            data = inflater.decompress(pending, room())
                         except zlib.error as exc:
                             raise UploadRejected(name, f"corrupt gzip stream ({exc})") from None
                         pending = inflater.unconsumed_tail
-                    else:
-                        data, pending = pending, b""
-                    if limit is None:
-                        head += data[:540]
-                        if len(head) >= 348:
-                            limit = _limit(_header(head, name), name, max_voxels, max_dim, ndim)
-                    total += len(data)
-                    if limit is not None and total > limit:
-                        raise UploadRejected(
-                            name,
-                            "holds more data than its header declares "
-                            + ("(a decompression bomb?)" if gz else "(trailing bytes)"),
-                            413 if gz else 422,
-                        )
-                    out.write(data)
-                    if pending:
-                        continue
+                        if inflater.eof and inflater.unused_data:  # a gzip file of several members
+                            pending = inflater.unused_data + pending
+                            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                        count(data)
                 chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                pending = chunk
+            if packer is not None:
+                packer.close()
+            total, limit = state["total"], state["limit"]
             if inflater is not None and not inflater.eof and total > 0 and (limit is None or total < limit):
                 raise UploadRejected(name, "file is truncated: the compressed stream ends early")
+        total, limit = state["total"], state["limit"]
         if total == 0:
             raise UploadRejected(name, "file is empty")
         if limit is None:
@@ -114,7 +147,7 @@ def store_upload(
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    return dest
+    return total
 
 
 def _limit(hdr: nib.Nifti1Header, name: str, max_voxels: int, max_dim: int, ndim: int) -> int:

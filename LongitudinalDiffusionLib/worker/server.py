@@ -1,0 +1,58 @@
+"""The HTTP server under the API: uvicorn with its h11 protocol, plus what uvicorn lacks.
+
+* **Header timeout.** A client has ``header_timeout`` seconds to send a request's headers,
+  counted from the moment it connects (or its previous answer ended); then the connection
+  is closed. Slow-header ("slowloris") sockets cannot stay open.
+* **Connection caps.** At most ``max_connections`` open connections, and
+  ``max_connections_per_address`` from one address; one more gets ``503`` with the
+  one-line JSON error and is closed at once (before it can send anything).
+
+The body read timeout is the :class:`~.app.Guard`'s (``body_timeout``), the keep-alive
+timeout uvicorn's own (``timeout_keep_alive``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def guarded_protocol(header_timeout: float, max_connections: int, max_per_address: int) -> type:
+    """An h11 protocol class with a header timeout and connection caps."""
+
+    body = json.dumps({"detail": "this worker has too many open connections; try again later"}).encode()
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n".encode()
+        + b"retry-after: 5\r\nconnection: close\r\n\r\n"
+        + body
+    )
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            address = self.client[0] if self.client else None
+            same = sum(1 for c in self.connections if c.client and c.client[0] == address) if address else 0
+            if len(self.connections) > max_connections or same > max_per_address:
+                transport.write(busy)
+                transport.close()
+                return
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self.loop.call_later(header_timeout, self._header_timeout, self.cycle)
+
+        def _header_timeout(self, cycle: Any) -> None:
+            if self.transport.is_closing():
+                return
+            # no request has begun since the timer was armed (the headers are still coming)
+            if self.cycle is cycle and (cycle is None or cycle.response_complete):
+                self.transport.close()
+
+    return GuardedH11Protocol
