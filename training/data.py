@@ -113,6 +113,55 @@ def split(ids: list[str], n_val: int) -> tuple[list[str], list[str]]:
     return ids[:-n_val], ids[-n_val:]
 
 
+# ----------------------------------------------------------------------------- the three-way split
+#
+# train      : what the weights learnt from (``split``'s first part);
+# validation : ``split``'s held-out part - training validates on it and every design choice
+#              (steps, training pairs, sampler) was made on it, so it is no test;
+# test       : subjects never used for either, scored once per released model. For the
+#              simulated cohort they are new subjects of the same simulator seed (subject k is
+#              drawn from ``default_rng([seed, k])``), written by ``python -m training.test_sets``.
+# A model card records its split under ``"splits"`` (train, validation, test ids and the
+# simulator seed); evaluation refuses a test id that is in the card's train or validation split.
+
+
+def simulation_seed(root: str | Path) -> int | None:
+    """The simulator seed a simulated cohort declares (``dataset_description.json``,
+    ``SimulationParameters.seed``); None for any other dataset."""
+    import json
+
+    path = Path(root) / "dataset_description.json"
+    try:
+        seed = json.loads(path.read_text(encoding="utf-8")).get("SimulationParameters", {}).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(seed) if isinstance(seed, int) else None
+
+
+def split_conflicts(
+    ids: list[str], splits: dict[str, Any], cohort_seed: int | None, *, evaluated_as: str = "test"
+) -> dict[str, list[str]]:
+    """The ``ids`` that the card's ``splits`` put in a split they may not be evaluated from,
+    by split name: for a test, ``train`` and ``validation``; for a validation, ``train``.
+
+    Ids name the same subjects only in the same population: a simulated cohort with another
+    seed than the card's holds other subjects under the same ids, so nothing conflicts.
+    Any other dataset (no declared seed) is taken to be the card's.
+    """
+    if evaluated_as not in ("test", "validation"):
+        raise LongitudinalDiffusionError(f"evaluate as 'test' or 'validation', not '{evaluated_as}'")
+    card_seed = splits.get("simulator_seed")
+    if cohort_seed is not None and card_seed is not None and int(card_seed) != int(cohort_seed):
+        return {}
+    forbidden = ("train", "validation") if evaluated_as == "test" else ("train",)
+    out = {}
+    for name in forbidden:
+        hit = sorted(set(ids) & set(splits.get(name) or []))
+        if hit:
+            out[name] = hit
+    return out
+
+
 # ----------------------------------------------------------------------------- datasets
 
 

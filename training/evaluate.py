@@ -80,31 +80,65 @@ from LongitudinalDiffusionLib.subject import Modality, Subject, Timepoint, load_
 from LongitudinalDiffusionLib.tasks import SAME_AGE, complete_ages, interpolate_frames, synthesize_modality
 
 from . import baselines as bl
-from .data import Cohort, open_cohort, split
+from . import stats
+from .data import Cohort, open_cohort, simulation_seed, split, split_conflicts
 
 log = logging.getLogger(__name__)
 
 #: the metric each task is judged on
 PRIMARY = {"complete-ages": "psnr", "synthesize-modality": "psnr", "interpolate": "dice", "segment": "dice"}
+#: every metric a model is compared with its baselines on (primary first)
+COMPARED = {
+    "complete-ages": ("psnr", "ssim"),
+    "synthesize-modality": ("psnr", "ssim"),
+    "interpolate": ("dice", "psnr", "ssim"),
+    "segment": ("dice",),
+}
 TASK_TITLE = {
     "complete-ages": "missing age",
     "synthesize-modality": "missing modality",
     "interpolate": "frames",
     "segment": "tissue segmentation",
 }
+REGISTRATION_INTERPOLATION = "registration interpolation"
+REGRESSION = "quadratic regression"
+REGRESSION_MATCHED = "quadratic regression, histogram-matched"
+DEMONS = "demons registration"
 BASELINES = {
-    "complete-ages": ("nearest timepoint", "linear interpolation"),
-    "synthesize-modality": ("nearest contrast, histogram-matched", "nearest contrast, unchanged"),
-    "interpolate": ("linear blend", "identity warp"),
+    "complete-ages": ("nearest timepoint", "linear interpolation", REGISTRATION_INTERPOLATION),
+    "synthesize-modality": (
+        "nearest contrast, histogram-matched",
+        "nearest contrast, unchanged",
+        REGRESSION,
+        REGRESSION_MATCHED,
+    ),
+    "interpolate": ("linear blend", "identity warp", DEMONS),
     "segment": ("gaussian mixture",),
 }
 METRICS = ("psnr", "ssim", "dice")
 METRIC_TITLE = {"psnr": "PSNR (dB)", "ssim": "SSIM", "dice": "Dice"}
 METRIC_NAME = {"psnr": "PSNR", "ssim": "SSIM", "dice": "Dice"}
+METRIC_UNIT = {"psnr": " dB", "ssim": "", "dice": ""}
 PERCENTILES = (0.5, 99.5)
-#: subjects (and hearts) held out when none are named: the last ones in sorted order
+#: without a card split, the subjects (and hearts) evaluated when none are named: the last
+#: ones in sorted order, as ``training.data.split`` holds them out of training
 DEFAULT_HELD_OUT_SUBJECTS = 2
 DEFAULT_HELD_OUT_HEARTS = 1
+STAT_FIELDS = [
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_cases",
+    "cases_won",
+    "n_cases",
+    "subject_difference",
+    "subject_ci_low",
+    "subject_ci_high",
+    "p_subjects",
+    "subjects_won",
+    "n_subjects",
+    "decision",
+]
 SUMMARY_FIELDS = [
     "method",
     "task",
@@ -113,16 +147,15 @@ SUMMARY_FIELDS = [
     "entry",
     "role",
     "cases",
+    "subjects",
     *(f"{m}_{s}" for m in METRICS for s in ("mean", "sd")),
     "primary",
     "best_baseline",
-    "primary_difference",
-    "primary_difference_se",
-    "cases_won",
+    *STAT_FIELDS,
     "model_beats",
 ]
+COMPARISON_CSV_FIELDS = ["method", "model", "baseline", "metric", *STAT_FIELDS]
 CASE_FIELDS = ["method", "model", "subject", "case", "entry", "psnr", "ssim", "dice"]
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -252,8 +285,9 @@ def age_cases(subject: Subject, modality: Modality) -> list[Timepoint]:
     return real[1:-1]
 
 
-def run_age_case(subject: Subject, hidden: Timepoint, loaded: LoadedModel, run: Run) -> Case:
-    """Hide ``hidden``'s session, let the model and the baselines fill the age in, score them."""
+def run_age_case(subject: Subject, hidden: Timepoint, loaded: LoadedModel, run: Run, cache: dict | None = None) -> Case:
+    """Hide ``hidden``'s session, let the model and the baselines fill the age in, score them.
+    ``cache`` keeps the baselines' images between models evaluated on the same cases."""
     age, modality = hidden.age, hidden.modality
     without = _without(subject, lambda tp: abs(tp.age - age) < SAME_AGE)
     truth = bl.image_of(hidden)
@@ -262,8 +296,17 @@ def run_age_case(subject: Subject, hidden: Timepoint, loaded: LoadedModel, run: 
     case.generated, case.age = result.image(run.kind, age), age
     case.add("model", case.generated, truth)
     real = [tp for tp in without.timepoints if tp.modality == modality]
-    case.add("nearest timepoint", bl.nearest_timepoint(real, age, truth.affine, truth.shape), truth)
-    case.add("linear interpolation", bl.linear_interpolation(real, age, truth.affine, truth.shape), truth)
+    makers = {
+        "nearest timepoint": bl.nearest_timepoint,
+        "linear interpolation": bl.linear_interpolation,
+        REGISTRATION_INTERPOLATION: bl.registered_interpolation,
+    }
+    cache = {} if cache is None else cache
+    for entry, make in makers.items():
+        key = ("age", subject.subject_id, modality, round(age, 6), entry)
+        if key not in cache:
+            cache[key] = make(real, age, truth.affine, truth.shape)
+        case.add(entry, cache[key], truth)
     return case
 
 
@@ -317,6 +360,45 @@ class ReferenceHistograms:
         return np.mean([min(scans, key=lambda s: abs(s[0] - age))[1] for scans in per_subject], axis=0)
 
 
+class TrainingSessions:
+    """The training subjects' sessions (contrast -> array), for the contrast regression: a
+    case at age ``a`` is predicted by a regression fitted on each training subject's session
+    nearest in age that has the target and every condition (contrast changes with age in
+    infancy). Fits are cached."""
+
+    def __init__(self, root: Path, subject_ids: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.subject_ids = list(subject_ids)
+        self._sessions: list[list[tuple[float, dict[Modality, np.ndarray]]]] | None = None
+        self._fits: dict[tuple, bl.ContrastRegression] = {}
+
+    def _load(self) -> list[list[tuple[float, dict[Modality, np.ndarray]]]]:
+        if self._sessions is None:
+            self._sessions = []
+            for sid in self.subject_ids:
+                subject = load_bids_subject(self.root, subject=sid.removeprefix("sub-"))
+                visits = []
+                for age in subject.ages():
+                    visit = [tp for tp in subject.timepoints if abs(tp.age - age) < SAME_AGE]
+                    visits.append((age, {tp.modality: np.asarray(bl.image_of(tp).array, np.float32) for tp in visit}))
+                self._sessions.append(visits)
+        return self._sessions
+
+    def regression(self, target: Modality, conditions: Sequence[Modality], age: float) -> bl.ContrastRegression | None:
+        """The regression for a case at ``age``; None without a training session to fit it on."""
+        chosen = []
+        for visits in self._load():
+            usable = [(a, s) for a, s in visits if target in s and all(c in s for c in conditions)]
+            if usable:
+                chosen.append(min(usable, key=lambda v: abs(v[0] - age)))
+        if not chosen:
+            return None
+        key = (target, tuple(conditions), tuple(round(a, 6) for a, _ in chosen))
+        if key not in self._fits:
+            self._fits[key] = bl.ContrastRegression(conditions, target).fit([s for _, s in chosen])
+        return self._fits[key]
+
+
 def own_reference(subject: Subject, hidden: Timepoint) -> np.ndarray | None:
     """The fallback reference: the subject's other session of the target contrast nearest in age."""
     others = [
@@ -335,18 +417,23 @@ def run_modality_case(
     loaded: LoadedModel,
     run: Run,
     reference: np.ndarray,
+    regression: bl.ContrastRegression | None = None,
 ) -> Case:
-    """Hide one contrast of a session; the model synthesises it, the baseline copies and
-    histogram-matches the nearest contrast; score both."""
+    """Hide one contrast of a session; the model synthesises it, the baselines copy and
+    histogram-match the nearest contrast or regress it from the others; score them all."""
     without = _without(subject, lambda tp: tp is hidden)
     truth = bl.image_of(hidden)
     case = Case(subject.subject_id, f"{hidden.modality.value} of {hidden.session or f'{hidden.age:.2f} mo'}")
     session = hidden.session if hidden.session is not None else hidden.age
     result = synthesize_modality(without, session, hidden.modality, loaded, **run.kwargs())
     case.add("model", result.image(run.kind), truth)
-    matched, unchanged = BASELINES["synthesize-modality"]
+    matched, unchanged = BASELINES["synthesize-modality"][:2]
     case.add(matched, bl.histogram_matched_contrast(rest, hidden.modality, reference), truth)
     case.add(unchanged, bl.image_of(bl.nearest_contrast(rest, hidden.modality)), truth)
+    if regression is not None:
+        regressed = regression.predict(rest)
+        case.add(REGRESSION, regressed, truth)
+        case.add(REGRESSION_MATCHED, Image(bl.match_histogram(regressed.array, reference), regressed.affine), truth)
     return case
 
 
@@ -368,6 +455,7 @@ def run_heart(cohort: Cohort, hid: str, loaded: LoadedModel, run: Run) -> list[C
     )
     series = result.series[0]
     identity, identity_labels = bl.identity_warp(source, source_labels)
+    field = bl.demons_field(target, source)  # source(x + u(x)) ~ target(x), once per heart
     cases = []
     for k in range(1, n - 1):
         truth = load_image(frames[k].image)
@@ -379,6 +467,9 @@ def run_heart(cohort: Cohort, hid: str, loaded: LoadedModel, run: Run) -> list[C
         case.add("linear blend", bl.linear_blend(source, target, gamma), truth)
         pair = (identity_labels, truth_labels) if truth_labels is not None and identity_labels is not None else None
         case.add("identity warp", identity, truth, pair)
+        registered, registered_labels = bl.registered_frame(source, target, gamma, source_labels, field=field)
+        pair = (registered_labels, truth_labels) if truth_labels is not None and registered_labels is not None else None
+        case.add(DEMONS, registered, truth, pair)
         cases.append(case)
     return cases
 
@@ -393,15 +484,26 @@ def _stats(values: Iterable[float]) -> tuple[int, float, float]:
     return int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
-def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> list[dict[str, Any]]:
-    """One row per entry (model first, then the baselines): means and sds over the cases, and
-    the paired comparison on the primary metric: on a baseline's row the model minus that
-    baseline, on the model's row the model minus the best baseline (``best_baseline``, the
-    one with the highest mean)."""
+def compare_entries(cases: list[Case], metric: str, baseline: str) -> stats.Comparison | None:
+    """The model minus ``baseline`` on ``metric``, paired over the cases both have
+    (:func:`training.stats.compare`: cluster bootstrap over subjects, Wilcoxon, cases and
+    subjects won). None when no case has the metric for both."""
+    model = [c.scores.get("model", {}).get(metric, math.nan) for c in cases]
+    base = [c.scores.get(baseline, {}).get(metric, math.nan) for c in cases]
+    return stats.compare(model, base, [c.subject for c in cases])
+
+
+def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """Summary rows, one per entry (model first, then the baselines): means and sds over the
+    cases and, on a baseline's row, the paired comparison of the model with it on the primary
+    metric; on the model's row the same against the strongest baseline (``best_baseline``,
+    the highest mean primary metric). Also every comparison on every metric of
+    :data:`COMPARED` (the rows of ``comparisons.csv``)."""
     task = method_task(method)
     primary = PRIMARY[task]
     rows = []
     for entry in ("model", *BASELINES[task]):
+        have = [c for c in cases if entry in c.scores]
         row: dict[str, Any] = {
             "method": method,
             "task": task,
@@ -409,39 +511,31 @@ def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> list[dict[
             "trained": loaded.card.trained,
             "entry": entry,
             "role": "model" if entry == "model" else "baseline",
-            "cases": sum(1 for c in cases if entry in c.scores),
+            "cases": len(have),
+            "subjects": len({c.subject for c in have}),
             "primary": primary,
         }
         for metric in METRICS:
-            _, mean, sd = _stats(c.scores[entry].get(metric, float("nan")) for c in cases if entry in c.scores)
+            _, mean, sd = _stats(c.scores[entry].get(metric, float("nan")) for c in have)
             row[f"{metric}_mean"], row[f"{metric}_sd"] = mean, sd
         rows.append(row)
+    comparisons = []
     for row in rows[1:]:
-        row.update(_compare(cases, primary, row["entry"]))
-    compared = [r for r in rows[1:] if r.get("model_beats") is not None]
+        if row["cases"] == 0:
+            continue
+        for metric in COMPARED[task]:
+            result = compare_entries(cases, metric, row["entry"])
+            if result is None:
+                continue
+            comparisons.append({"method": method, "model": loaded.card.name, "baseline": row["entry"]}
+                               | {"metric": metric, **result.as_dict()})  # fmt: skip
+            if metric == primary:
+                row.update(result.as_dict(), model_beats=result.beats)
+    compared = [r for r in rows[1:] if r.get("decision") is not None]
     if compared:
         best = max(compared, key=lambda r: r[f"{primary}_mean"])
-        rows[0].update({k: best[k] for k in COMPARISON_FIELDS}, best_baseline=best["entry"])
-    return rows
-
-
-COMPARISON_FIELDS = ("primary_difference", "primary_difference_se", "cases_won", "model_beats")
-
-
-def _compare(cases: list[Case], primary: str, baseline: str) -> dict[str, Any]:
-    """The model minus ``baseline`` on the primary metric, paired over the cases both have."""
-    pairs = [(c.scores.get("model", {}), c.scores.get(baseline, {})) for c in cases]
-    diffs = [m.get(primary, math.nan) - b.get(primary, math.nan) for m, b in pairs]
-    diffs = [d for d in diffs if not math.isnan(d)]  # an entry without the metric, or inf - inf
-    if not diffs:
-        return {}
-    n, mean, sd = _stats(diffs)
-    return {
-        "primary_difference": mean,
-        "primary_difference_se": sd / math.sqrt(n) if n > 1 else float("nan"),
-        "cases_won": f"{sum(d > 0 for d in diffs)}/{n}",
-        "model_beats": bool(mean > 0),
-    }
+        rows[0].update({k: best[k] for k in (*STAT_FIELDS, "model_beats")}, best_baseline=best["entry"])
+    return rows, comparisons
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -459,47 +553,77 @@ def _cell(mean: float, sd: float, digits: int) -> str:
 DIGITS = {"psnr": 2, "ssim": 3, "dice": 3}
 
 
-def _gap(row: dict[str, Any], digits: int) -> str:
-    if row.get("model_beats") is None:
+def _p(value: float) -> str:
+    if value is None or not math.isfinite(value):
         return "-"
-    diff, se = row["primary_difference"], row["primary_difference_se"]
-    spread = f" ± {se:.{digits}f}" if math.isfinite(se) else ""
-    return f"{diff:+.{digits}f}{spread} ({row['cases_won']})"
+    return f"{value:.2g}" if value >= 0.001 else "<0.001"
+
+
+def _ci(diff: float, lo: float, hi: float, digits: int) -> str:
+    return f"{diff:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def comparison_cells(c: dict[str, Any], digits: int) -> list[str]:
+    """Table cells of one comparison: difference [95 % CI], p, cases won, the same per subject, verdict."""
+    return [
+        _ci(c["difference"], c["ci_low"], c["ci_high"], digits),
+        _p(c["p_cases"]),
+        f"{c['cases_won']}/{c['n_cases']}",
+        _ci(c["subject_difference"], c["subject_ci_low"], c["subject_ci_high"], digits),
+        _p(c["p_subjects"]),
+        f"{c['subjects_won']}/{c['n_subjects']}",
+        c["decision"],
+    ]
+
+
+COMPARISON_HEADER = (
+    "| baseline | metric | model minus baseline, per case [95 % CI] | Wilcoxon p (cases) | cases won "
+    "| per subject [95 % CI] | Wilcoxon p (subjects) | subjects won | the model is |"
+)
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """The sentence saying whether (and by how much) the model beats the best baseline."""
+    """The sentence saying whether the model beats the strongest baseline: only when the
+    95 % interval of the paired difference lies above zero."""
     primary = row["primary"]
     if row.get("best_baseline") is None:
         return f"No baseline has a {METRIC_NAME[primary]} on these cases: no comparison."
-    diff, se = row["primary_difference"], row["primary_difference_se"]
-    if primary == "psnr":
-        amount = f"{abs(diff):.2f} dB"
-        detail = f"paired difference {diff:+.2f} dB" + (f" ± {se:.2f} dB standard error" if math.isfinite(se) else "")
-    else:
-        amount = f"{abs(diff):.3f} Dice ({100 * abs(diff):.1f} Dice points)"
-        detail = f"paired difference {diff:+.3f}" + (f" ± {se:.3f} standard error" if math.isfinite(se) else "")
-    won = f"better on {row['cases_won'].replace('/', ' of ')} cases"
+    digits, unit = DIGITS[primary], METRIC_UNIT[primary]
     name = f"{row['method']} (`{row['model']}`)"
-    if row["model_beats"]:
-        head = f"**{name} beats the best baseline ({row['best_baseline']}) on {METRIC_NAME[primary]} by {amount}**"
-    else:
-        head = f"**{name} does NOT beat the best baseline ({row['best_baseline']}) on {METRIC_NAME[primary]}: " + (
-            f"it is {amount} worse**" if diff < 0 else "no difference**"
-        )
-    return f"{head} ({detail}; {won})."
+    decision = row["decision"]
+    word = {stats.BEATS: "beats", stats.WORSE: "is worse than", stats.NO_BETTER: "is no better than"}[decision]
+    head = f"**{name} {word} the strongest baseline ({row['best_baseline']}) on {METRIC_NAME[primary]}**"
+    detail = (
+        f"model minus baseline {row['difference']:+.{digits}f}{unit}, 95 % CI "
+        f"[{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}] (cluster bootstrap over subjects), "
+        f"Wilcoxon p = {_p(row['p_cases'])}; better on {row['cases_won']} of {row['n_cases']} cases and "
+        f"{row['subjects_won']} of {row['n_subjects']} subjects (per-subject mean "
+        f"{row['subject_difference']:+.{digits}f}{unit}, Wilcoxon p = {_p(row['p_subjects'])})"
+    )
+    return f"{head}: {detail}."
 
 
-def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
-    """The evaluation table with the notes that make it readable on its own."""
+def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The evaluation tables with the notes that make them readable on their own."""
+    evaluated_as = header.get("split", "test")
+    title = f"# Models against baselines on the {header.get('set') or evaluated_as} set"
     lines = [
-        "# Models against baselines on held-out data",
+        title,
         "",
-        f"Cohort: `{header['cohort']}`; held-out subjects: {', '.join(header['subjects']) or 'none'}; "
-        f"held-out hearts: {', '.join(header['hearts']) or 'none'}; "
+        f"Cohort: `{header['cohort']}`; evaluated as: **{evaluated_as}**; subjects: "
+        f"{', '.join(header['subjects']) or 'none'}; hearts: {', '.join(header['hearts']) or 'none'}; "
+        f"training subjects for the fitted baselines: {header.get('reference') or 'none'}; "
         f"sampler steps: {header['steps'] or 'card default'}; "
         f"samples per case: {header['n_samples']}; seed: {header['seed']}; library {__version__}.",
         "",
+    ]
+    if evaluated_as != "test":
+        lines += [
+            "These subjects are the models' **validation** split: training validated on them and design choices "
+            "were made on them, so these numbers are not a test.",
+            "",
+        ]
+    lines += [
         "How to read it:",
         "",
         "- Every entry of a method is scored on the same cases; numbers are mean ± sample standard deviation "
@@ -508,22 +632,33 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "percentiles onto [0, 1] (clipped). PSNR = 10 log10(1 / MSE) in dB and 3D SSIM (Gaussian window 11, "
         "sigma 1.5) over the whole volume (MONAI `PSNRMetric`, `SSIMMetric`).",
         "- Dice: per label class present in the truth or the prediction (background excluded), then the mean.",
-        "- Primary metric: PSNR for missing age and missing modality, Dice for frames. A model beats a baseline "
-        "when its mean primary metric exceeds the baseline's on the same cases; the last column gives the model "
-        "minus the baseline, paired over the cases (mean ± standard error), and the cases the model won. The "
-        "sentence under each table compares the model with the best baseline.",
-        "- Missing age: each interior scan is hidden (its whole session); baselines are a copy of the nearest real "
-        "scan in age and the age-weighted linear interpolation of the two neighbouring scans.",
-        "- Missing modality: the target contrast of each session is hidden; the baselines copy the nearest "
-        "available contrast (T1w <- T1ce, T1ce <- T1w, T2w <- FLAIR, FLAIR <- T2w), once with its histogram "
-        "matched to the training subjects' scans of the target contrast nearest in age, once unchanged. "
-        "No baseline reads the hidden image.",
+        "- Primary metric: PSNR for missing age and missing modality, Dice for frames and segmentation. "
+        "Comparisons are paired (model minus baseline on the same case). Per case: the mean over all cases, a 95 % "
+        f"percentile interval from a cluster bootstrap over subjects ({stats.RESAMPLES} resamples, seed "
+        f"{stats.SEED}; a subject's cases stay together, since they are not independent) and the two-sided "
+        "Wilcoxon signed-rank p over cases. Per subject: each subject's cases averaged first, then the mean, "
+        "a bootstrap interval over subjects and the Wilcoxon p over subjects (with n subjects the smallest "
+        "possible p is 2/2^n: 0.25 for 3). A model **beats** a baseline only when the per-case interval lies "
+        "above zero, is **worse than** it when the interval lies below zero, and is **no better than** it "
+        "otherwise.",
+        "- Missing age: each interior scan is hidden (its whole session); baselines: a copy of the nearest real "
+        "scan in age, the age-weighted linear interpolation of the two neighbouring scans, and registration "
+        "interpolation (the two neighbours registered to each other with SimpleITK symmetric-forces demons, "
+        "each warped toward the missing age by its fraction of the field, blended by age).",
+        "- Missing modality: the target contrast of each session is hidden; baselines: the nearest available "
+        "contrast (T1w <- T1ce, T1ce <- T1w, T2w <- FLAIR, FLAIR <- T2w) histogram-matched to the training "
+        "subjects' scans of the target contrast nearest in age, and unchanged; a quadratic per-voxel regression "
+        "of the target from the session's other contrasts (each scan divided by its 99th percentile; least squares "
+        "on the training subjects' sessions nearest in age), and the same histogram-matched. No baseline reads the "
+        "hidden image.",
         "- Frames: source end-diastole, target end-systole; frame k of n at gamma k/(n-1) against real frame k, "
-        "the ends left out. Baselines: linear intensity blend, identity warp (the source and its labels).",
-        "- Tissue segmentation: every held-out scan with ground-truth labels (mapped to CSF, grey matter, white "
+        "the ends left out. Baselines: linear intensity blend (no labels, so no Dice), identity warp (the "
+        "source and its labels), and demons registration (source to target, the field scaled by gamma, "
+        "the labels warped with nearest neighbour).",
+        "- Tissue segmentation: every evaluated scan with ground-truth labels (mapped to CSF, grey matter, white "
         "matter); baseline: a Gaussian mixture on the intensities inside the ground-truth brain mask "
         "(the strongest form of this baseline), with a bias-field correction, its classes ordered by the "
-        "scan's age (infant white matter is darker than grey matter on T1w before about 6 months).",
+        "scan's age.",
     ]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -532,19 +667,22 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         model_row = group[0]
         task = model_row["task"]
         lines += ["", f"## {paper_name(method)} ({method}): {TASK_TITLE[task]}", ""]
-        lines.append(f"Model `{model_row['model']}`, {model_row['cases']} cases.")
+        lines.append(f"Model `{model_row['model']}`, {model_row['cases']} cases from {model_row['subjects']} subjects.")
         if not model_row["trained"]:
             lines.append("This model has RANDOM (untrained) weights: its numbers only test the pipeline.")
         used = [m for m in METRICS if any(not math.isnan(r[f"{m}_mean"]) for r in group)]
-        primary = model_row["primary"]
-        gap = f"model minus baseline, {METRIC_TITLE[primary]} (cases won)"
-        lines += ["", "| entry | cases | " + " | ".join(METRIC_TITLE[m] for m in used) + f" | {gap} |"]
-        lines.append("|---|---:|" + "---:|" * (len(used) + 1))
+        lines += ["", "| entry | cases | " + " | ".join(METRIC_TITLE[m] for m in used) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(used))
         for row in group:
             name = f"model `{row['model']}`" if row["role"] == "model" else f"baseline: {row['entry']}"
             cells = [_cell(row[f"{m}_mean"], row[f"{m}_sd"], DIGITS[m]) for m in used]
-            cells.append(_gap(row, DIGITS[primary]) if row["role"] == "baseline" else "")
             lines.append(f"| {name} | {row['cases']} | " + " | ".join(cells) + " |")
+        mine = [c for c in comparisons if c["method"] == method]
+        if mine:
+            lines += ["", COMPARISON_HEADER, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+            for c in mine:
+                cells = comparison_cells(c, DIGITS[c["metric"]])
+                lines.append(f"| {c['baseline']} | {METRIC_NAME[c['metric']]} | " + " | ".join(cells) + " |")
         lines += ["", verdict(model_row)]
     return "\n".join(lines) + "\n"
 
@@ -563,10 +701,46 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> Non
 # ----------------------------------------------------------------------------- driver
 
 
-def held_out(cohort: Cohort, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
+def card_splits(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The ``"splits"`` entry of a model card (train / validation / test ids, simulator seed)."""
+    splits = loaded.card.card.get("splits")
+    return splits if isinstance(splits, dict) else None
+
+
+def check_split(cohort: Cohort, ids: Sequence[str], models: dict[str, LoadedModel], evaluated_as: str) -> None:
+    """Refuse ids a model card puts in its training (or, for a test, validation) split.
+
+    Raises:
+        InputError: naming the model, the ids and their split.
+    """
+    seed = simulation_seed(cohort.root)
+    problems = []
+    for model in models.values():
+        splits = card_splits(model)
+        if splits is None:
+            continue
+        for name, hit in split_conflicts(list(ids), splits, seed, evaluated_as=evaluated_as).items():
+            problems.append(f"{', '.join(hit)} in the {name} split of `{model.card.name}`")
+    if problems:
+        hint = (
+            "a test must use subjects no model trained or was validated on (the card's test split: "
+            "python -m training.test_sets writes them); to score the validation split say --split validation"
+            if evaluated_as == "test"
+            else "a model cannot be validated on its training subjects"
+        )
+        raise InputError(cohort.root, f"cannot evaluate as {evaluated_as}: {'; '.join(problems)}. {hint}")
+
+
+def held_out(
+    cohort: Cohort,
+    ids: Sequence[str] | None,
+    models: dict[str, LoadedModel] | None = None,
+    evaluated_as: str = "test",
+) -> tuple[list[str], list[str]]:
     """(subjects, hearts) to evaluate on. Named ids are sorted into subjects and hearts; a kind
-    not named takes its default: the last two subjects and the last heart in sorted order, as
-    ``training.data.split`` holds them out of training."""
+    not named takes its default: the ids of the models' card split (``test`` or
+    ``validation``) that the cohort has, or - for models without a split - the last two
+    subjects and the last heart in sorted order, as ``training.data.split`` holds them out."""
     ids = list(ids or [])
     unknown = [i for i in ids if i not in cohort.subjects and i not in cohort.hearts]
     if unknown:
@@ -577,10 +751,22 @@ def held_out(cohort: Cohort, ids: Sequence[str] | None) -> tuple[list[str], list
         )
     subjects = [i for i in ids if i in cohort.subjects]
     hearts = [i for i in ids if i in cohort.hearts]
-    if not subjects and len(cohort.subjects) > DEFAULT_HELD_OUT_SUBJECTS:
-        subjects = split(cohort.subjects, DEFAULT_HELD_OUT_SUBJECTS)[1]
-    if not hearts and len(cohort.hearts) > DEFAULT_HELD_OUT_HEARTS:
-        hearts = split(cohort.hearts, DEFAULT_HELD_OUT_HEARTS)[1]
+    splits = [card_splits(m) for m in (models or {}).values()]
+    if splits and all(s is not None for s in splits):
+        named = {i for s in splits for i in (s.get(evaluated_as) or [])}
+        subjects = subjects or [i for i in cohort.subjects if i in named]
+        hearts = hearts or [i for i in cohort.hearts if i in named]
+        if not subjects and not hearts:
+            raise InputError(
+                cohort.root,
+                f"the cohort has none of the models' {evaluated_as} subjects ({', '.join(sorted(named)) or 'none'}); "
+                "write the test sets with python -m training.test_sets or name subjects with --held-out",
+            )
+    else:
+        if not subjects and len(cohort.subjects) > DEFAULT_HELD_OUT_SUBJECTS:
+            subjects = split(cohort.subjects, DEFAULT_HELD_OUT_SUBJECTS)[1]
+        if not hearts and len(cohort.hearts) > DEFAULT_HELD_OUT_HEARTS:
+            hearts = split(cohort.hearts, DEFAULT_HELD_OUT_HEARTS)[1]
     return subjects, hearts
 
 
@@ -598,6 +784,27 @@ def _load_models(models: dict[str, Any], device: torch.device) -> dict[str, Load
     return {m: loaded[m] for m in METHODS if m in loaded}
 
 
+def training_subjects(
+    reference: Cohort, evaluated: Sequence[str], models: dict[str, LoadedModel], same_cohort: bool
+) -> list[str]:
+    """The subjects the fitted baselines (histogram references, contrast regression) may learn
+    from: the reference cohort's subjects that are not evaluated, kept to each card's training
+    split where the card names subjects of that cohort (same population), and never a
+    validation or test subject of a card."""
+    chosen = [s for s in reference.subjects if not (same_cohort and s in evaluated)]
+    seed = simulation_seed(reference.root)
+    for splits in (card_splits(m) for m in models.values()):
+        if splits is None or (seed is not None and splits.get("simulator_seed") not in (None, seed)):
+            continue  # no split, or another population with the same ids
+        train = set(splits.get("train") or [])
+        if train & set(reference.subjects):
+            chosen = [s for s in chosen if s in train]
+        else:  # the card's split names other ids (DDM's hearts)
+            held = set(splits.get("validation") or []) | set(splits.get("test") or [])
+            chosen = [s for s in chosen if s not in held]
+    return chosen
+
+
 def evaluate(
     models: dict[str, Any],
     cohort_root: str | Path,
@@ -609,23 +816,37 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     progress: ProgressCallback | None = None,
+    reference_root: str | Path | None = None,
+    evaluated_as: str = "test",
+    set_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``models`` ({method: catalog name, card path or LoadedModel}) and their
-    baselines on the held-out subjects / hearts of the cohort at ``cohort_root``.
+    baselines on the test (or validation) subjects / hearts of the cohort at ``cohort_root``.
 
-    Writes ``evaluation.md``, ``evaluation.csv`` and ``cases.csv`` into ``out_dir`` and
-    returns the summary rows (those of ``evaluation.csv``). ``progress`` receives one
-    event per case (per heart for DDM) under the stage ``evaluate <method>``.
+    ``reference_root``: the cohort holding the training subjects the fitted baselines learn
+    from (default: ``cohort_root`` itself). A subject a model card puts in its training or
+    validation split is refused (:func:`check_split`). Writes ``evaluation.md``,
+    ``evaluation.csv``, ``comparisons.csv`` and ``cases.csv`` into ``out_dir`` and returns
+    the summary rows (those of ``evaluation.csv``). ``progress`` receives one event per case
+    (per heart for DDM) under the stage ``evaluate <method>``.
     """
     if n_samples < 1:
         raise LongitudinalDiffusionError(f"n_samples must be at least 1, not {n_samples}")
     cohort = open_cohort(cohort_root)
     run = Run(steps, int(n_samples), int(seed), resolve_device(device))
     loaded = _load_models(models, run.device)
-    subjects, hearts = held_out(cohort, held_out_ids)
+    subjects, hearts = held_out(cohort, held_out_ids, loaded, evaluated_as)
+    check_split(cohort, subjects + hearts, loaded, evaluated_as)
+    reference = cohort if reference_root is None else open_cohort(reference_root)
+    same = reference_root is None or Path(reference_root).resolve() == cohort.root.resolve()
+    if not same:
+        check_split(reference, [], loaded, evaluated_as)
+    train_ids = training_subjects(reference, subjects, loaded, same)
     rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
     case_rows: list[dict[str, Any]] = []
     generated: dict[str, list[Case]] = {}
+    cache: dict = {}
     for method, model in loaded.items():
         task = method_task(method)
         t0 = time.perf_counter()
@@ -644,13 +865,15 @@ def evaluate(
                     f"no held-out subject to evaluate {method} on: the cohort has {len(cohort.subjects)}, too few "
                     f"to hold out the default {DEFAULT_HELD_OUT_SUBJECTS}; name some with --held-out",
                 )
-            cases = _subject_cases(method, model, cohort, subjects, run, progress)
+            cases = _subject_cases(method, model, cohort, subjects, run, progress, reference, train_ids, cache)
         if not cases:
             raise LongitudinalDiffusionError(f"{method}: the held-out data give no case to evaluate on")
         log.info("%s: %d cases in %.1f s", method, len(cases), time.perf_counter() - t0)
         if task == "complete-ages":
             generated[method] = cases
-        rows += summarise(method, model, cases)
+        summary, compared = summarise(method, model, cases)
+        rows += summary
+        comparisons += compared
         for case in cases:
             for entry, scores in case.scores.items():
                 case_rows.append(
@@ -659,11 +882,13 @@ def evaluate(
                 )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = {"cohort": str(cohort_root), "subjects": subjects, "hearts": hearts}
-    header |= {"steps": steps, "n_samples": n_samples, "seed": seed}
+    header = {"cohort": str(cohort_root), "subjects": subjects, "hearts": hearts, "split": evaluated_as}
+    header |= {"steps": steps, "n_samples": n_samples, "seed": seed, "set": set_name}
+    header["reference"] = f"{len(train_ids)} of `{reference_root or cohort_root}`" if train_ids else None
     _write_csv(out / "evaluation.csv", rows, SUMMARY_FIELDS)
+    _write_csv(out / "comparisons.csv", comparisons, COMPARISON_CSV_FIELDS)
     _write_csv(out / "cases.csv", case_rows, CASE_FIELDS)
-    text = markdown(rows, header)
+    text = markdown(rows, comparisons, header)
     segmenter = loaded.get("tissue-seg")
     if segmenter is not None and generated:
         text += trajectories(cohort, segmenter, generated, out, run, progress)
@@ -735,6 +960,9 @@ def _subject_cases(
     subjects: list[str],
     run: Run,
     progress: ProgressCallback | None,
+    reference: Cohort | None = None,
+    train_ids: Sequence[str] | None = None,
+    cache: dict | None = None,
 ) -> list[Case]:
     task = method_task(method)
     if task == "complete-ages":
@@ -748,7 +976,7 @@ def _subject_cases(
         stage = Stage(f"evaluate {method}", len(todo), progress).start()
         cases = []
         for sid, hidden in todo:
-            cases.append(run_age_case(cohort.subject(sid), hidden, model, run))
+            cases.append(run_age_case(cohort.subject(sid), hidden, model, run, cache))
             stage.advance(message=f"{sid} {hidden.age:.2f} mo")
         return cases
     if task == "segment":
@@ -766,19 +994,23 @@ def _subject_cases(
         return cases
     todo = [(sid, *case) for sid in subjects for case in modality_cases(cohort.subject(sid), model.config)]
     stage = Stage(f"evaluate {method}", len(todo), progress).start()
-    training = [s for s in cohort.subjects if s not in subjects]
-    references = ReferenceHistograms(cohort.root, training)
+    reference = cohort if reference is None else reference
+    training = [s for s in cohort.subjects if s not in subjects] if train_ids is None else list(train_ids)
+    references = ReferenceHistograms(reference.root, training)
+    sessions = TrainingSessions(reference.root, training)
     cases = []
     for sid, hidden, rest in todo:
         subject = cohort.subject(sid)
-        reference = references.at(hidden.modality, hidden.age)
-        if reference is None:
-            reference = own_reference(subject, hidden)
-        if reference is None:
+        histogram = references.at(hidden.modality, hidden.age)
+        if histogram is None:
+            histogram = own_reference(subject, hidden)
+        if histogram is None:
             raise LongitudinalDiffusionError(
                 f"no {hidden.modality.value} scan outside the evaluated one to take a reference histogram from"
             )
-        cases.append(run_modality_case(subject, hidden, rest, model, run, reference))
+        conditions = [c for t, cs in _targets(model.config) if t == hidden.modality for c in cs]
+        regression = sessions.regression(hidden.modality, conditions, hidden.age) if training else None
+        cases.append(run_modality_case(subject, hidden, rest, model, run, histogram, regression))
         stage.advance(message=f"{sid} {hidden.modality.value} {hidden.session}")
     return cases
 
@@ -813,7 +1045,8 @@ def _model_arg(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
-        description="Evaluate models against simple baselines on held-out subjects (PSNR, SSIM, Dice).",
+        description="Evaluate models against baselines on test subjects (PSNR, SSIM, Dice; bootstrap intervals, "
+        "Wilcoxon tests).",
     )
     parser.add_argument("--data", required=True, help="the cohort folder (BIDS subjects and cardiac/ hearts)")
     parser.add_argument(
@@ -828,10 +1061,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--held-out",
         nargs="+",
         metavar="ID",
-        help="subjects / hearts to evaluate on (default: the last 2 subjects and the last heart, "
-        "the ones training holds out)",
+        help="subjects / hearts to evaluate on (default: the models' card split - test or validation - that the "
+        "cohort has; for models without one, the last 2 subjects and the last heart, the ones training holds out)",
     )
-    parser.add_argument("--out", required=True, help="folder for evaluation.md, evaluation.csv and cases.csv")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="what the subjects are to the models: test (default; ids in a card's train or validation split are "
+        "refused) or validation (ids in a train split are refused; the report says it is no test)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="the cohort holding the training subjects the fitted baselines learn from (histogram references, "
+        "contrast regression; default: --data)",
+    )
+    parser.add_argument("--name", help="the name of this evaluation set in the report (e.g. in-distribution)")
+    parser.add_argument(
+        "--out", required=True, help="folder for evaluation.md, evaluation.csv, comparisons.csv and cases.csv"
+    )
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: each card's)")
     parser.add_argument("--samples", type=int, default=1, help="samples averaged per case (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (default 0)")
@@ -862,6 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
             progress=_print_progress,
+            reference_root=args.reference,
+            evaluated_as=args.split,
+            set_name=args.name,
         )
     except LongitudinalDiffusionError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
@@ -869,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row["role"] == "model":
             print(verdict(row).replace("**", ""))
-    print(f"tables written to {Path(args.out) / 'evaluation.md'} and evaluation.csv, cases.csv")
+    print(f"tables written to {Path(args.out) / 'evaluation.md'} and evaluation.csv, comparisons.csv, cases.csv")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""The three-way split of the demo models: every card names its train, validation and test
+subjects; the test subjects are new people of the simulator; evaluation refuses a test
+subject that a card trained or validated on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from LongitudinalDiffusionLib.catalog import load_model
+from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
+from LongitudinalDiffusionLib.errors import InputError
+from LongitudinalDiffusionLib.imaging import load_image
+from training import evaluate as ev
+from training import test_sets
+from training.data import open_cohort, simulation_seed, split, split_conflicts
+
+torch.set_num_threads(1)
+# coarse hearts clip the phantom's ventricle (its volumes are not used here)
+pytestmark = pytest.mark.filterwarnings("ignore:the 128 x 128 x 120 mm field of view")
+MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+CARDS = sorted(MODELS.glob("*-demo.json"))
+
+
+def _card(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
+def test_every_demo_card_records_a_disjoint_three_way_split(path):
+    card = _card(path)
+    splits = card["splits"]
+    train, val, test = (set(splits[k]) for k in ("train", "validation", "test"))
+    assert train and val and test
+    assert not (train & val) and not (train & test) and not (val & test)
+    # the split the weights were trained with: training's rule (last ones held out) on train + validation
+    assert split(sorted(train | val), len(val)) == (sorted(train), sorted(val))
+    assert sorted(val) == card["trained_on"]["held_out"] and len(train) == card["trained_on"]["subjects"]
+    assert splits["simulator_seed"] == 11 and "--seed 11" in splits["dataset"]
+    # test ids come after every id the training cohort drew: new indices of the same seed
+    assert min(test) > max(train | val)
+    # the weights are untouched: their checksum still matches the card
+    weights = MODELS / card["weights"]["file"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["weights"]["sha256"]
+
+
+def test_test_subjects_are_the_simulators_next_subjects(tmp_path):
+    """Subject k of a seed is the same whether the cohort or the test-set writer draws it, so
+    the test set's sub-002 below is what a 2-subject cohort's sub-002 is - and a test set that
+    starts after the training cohort holds people it never had."""
+    spacing = (10.0, 10.0, 10.0)
+    shape = test_sets._shape(test_sets.FOV_MM, spacing)
+    cohort = write_cohort(tmp_path / "cohort", CohortSpec(n_subjects=2, seed=5, shape=shape, spacing=spacing))
+    out = test_sets.write_test_set(
+        tmp_path / "test",
+        seed=5,
+        first=1,
+        n_subjects=1,
+        first_heart=0,
+        n_hearts=1,
+        spacing=spacing,
+        heart_spacing=(8.0, 8.0, 8.0),
+        site="A",
+    )
+    assert open_cohort(out).subjects == ["sub-002"] and open_cohort(out).hearts == ["sub-heart01"]
+    name = "sub-002/ses-01/anat/sub-002_ses-01_T1w.nii.gz"
+    np.testing.assert_array_equal(load_image(out / name).array, load_image(cohort / name).array)
+    assert not np.array_equal(load_image(out / name).array, load_image(cohort / name.replace("002", "001")).array)
+    assert simulation_seed(out) == 5
+    described = json.loads((out / "dataset_description.json").read_text(encoding="utf-8"))
+    assert described["SimulationParameters"]["test_split"]["subjects"] == ["sub-002"]
+    # site B: same anatomy, other sequence timings and more noise
+    site_b = test_sets.write_test_set(
+        tmp_path / "site-b",
+        seed=5,
+        first=1,
+        n_subjects=1,
+        first_heart=0,
+        n_hearts=0,
+        spacing=spacing,
+        heart_spacing=False,
+        site="B",
+    )
+    sidecar = json.loads((site_b / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
+    assert sidecar["RepetitionTime"] == pytest.approx(0.45) and sidecar["EchoTime"] == pytest.approx(0.02)
+    assert not np.array_equal(load_image(site_b / name).array, load_image(out / name).array)
+    assert test_sets.physics.SEQUENCES["T1w"].tr == 600.0  # the site's settings do not leak out
+
+
+def test_split_conflicts_follow_the_population():
+    splits = {"simulator_seed": 11, "train": ["sub-001", "sub-002"], "validation": ["sub-003"], "test": ["sub-004"]}
+    assert split_conflicts(["sub-004"], splits, 11) == {}
+    assert split_conflicts(["sub-002", "sub-003", "sub-004"], splits, 11) == {
+        "train": ["sub-002"],
+        "validation": ["sub-003"],
+    }
+    assert split_conflicts(["sub-003"], splits, 11, evaluated_as="validation") == {}
+    assert split_conflicts(["sub-001", "sub-003"], splits, 11, evaluated_as="validation") == {"train": ["sub-001"]}
+    # a dataset that declares no seed is taken to be the card's; another seed is other people
+    assert split_conflicts(["sub-001"], splits, None) == {"train": ["sub-001"]}
+    assert split_conflicts(["sub-001"], splits, 12) == {}
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    return {m: load_model(MODELS / f"{m}-demo.json", device="cpu") for m in ("cwdm", "ddm")}
+
+
+def test_evaluation_refuses_training_and_validation_subjects_as_a_test(tmp_path, demo_models):
+    """A cohort of the demo models' seed holds their training subjects under the same ids:
+    evaluating on them as a test is refused, naming the split; the test subjects pass."""
+    spec = CohortSpec(n_subjects=2, seed=11, shape=(16, 20, 16), spacing=(10.0, 10.0, 10.0), n_hearts=1)
+    cohort = open_cohort(write_cohort(tmp_path / "seed11", spec))
+    with pytest.raises(InputError, match=r"sub-001, sub-002 in the train split of `cwdm-demo`"):
+        ev.check_split(cohort, cohort.subjects, demo_models, "test")
+    with pytest.raises(InputError, match=r"sub-heart01 in the train split of `ddm-demo`"):
+        ev.check_split(cohort, ["sub-heart01"], demo_models, "test")
+    # the whole evaluation stops before any model runs, with the message on the command line
+    with pytest.raises(InputError, match="cannot evaluate as test"):
+        ev.evaluate(demo_models, cohort.root, ["sub-001"], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+    # without named subjects the default is the cards' test split, which this cohort lacks
+    with pytest.raises(InputError, match="none of the models' test subjects"):
+        ev.held_out(cohort, None, demo_models)
+    # the same ids drawn with another seed are other people
+    other = open_cohort(write_cohort(tmp_path / "seed12", CohortSpec(**{**spec.__dict__, "seed": 12})))
+    ev.check_split(other, other.subjects, demo_models, "test")
+
+
+def test_validation_subjects_may_be_scored_as_validation_only(tmp_path, demo_models):
+    out = test_sets.write_test_set(
+        tmp_path / "val",
+        seed=11,
+        first=14,
+        n_subjects=3,
+        first_heart=5,
+        n_hearts=2,
+        spacing=(10.0, 10.0, 10.0),
+        heart_spacing=(8.0, 8.0, 8.0),
+        site="A",
+    )
+    cohort = open_cohort(out)
+    assert cohort.subjects == ["sub-015", "sub-016", "sub-017"] and cohort.hearts == ["sub-heart06", "sub-heart07"]
+    # defaults: the cards' test split that the cohort has
+    assert ev.held_out(cohort, None, demo_models) == (["sub-017"], ["sub-heart07"])
+    assert ev.held_out(cohort, None, demo_models, "validation") == (["sub-015", "sub-016"], ["sub-heart06"])
+    ev.check_split(cohort, ["sub-017", "sub-heart07"], demo_models, "test")
+    ev.check_split(cohort, ["sub-015", "sub-heart06"], demo_models, "validation")
+    with pytest.raises(InputError, match=r"sub-015 in the validation split of `cwdm-demo`.*--split validation"):
+        ev.check_split(cohort, ["sub-015", "sub-017"], demo_models, "test")
+    # the report of a validation run says it is not a test
+    text = ev.markdown([], [], {"cohort": "c", "subjects": ["sub-015"], "hearts": [], "split": "validation"}
+                       | {"steps": None, "n_samples": 1, "seed": 0})  # fmt: skip
+    assert "**validation** split" in text and "not a test" in text
