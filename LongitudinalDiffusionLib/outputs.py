@@ -150,7 +150,9 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: s
             raise InputError(out, f"is {kind} of this run; choose a new {what} (nothing was written)")
         if out in p.parents:
             raise InputError(
-                out, f"holds an input of this run ({p}); choose a {what} that holds no input (nothing was written)"
+                out,
+                f"holds an input of this run ({p}); choose another {what}, one that holds no input "
+                "(nothing was written)",
             )
 
 

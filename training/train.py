@@ -657,6 +657,9 @@ class Trainer:
         self.device = self.procs.device
         self.export_dir = Path(export_dir) if export_dir else None
         self.started = time.monotonic()
+        if self.procs.main and config["export"]["enabled"]:
+            # before any data or training: the export must not replace a card or weights longdiff did not write
+            catalog.check_model_target(self._export_folder(), config["export"]["name"])
 
         existing = self._agreed_checkpoints()
         if existing and not resume:
@@ -988,9 +991,6 @@ class Trainer:
         stage, checkpoint and export (unless stopped by ``until``)."""
         from tqdm.auto import tqdm
 
-        if self.procs.main and self.config["export"]["enabled"]:
-            # before any training: the export must not replace a card or weights longdiff did not write
-            catalog.check_model_target(self._export_folder(), self.config["export"]["name"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.procs.main:
             write_json(self.run_dir / "config.json", self.config)
