@@ -1,6 +1,6 @@
 """Running from the panel, end to end and headless: the real .ui (PySide6 offscreen, stand-ins
 for the Slicer widgets), the real run logic on a real MRML scene (slicer-core), the real
-local backend (a background thread) and the bundled demo models with 2 sampler steps.
+local backend (a warm child process) and the bundled demo models with 2 sampler steps.
 
 Apply turns into Cancel, the progress bar reaches 100 %, the results land in the scene and
 the frame slider moves the sequence browser's proxy; Cancel stops within a second and
@@ -74,7 +74,7 @@ def applyAndWait(gui, timeout: float = 60.0) -> tuple[str, str]:
 # --------------------------------------------------------------------------------- tests
 
 
-def test_apply_runs_shows_progress_places_results_and_the_slider_moves_the_frame(gui, subjectFolder):
+def test_apply_runs_shows_progress_places_results_and_the_slider_moves_the_frame(gui, subjectFolder, segmenter):
     ui, panel = gui.ui, gui.panel
     prepareAgesRun(gui, subjectFolder, 2)
     ui.samplesSpinBox.setValue(2)
@@ -91,6 +91,10 @@ def test_apply_runs_shows_progress_places_results_and_the_slider_moves_the_frame
     assert ui.progressBar.value() == 100 and max(seen) == 100
     assert "generate" in ui.logTextEdit.toPlainText()
     assert ui.statusLabel.text().startswith("Done:")
+    # both networks ran in the local job process: the tissue segmenter was never loaded here
+    backend = gui.logic._localBackend
+    assert backend.child_pid not in (None, os.getpid()) and backend.stats["loads"] >= 2
+    assert segmenter._loaded is None
 
     view = panel.results()
     (placed,) = view.placed

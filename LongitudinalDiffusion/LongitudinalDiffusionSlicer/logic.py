@@ -4,8 +4,8 @@
 a script uses without the panel:
 
 * :meth:`RunLogic.startRun` turns a :class:`~.panel.RunRequest` into job specs, submits them
-  to the backend (a :class:`~LongitudinalDiffusionLib.backends.local.LocalBackend` on a
-  background thread, or the remote worker's client) and returns the :class:`~.run.Run`;
+  to the backend (a :class:`~LongitudinalDiffusionLib.backends.local.LocalBackend`: a warm
+  job process, or the remote worker's client) and returns the :class:`~.run.Run`;
   the panel drains it with a timer. Inputs are watched: a subject volume removed from the
   scene during the run stops it.
 * :meth:`RunLogic.placeRun` puts a finished run's results into the scene under the subject
@@ -13,7 +13,7 @@ a script uses without the panel:
   :class:`~.results.SceneResults` view; :meth:`RunLogic.placeRunSteps` does the same in
   steps of tens of milliseconds, for the panel, which lets Qt's event loop run in between.
   The tissue segmentation of the results - the slow part of placing them - is done before,
-  on a background thread, while the run still shows as running
+  in the job process (driven from a background thread), while the run still shows as running
   (:func:`.results.prepareSegmentations`, the run's ``prepare`` step).
 * :meth:`RunLogic.run` does both and blocks: the scripting form.
 
@@ -37,7 +37,7 @@ from LongitudinalDiffusionLib.catalog import find_model
 from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
 
 from . import mrml, results
-from .run import Run, jobSpecsFromRequest, stagingFolder
+from .run import Run, childSegmenter, jobSpecsFromRequest, stagingFolder
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RunLogic:
         try:
             specs = jobSpecsFromRequest(request, staging, self.options)
             backend = self.backendFor(request)
-            segmenter = self.segmenter()
+            segmenter = childSegmenter(backend, self.segmenter())  # the network runs in the job process
             prepare = None
             if segmenter is not None:
 

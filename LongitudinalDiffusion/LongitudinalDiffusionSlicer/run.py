@@ -2,8 +2,8 @@
 
 A panel :class:`~.panel.RunRequest` becomes one or more job specs
 (:func:`jobSpecsFromRequest`: one per missing age for a modality synthesis, one otherwise),
-submitted together to a :class:`~LongitudinalDiffusionLib.jobs.Backend` (the local thread
-or the remote worker; this file does not care which). :meth:`Run.poll` never blocks: the
+submitted together to a :class:`~LongitudinalDiffusionLib.jobs.Backend` (the local job
+process or the remote worker; this file does not care which). :meth:`Run.poll` never blocks: the
 panel calls it from a ``QTimer`` on the main thread and shows what it returns (progress,
 stage, ETA, log lines). :meth:`Run.wait` blocks until the end, for scripts.
 
@@ -12,7 +12,10 @@ them in the scene yet), ``failed`` (the first error; the other jobs are cancelle
 ``cancelled``. Results are put into the scene only when every job is done, so a failed or
 cancelled run leaves nothing in it. A run may also *prepare* its results before it ends
 ``done`` - work that needs no scene, such as their tissue segmentation - on a thread of its
-own, so that the main thread only has the scene work left (:attr:`Run.prepared`).
+own, so that the main thread only has the scene work left (:attr:`Run.prepared`). With the
+local backend the segmentation network itself runs in the job process
+(:func:`childSegmenter`): inside Slicer a thread of the application advances only while the
+main thread runs Python, so the thread only hands images over and takes labels back.
 
 Nothing here imports ``slicer`` or ``qt``.
 """
@@ -20,6 +23,7 @@ Nothing here imports ``slicer`` or ``qt``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -36,7 +40,17 @@ from LongitudinalDiffusionLib.subject import Subject
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RUNNING", "DONE", "FAILED", "CANCELLED", "Run", "RunUpdate", "formatEta", "jobSpecsFromRequest"]
+__all__ = [
+    "RUNNING",
+    "DONE",
+    "FAILED",
+    "CANCELLED",
+    "Run",
+    "RunUpdate",
+    "childSegmenter",
+    "formatEta",
+    "jobSpecsFromRequest",
+]
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
@@ -368,6 +382,25 @@ class Run:
         if self.state == FAILED:
             raise LongitudinalDiffusionError(self.error)
         return self.results
+
+
+def childSegmenter(backend: Any, segmenter: Any) -> Any:
+    """The segmenter to prepare a run's results with, on ``backend``.
+
+    On a backend with a job process (the local backend) a segmenter that names its model
+    (``TissueSegmenter``: a catalog name or card path in ``.model``) becomes a
+    :class:`~LongitudinalDiffusionLib.backends.process.ChildSegmenter`: the same model, run
+    in the warm job process (loaded there once). Any other segmenter, or backend (the
+    remote worker's client), is returned as it is.
+    """
+    if segmenter is None or not callable(getattr(backend, "submit_segmentation", None)):
+        return segmenter
+    model = getattr(segmenter, "model", None)
+    if not isinstance(model, (str, os.PathLike)):
+        return segmenter  # a loaded network or a function: it runs where it is
+    from LongitudinalDiffusionLib.backends.process import ChildSegmenter
+
+    return ChildSegmenter(backend, model, device=getattr(segmenter, "device", "cpu") or "cpu")
 
 
 def stagingFolder() -> tuple[Path, Callable[[], None]]:

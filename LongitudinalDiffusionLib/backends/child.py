@@ -131,6 +131,10 @@ class Server:
             self.inbox.put(message)
             if message.get("op") == "quit":
                 return
+        # the end of stdin: the parent is gone (or closing): stop what runs, then leave
+        with self._lock:
+            for token in self._tokens.values():
+                token.cancel()
         self.inbox.put(None)
 
     def token(self, job_id: str) -> Any:
