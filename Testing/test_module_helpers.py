@@ -15,6 +15,7 @@ from LongitudinalDiffusionSlicer import dependencies, sampledata  # noqa: E402
 
 
 def test_the_module_requirements_are_met_in_a_full_environment():
+    pytest.importorskip("torch", reason="a torch-free environment (scripts/run_compat.sh) lacks monai too")
     assert dependencies.missingRequirements(ROOT / "LongitudinalDiffusion" / "Resources" / "requirements.txt") == []
 
 

@@ -22,4 +22,9 @@ if [ "$status" -eq 5 ]; then
   echo "run_tests: pytest collected no tests; that is a failure, not a pass" >&2
   exit 1
 fi
+# The torch-free tests again under Slicer's other Pythons (3.9 for Slicer 5.8, 3.12): on a
+# full run (no pytest options), or when LONGDIFF_COMPAT=1; LONGDIFF_COMPAT=0 leaves them out.
+if [ "${LONGDIFF_COMPAT:-$([ "$#" -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
+  bash "$here/scripts/run_compat.sh" || status=1
+fi
 exit "$status"
