@@ -275,8 +275,14 @@ def check_images(
     *,
     names: Sequence[str] | None = None,
     same_subject: bool = True,
+    labels: Sequence[str] | None = None,
+    distinct: bool = False,
 ) -> None:
-    """The scans against the card: volume, contents, resolution, anatomy, alignment."""
+    """The scans against the card: volume, contents, resolution, anatomy, alignment.
+
+    ``labels`` says what each scan stands for (an age, a contrast); with ``distinct`` two
+    scans with the same voxels under different labels are refused (one scan given as two
+    contrasts), else warned (the same scan at two ages shows no change)."""
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(images))]
     grid = card.get("grid") or {}
     domain = card.get("domain") or {}
@@ -315,6 +321,7 @@ def check_images(
         _check_volume(domain, fg, name, card, report)
     if same_subject:
         _check_alignment(names, fgs, report)
+        _check_duplicates(images, names, labels, distinct, report)
     trained = card.get("trained_on") or {}
     simulated_inputs = all("SIMULATED" in str(img.meta) for img in images)
     if isinstance(trained, Mapping) and trained.get("simulated") and not simulated_inputs:
@@ -383,6 +390,33 @@ def _check_volume(domain: Mapping[str, Any], fg: Foreground, name: str, card: Ma
             f"{name}: {fg.volume_ml:.0f} mL above background, outside the {lo:.0f}-{hi:.0f} mL of {what} "
             f"model '{card.get('name')}' was trained on{hint}",
         )
+
+
+def _check_duplicates(
+    images: Sequence[Image], names: Sequence[str], labels: Sequence[str] | None, distinct: bool, report: DomainReport
+) -> None:
+    if labels is None:
+        return
+    seen: dict[tuple, int] = {}
+    for i, img in enumerate(images):
+        array = np.ascontiguousarray(img.array)
+        key = (array.shape, array.dtype.str, hash(array.tobytes()))
+        j = seen.setdefault(key, i)
+        if j == i or not np.array_equal(images[j].array, array) or labels[j] == labels[i]:
+            continue
+        if distinct:
+            report.add(
+                "refuse",
+                "duplicate",
+                f"{names[i]} ({labels[i]}) and {names[j]} ({labels[j]}) are the same image: "
+                "the model needs a different scan for each",
+            )
+        else:
+            report.add(
+                "warn",
+                "duplicate",
+                f"{names[i]} ({labels[i]}) and {names[j]} ({labels[j]}) are the same image: no change between them",
+            )
 
 
 def _check_alignment(names: Sequence[str], fgs: Sequence[Foreground | None], report: DomainReport) -> None:

@@ -160,3 +160,21 @@ def test_simulated_inputs_are_not_told_the_model_is_simulation_trained(tmp_path)
     images[0].meta.clear()
     check_images(card, images, report)
     assert [f.code for f in report.findings] == ["simulated-training"]
+
+
+def test_one_real_scan_given_as_two_contrasts_is_refused_and_as_two_ages_warned(scans):
+    from LongitudinalDiffusionLib.tasks import synthesize_modality
+
+    brain = load_image(scans["brain"])
+    visit = [Timepoint(12, m, brain, scans["brain"], "ses-01") for m in ("T1w", "T1ce", "T2w")]
+    with pytest.raises(DomainError, match=r"\(T1ce\) and ch2bet_2mm.nii.gz \(T1w\) are the same image"):
+        synthesize_modality(Subject("sub-real", visit), "ses-01", "FLAIR", "cwdm-demo", **FAST)
+    result = complete_ages(_subject([(scans["brain"], 6), (scans["brain"], 12)]), [9], "interval-demo", **FAST)
+    assert any("are the same image: no change between them" in w for w in result.warnings)
+
+
+def test_a_brain_given_to_the_heart_model_is_refused_with_its_anatomy_named(scans, caplog):
+    with pytest.raises(DomainError, match="would fall outside the model's 128 x 128 x 128 mm box"):
+        interpolate_frames(scans["brain"], scans["moved25"], 2, "ddm-demo", device="cpu")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("outside the 448-1004 mL of the simulated beating-heart phantom" in w for w in warned)
