@@ -304,6 +304,10 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu")
     weights = (mc.path.parent / entry["file"]).resolve()
     if weights.parent != mc.path.parent.resolve():
         raise InputError(mc.path, f"weights file '{entry['file']}' must sit next to the card")
+    if not weights.is_file() and (card.get("weights_url") or entry.get("url")):
+        from .weights import ensure_weights  # a release without bundled weights: fetch once, into the cache
+
+        weights = ensure_weights(mc)
     if not weights.is_file():
         raise InputError(weights, f"weights of model '{mc.name}' are missing")
     expected = entry.get("sha256")
