@@ -24,24 +24,43 @@ def _listed(cmake: Path, variable: str) -> set[str]:
     return set(items)
 
 
-def test_every_library_file_is_packaged():
+#: Never installed into Slicer: the remote worker's server (it runs on a GPU machine) and the
+#: module's test and docs helper that renders slice views with trame-slicer.
+NOT_PACKAGED_LIB = ("worker/",)
+NOT_PACKAGED_MODULE = ("LongitudinalDiffusionSlicer/sliceviews.py",)
+
+
+def test_every_library_file_slicer_runs_is_packaged_and_the_worker_is_not():
     lib = ROOT / "LongitudinalDiffusionLib"
     cmake = lib / "CMakeLists.txt"
-    scripts = {p.relative_to(lib).as_posix() for p in lib.rglob("*.py")}
+    files = {p.relative_to(lib).as_posix() for p in lib.rglob("*.py")}
+    scripts = {f for f in files if not f.startswith(NOT_PACKAGED_LIB)}
     assert _listed(cmake, "LIB_PYTHON_SCRIPTS") == scripts
+    assert any(f.startswith("worker/") for f in files)  # it exists, and stays out
     data = {
         p.relative_to(lib).as_posix()
         for p in lib.rglob("*")
         if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"
     }
-    assert _listed(cmake, "LIB_PYTHON_RESOURCES") == data
+    assert _listed(cmake, "LIB_PYTHON_RESOURCES") == {f for f in data if not f.startswith(NOT_PACKAGED_LIB)}
 
 
-def test_every_module_file_is_packaged():
+def test_packaged_code_never_imports_what_is_left_out():
+    """What is installed must not need the worker server or the test helpers."""
+    lib = ROOT / "LongitudinalDiffusionLib"
+    packaged = [lib / f for f in _listed(lib / "CMakeLists.txt", "LIB_PYTHON_SCRIPTS")]
+    mod = ROOT / "LongitudinalDiffusion"
+    packaged += [mod / f for f in _listed(mod / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")]
+    bad = re.compile(r"^\s*(from|import)\s+(\S*worker\b|\S*sliceviews\b|\.+\s+import\s+.*\bsliceviews\b)", re.M)
+    offenders = [p.name for p in packaged if bad.search(p.read_text())]
+    assert offenders == []
+
+
+def test_every_module_file_is_packaged_but_the_test_helpers():
     mod = ROOT / "LongitudinalDiffusion"
     cmake = mod / "CMakeLists.txt"
     scripts = {p.relative_to(mod).as_posix() for p in mod.rglob("*.py")}
-    assert _listed(cmake, "MODULE_PYTHON_SCRIPTS") == scripts
+    assert _listed(cmake, "MODULE_PYTHON_SCRIPTS") == scripts - set(NOT_PACKAGED_MODULE)
     resources = {p.relative_to(mod).as_posix() for p in (mod / "Resources").rglob("*") if p.is_file()}
     assert _listed(cmake, "MODULE_PYTHON_RESOURCES") == resources
 
@@ -57,8 +76,20 @@ def test_every_bundled_model_is_packaged():
     assert total < 30e6, f"bundled models take {total / 1e6:.1f} MB"
 
 
+def test_self_test_is_registered_and_old_slicers_are_refused():
+    module = (ROOT / "LongitudinalDiffusion" / "CMakeLists.txt").read_text()
+    assert re.search(r"if\(BUILD_TESTING\)\s+slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", module)
+    top = (ROOT / "CMakeLists.txt").read_text()
+    minimum = re.search(r'set\(LongitudinalDiffusion_MINIMUM_SLICER_VERSION "([\d.]+)"\)', top).group(1)
+    assert minimum == "5.8"
+    assert "VERSION_LESS LongitudinalDiffusion_MINIMUM_SLICER_VERSION" in top and "FATAL_ERROR" in top
+    assert top.index("include(${Slicer_USE_FILE})") < top.index("VERSION_LESS")  # Slicer_VERSION is known by then
+    assert "Slicer 5.8" in (ROOT / "docs" / "slicer.md").read_text()
+
+
 def test_extension_metadata():
     top = (ROOT / "CMakeLists.txt").read_text()
+    assert "LongitudinalDiffusion developers" not in top  # a placeholder, not a contributor
     assert re.search(r"^project\(LongitudinalDiffusion\)", top, re.M)
     for sub in ("LongitudinalDiffusionLib", "LongitudinalDiffusion"):
         assert f"add_subdirectory({sub})" in top
