@@ -55,44 +55,55 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- the tables
 
 
-def test_evaluation_tables_compare_each_model_with_its_baselines(evaluated):
+def test_evaluation_tables_compare_each_model_with_every_baseline(evaluated):
     rows, out, events = evaluated
-    expected_entries = {
-        "cas-diffcom": ["model", "nearest timepoint", "linear interpolation"],
-        "sadm": ["model", "nearest timepoint", "linear interpolation"],
-        "interval": ["model", "nearest timepoint", "linear interpolation"],
-        "cwdm": ["model", "nearest contrast, histogram-matched", "nearest contrast, unchanged"],
-        "ddm": ["model", "linear blend", "identity warp"],
-    }
+    expected_entries = {m: ["model", *ev.BASELINES[ev.method_task(m)]] for m in METHODS}
+    assert expected_entries["cwdm"] == [
+        "model",
+        "nearest contrast, histogram-matched",
+        "nearest contrast, unchanged",
+    ] + [
+        "quadratic regression",
+        "quadratic regression, histogram-matched",
+    ]
+    assert expected_entries["ddm"] == ["model", "linear blend", "identity warp", "demons registration"]
+    assert expected_entries["sadm"][-1] == "registration interpolation"
     assert [r["method"] for r in rows] == [m for m in METHODS for _ in expected_entries[m]]
-    # 7 visits per subject: 5 interior ages to hide; 7 sessions with a T1w to synthesise;
+    # 7 visits per subject: 5 interior ages to hide; 7 sessions with the target contrast to synthesise;
     # 5 frames per heart: 3 between the two ends.
     cases = {"cas-diffcom": 5, "sadm": 5, "interval": 5, "cwdm": 7, "ddm": 3}
     for method, entries in expected_entries.items():
         group = [r for r in rows if r["method"] == method]
         assert [r["entry"] for r in group] == entries
-        assert all(r["cases"] == cases[method] for r in group)
+        assert all(r["cases"] == cases[method] and r["subjects"] == 1 for r in group)
         for r in group:
             assert math.isfinite(r["psnr_mean"]) and math.isfinite(r["psnr_sd"]) and 0 < r["psnr_mean"] < 100
             assert -1 <= r["ssim_mean"] <= 1
         model = group[0]
         primary = model["primary"]
-        best = max(group[1:], key=lambda r: r[f"{primary}_mean"] if math.isfinite(r[f"{primary}_mean"]) else -1e9)
-        assert model["best_baseline"] == best["entry"] and model["primary_difference"] == best["primary_difference"]
+        scored = [r for r in group[1:] if math.isfinite(r[f"{primary}_mean"])]
+        best = max(scored, key=lambda r: r[f"{primary}_mean"])
+        assert model["best_baseline"] == best["entry"] and model["difference"] == best["difference"]
         for baseline in group[1:]:
             if not math.isfinite(baseline[f"{primary}_mean"]):
-                assert baseline.get("model_beats") is None
+                assert baseline.get("decision") is None
                 continue
             # every case has both entries, so the paired difference is the difference of the means
             gap = model[f"{primary}_mean"] - baseline[f"{primary}_mean"]
-            assert baseline["primary_difference"] == pytest.approx(gap)
-            assert baseline["model_beats"] == (gap > 0)
-            assert baseline["cases_won"].endswith(f"/{cases[method]}")
+            assert baseline["difference"] == pytest.approx(gap)
+            assert baseline["ci_low"] <= gap <= baseline["ci_high"]
+            # "beats" only when the interval excludes zero on the positive side
+            expected = (
+                "beats" if baseline["ci_low"] > 0 else "worse than" if baseline["ci_high"] < 0 else "no better than"
+            )
+            assert baseline["decision"] == expected and baseline["model_beats"] == (expected == "beats")
+            assert baseline["n_cases"] == cases[method] and 0 <= baseline["cases_won"] <= cases[method]
     ddm = {r["entry"]: r for r in rows if r["method"] == "ddm"}
     assert 0 < ddm["model"]["dice_mean"] <= 1 and 0 < ddm["identity warp"]["dice_mean"] < 1
+    assert 0 < ddm["demons registration"]["dice_mean"] <= 1
     assert math.isnan(ddm["linear blend"]["dice_mean"])  # a blend carries no labels
     # the three missing-age models were scored on the very same cases
-    for entry in ("nearest timepoint", "linear interpolation"):
+    for entry in ("nearest timepoint", "linear interpolation", "registration interpolation"):
         values = {r["psnr_mean"] for r in rows if r["entry"] == entry}
         assert len(values) == 1
 
@@ -101,15 +112,23 @@ def test_evaluation_tables_compare_each_model_with_its_baselines(evaluated):
     per_case = _read_csv(out / "cases.csv")
     assert len(per_case) == sum(cases[m] * len(e) for m, e in expected_entries.items())
     assert all(math.isfinite(float(r["psnr"])) and math.isfinite(float(r["ssim"])) for r in per_case)
+    # every baseline in every comparison table - DDM's linear blend on PSNR too
+    compared = {(r["method"], r["baseline"], r["metric"]) for r in _read_csv(out / "comparisons.csv")}
+    for method, entries in expected_entries.items():
+        for entry in entries[1:]:
+            assert (method, entry, "psnr" if method != "ddm" or entry == "linear blend" else "dice") in compared
+    assert ("ddm", "linear blend", "dice") not in compared
 
     text = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "Primary metric: PSNR for missing age and missing modality, Dice for frames" in text
+    assert "cluster bootstrap over subjects (10000 resamples, seed 0" in text
+    words = {"beats": "beats", "no better than": "is no better than", "worse than": "is worse than"}
     for method in METHODS:
         model = rows[[r["method"] for r in rows].index(method)]
-        claim = "beats the best baseline" if model["model_beats"] else "does NOT beat the best baseline"
-        assert f"{method} (`{model['model']}`) {claim} ({model['best_baseline']})" in text
+        claim = f"{method} (`{model['model']}`) {words[model['decision']]} the strongest baseline"
+        assert f"{claim} ({model['best_baseline']})" in text
     assert text.count("RANDOM (untrained) weights") == len(METHODS)
-    assert "held-out subjects: sub-003; held-out hearts: sub-heart02" in text
+    assert "evaluated as: **test**; subjects: sub-003; hearts: sub-heart02" in text
     # progress: one stage per method, counting its cases (hearts for DDM) to the end
     finals = {e.stage: (e.step, e.total) for e in events}
     assert finals == {f"evaluate {m}": (n, n) for m, n in {**cases, "ddm": 1}.items()}
@@ -125,8 +144,8 @@ def test_command_line_and_its_errors(cohort, models, tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "ddm (`ddm-tiny-untrained`)" in printed and "beat the best baseline (identity warp) on Dice" in printed
-    assert (out / "evaluation.md").is_file() and (out / "cases.csv").is_file()
+    assert "ddm (`ddm-tiny-untrained`)" in printed and "the strongest baseline (" in printed and "95 % CI" in printed
+    assert all((out / f).is_file() for f in ("evaluation.md", "evaluation.csv", "comparisons.csv", "cases.csv"))
     assert (
         ev.main(
             [
@@ -262,3 +281,117 @@ def test_segmentation_cases_score_the_model_and_the_mixture_in_the_true_brain_ma
     assert set(case.scores) == {"model", "gaussian mixture"}
     assert 0.3 < case.scores["gaussian mixture"]["dice"] <= 1.0  # a real segmentation, not an empty mask
     assert 0.0 <= case.scores["model"]["dice"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_a_model_beats_a_baseline_only_when_the_interval_excludes_zero():
+    subjects = [s for s in "ABCDEF" for _ in range(4)]
+    rng = np.random.default_rng(4)
+    baseline = rng.normal(20.0, 2.0, len(subjects))
+    # better on every case by 1-2 dB: the interval lies above zero
+    better = ev.stats.compare(baseline + rng.uniform(1.0, 2.0, len(subjects)), baseline, subjects)
+    assert better.decision == "beats" and better.beats and better.ci_low > 0
+    assert better.cases_won == 24 and better.subjects_won == 6 and better.n_subjects == 6
+    assert better.p_cases < 1e-4 and better.p_subjects == pytest.approx(2 / 64)  # exact: all 6 subjects won
+    # worse on every case: entirely below zero
+    worse = ev.stats.compare(baseline - 1.5, baseline, subjects)
+    assert worse.decision == "worse than" and worse.ci_high < 0 and not worse.beats
+    # a positive mean from noise around zero is not a win
+    noise = ev.stats.compare(baseline + rng.normal(0.1, 2.0, len(subjects)), baseline, subjects)
+    assert noise.ci_low < 0 < noise.ci_high and noise.decision == "no better than"
+    # the same inputs give the same interval (fixed seed)
+    again = ev.stats.compare(baseline + rng.normal(0.1, 2.0, len(subjects)) * 0 + noise.difference, baseline, subjects)
+    assert again.ci_low == again.ci_high == pytest.approx(noise.difference)
+    assert (
+        ev.stats.compare([1.0, 2.0], [0.0, 0.5], ["A", "B"]).as_dict()
+        == ev.stats.compare([1.0, 2.0], [0.0, 0.5], ["A", "B"]).as_dict()
+    )
+
+
+def test_cases_of_one_subject_do_not_count_as_independent_evidence():
+    """Subject A: 20 cases won by 2 dB; subjects B and C: one case each lost by 1 dB. Over
+    cases the model looks far better; resampling whole subjects shows it rests on one."""
+    diffs = [2.0] * 20 + [-1.0, -1.0]
+    subjects = ["A"] * 20 + ["B", "C"]
+    naive = ev.stats.cluster_bootstrap_ci(diffs)  # every case its own cluster
+    assert naive[0] > 1.0
+    clustered = ev.stats.cluster_bootstrap_ci(diffs, subjects)
+    assert clustered[0] == pytest.approx(-1.0)  # some resamples draw no A at all
+    result = ev.stats.compare(np.array(diffs), np.zeros(22), subjects)
+    assert result.decision == "no better than" and result.difference > 1.5
+    assert result.subject_difference == pytest.approx((2.0 - 1.0 - 1.0) / 3) and result.subjects_won == 1
+
+
+def test_wilcoxon_and_missing_values():
+    assert ev.stats.wilcoxon_p([1, 2, 3, 4, 5, 6]) == pytest.approx(2 / 64)  # exact two-sided
+    assert math.isnan(ev.stats.wilcoxon_p([0.0, 0.0, 1.0]))  # a single non-zero difference
+    # a case without the metric (a blend has no Dice) is left out, not counted as a loss
+    result = ev.stats.compare([0.9, 0.8, 0.7], [math.nan, 0.5, 0.6], ["A", "B", "C"])
+    assert result.n_cases == 2 and result.cases_won == 2
+    assert ev.stats.compare([1.0], [math.nan], ["A"]) is None
+    assert ev.stats.decide(math.nan, math.nan) == "no better than"
+
+
+# ----------------------------------------------------------------------------- strong baselines
+
+
+def _ball(shape, centre, radius, spacing=2.0) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) * spacing for n in shape], indexing="ij"), -1)
+    distance = np.linalg.norm(grid - np.asarray(centre) * spacing, axis=-1)
+    return np.clip(radius - distance + 1.0, 0.0, 2.0) * 50.0  # a soft-edged ball
+
+
+def test_demons_registration_moves_the_source_and_its_labels_by_gamma():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shape = (32, 32, 32)
+    source = Image(_ball(shape, (14, 16, 16), 12.0).astype(np.float32), affine)
+    target = Image(_ball(shape, (18, 16, 16), 12.0).astype(np.float32), affine)  # moved 8 mm
+    labels = Image((source.array > 50).astype(np.int16), affine)
+    truth_labels = (target.array > 50).astype(np.int16)
+    field = bl.demons_field(target, source)
+    start, start_labels = bl.registered_frame(source, target, 0.0, labels, field=field)
+    np.testing.assert_allclose(start.array, source.array, atol=1e-3)
+    np.testing.assert_array_equal(start_labels.array, labels.array)
+    end, end_labels = bl.registered_frame(source, target, 1.0, labels, field=field)
+    assert set(np.unique(end_labels.array)) <= {0, 1}  # nearest neighbour: labels stay labels
+    moved, unmoved = ev.dice(end_labels.array, truth_labels), ev.dice(labels.array, truth_labels)
+    assert moved > 0.85 and moved > unmoved + 0.15
+    half, _ = bl.registered_frame(source, target, 0.5, labels, field=field)
+    midway = _ball(shape, (16, 16, 16), 12.0)
+    assert (
+        ev.image_metrics(half, midway)["psnr"] > ev.image_metrics(bl.linear_blend(source, target, 0.5), midway)["psnr"]
+    )
+
+
+def test_registration_interpolation_follows_growth_where_blending_blurs():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shape = (32, 32, 32)
+    small, large, truth = (_ball(shape, (16, 16, 16), r) for r in (8.0, 16.0, 12.0))
+    real = [_tp(0.0, small, affine), _tp(12.0, large, affine)]
+    registered = bl.registered_interpolation(real, 6.0, affine, shape)
+    blended = bl.linear_interpolation(real, 6.0, affine, shape)
+    assert ev.image_metrics(registered, truth)["psnr"] > ev.image_metrics(blended, truth)["psnr"] + 3
+
+
+def test_contrast_regression_fits_on_training_sessions_and_ignores_gain():
+    rng = np.random.default_rng(5)
+
+    def session(gain_t1: float, gain_t2: float):
+        t1, t2 = rng.uniform(0.5, 1.5, (12, 12, 12)), rng.uniform(0.5, 1.5, (12, 12, 12))
+        flair = 0.2 + 0.5 * t2 - 0.3 * t1 * t2 + 0.4 * t1**2
+        return {Modality.T1W: t1 * gain_t1, Modality.T2W: t2 * gain_t2, Modality.FLAIR: flair * 700}
+
+    train = [session(1000, 800), session(1200, 900), session(900, 1100)]
+    model = bl.ContrastRegression(["T1w", "T2w"], "FLAIR").fit(train)
+    test = session(1500, 600)  # another gain: the regression works in each scan's own units
+    affine = np.eye(4)
+    visit = [
+        Timepoint(3.0, m.value, Image(test[m].astype(np.float32), affine), None) for m in (Modality.T1W, Modality.T2W)
+    ]
+    predicted = model.predict(visit)
+    assert model.sessions == 3 and np.corrcoef(predicted.array.ravel(), test[Modality.FLAIR].ravel())[0, 1] > 0.99
+    assert ev.image_metrics(predicted, test[Modality.FLAIR])["psnr"] > 30
+    with pytest.raises(LongitudinalDiffusionError, match="lacks T2w"):
+        model.predict(visit[:1])
