@@ -285,6 +285,10 @@ class RemoteBackend:
         """Stop following events and close the connections (at once: an open event stream
         is cut, not waited for)."""
         self._closed.set()
+        with self._lock:
+            following = list(self._ended)
+        for job_id in following:  # whoever waits hears of it now, whatever the stream threads do
+            self._fail(job_id, WorkerUnavailable(f"stopped following job {job_id}: the client was closed"))
         self._http.close()
         for t in list(self._streams.values()):
             t.join(timeout=5)
@@ -311,7 +315,7 @@ class RemoteBackend:
         try:
             self._stream_events(job_id)
         except BaseException as exc:  # whatever it is, the waiter hears of it
-            if isinstance(exc, LongitudinalDiffusionError):
+            if isinstance(exc, (WorkerUnavailable, WorkerRefused)):
                 error: Exception = exc
             else:
                 error = WorkerUnavailable(f"the event stream of job {job_id} failed ({type(exc).__name__}: {exc})")
@@ -337,7 +341,7 @@ class RemoteBackend:
         import httpx
 
         delay = self.backoff
-        last_good = time.monotonic()  # the last time the stream was open or brought an event
+        failing_since: float | None = None  # when the current run of failed connections began
         timeout = httpx.Timeout(30, read=self.stream_timeout)
         while not self._closed.is_set():
             with self._lock:
@@ -355,19 +359,22 @@ class RemoteBackend:
                         return
                     if response.status_code >= 400:
                         raise WorkerUnavailable(f"event stream answered {response.status_code}")
-                    delay = self.backoff
-                    last_good = time.monotonic()
                     for event in _sse(response.iter_lines()):
-                        last_good = time.monotonic()
+                        failing_since, delay = None, self.backoff  # an event or a keep-alive: the stream works
+                        if event is None:
+                            continue
                         self._add(event)
                         if event.kind in FINAL_KINDS:
                             return
                         if self._closed.is_set():
                             return
+                    raise WorkerUnavailable("the stream ended before the job did")
             except (httpx.HTTPError, WorkerUnavailable) as exc:
                 if self._closed.is_set():
                     return
-                if time.monotonic() - last_good > self.stream_patience:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since > self.stream_patience:
                     raise WorkerUnavailable(
                         f"lost the event stream of job {job_id} for over {self.stream_patience:g} s "
                         f"({type(exc).__name__}: {exc or 'no detail'})"
@@ -421,7 +428,7 @@ def _speaks_tls(url: Any) -> bool:
 
 
 def _sse(lines) -> Any:
-    """JobEvents from server-sent event lines."""
+    """JobEvents from server-sent event lines, and None for each keep-alive comment."""
     data: list[str] = []
     for line in lines:
         if line == "":
@@ -430,6 +437,8 @@ def _sse(lines) -> Any:
             data = []
         elif line.startswith("data:"):
             data.append(line[5:].lstrip())
+        elif line.startswith(":"):
+            yield None
 
 
 def _gzipped(path: str) -> bytes:
