@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .diffusion.samplers import SAMPLERS
 from .errors import InputError, LongitudinalDiffusionError
 from .progress import CancelToken, ProgressCallback, ProgressEvent
 from .subject import parse_age, parse_modality
@@ -69,7 +70,6 @@ OPTION_FIELDS: dict[str, tuple[type, ...]] = {
     "two_sided": (bool,),
     "device": (str,),
 }
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 _PARAMS = {
     "complete-ages": ({"ages"}, {"modality"}),
     "synthesize-modality": ({"target", "session"}, set()),
