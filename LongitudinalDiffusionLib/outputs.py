@@ -141,14 +141,16 @@ def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path
 
 
 def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str) -> None:
+    real_out = Path(os.path.realpath(out))
     for item in inputs:
         if item is None:
             continue
         p = _resolved(item)
-        if p == out:
+        real = Path(os.path.realpath(p))  # the same places reached through symbolic links count too
+        if p == out or real == real_out:
             kind = "an input folder" if p.is_dir() else "an input file"
             raise InputError(out, f"is {kind} of this run; choose a new {what} (nothing was written)")
-        if out in p.parents:
+        if out in p.parents or real_out in real.parents:
             raise InputError(
                 out,
                 f"holds an input of this run ({p}); choose another {what}, one that holds no input "

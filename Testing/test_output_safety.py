@@ -82,6 +82,15 @@ def test_out_is_a_parent_of_the_inputs(subj, tmp_path, capsys):
     assert _snapshot(tmp_path) == before
 
 
+def test_out_is_a_link_to_the_input_folder(subj, tmp_path, capsys):
+    link = tmp_path / "results-link"
+    link.symlink_to(subj, target_is_directory=True)
+    before = _snapshot(subj)
+    assert main(_run(subj, link, "--overwrite")) == 2
+    assert "input" in capsys.readouterr().err
+    assert _snapshot(subj) == before and link.is_symlink()
+
+
 def test_out_with_foreign_files_and_overwrite(subj, tmp_path, capsys):
     out = tmp_path / "gen"
     out.mkdir()
