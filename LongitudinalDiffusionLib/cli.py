@@ -5,6 +5,7 @@
     longdiff info SUBJECT              a subject's timepoints (BIDS subject or manifest)
     longdiff models                    installed diffusion models
     longdiff complete-ages SUBJECT --ages 6 9 --model NAME --out DIR
+    longdiff complete-ages SUBJECT SUBJECT... (or --cohort BIDS_ROOT) --ages 6 --model NAME --out DIR
     longdiff synthesize-modality SUBJECT --session ses-02 --modality FLAIR --model NAME --out DIR
     longdiff interpolate SOURCE TARGET --frames 8 --model NAME --out DIR
     longdiff init-model METHOD         a model with random weights, to try a pipeline
@@ -175,9 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "complete-ages",
         help="generate a subject's missing timepoints",
-        description="Generate the subject's images at ages it was not scanned.",
+        description="Generate the subject's images at ages it was not scanned. Several subjects (SUBJECT "
+        "SUBJECT ..., or --cohort) run in one call with the model loaded once: one result folder per subject in "
+        "OUT (OUT/<subject id>).",
     )
-    _subject_arguments(p)
+    p.add_argument(
+        "subject",
+        type=Path,
+        nargs="*",
+        metavar="SUBJECT",
+        help="BIDS subject or dataset folder, or manifest .tsv; several may be given",
+    )
+    p.add_argument("--subject", dest="subject_id", metavar="ID", help="which subject, in a dataset or manifest")
+    p.add_argument(
+        "--cohort",
+        type=Path,
+        metavar="BIDS_ROOT",
+        help="every subject (sub-*) of this BIDS dataset, one result folder each in OUT",
+    )
     p.add_argument("--ages", type=float, nargs="+", required=True, metavar="MONTHS", help="ages to generate (months)")
     p.add_argument(
         "--one-sided",
@@ -271,6 +287,13 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--capture", type=int, default=0, metavar="N", help="keep N denoising intermediates as frames")
     g.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="CPU threads of the network (default: $OMP_NUM_THREADS if set, else the cores the load average "
+        "says are free; docs/performance.md)",
+    )
     r = p.add_argument_group("remote worker (the inputs are uploaded to it: giving --remote is your consent)")
     r.add_argument("--remote", metavar="URL", help="run on a longdiff-worker, e.g. https://gpu.example.org:8765")
     r.add_argument("--token", help="the worker's access token (default: $LONGDIFF_WORKER_TOKEN)")
@@ -553,6 +576,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_complete_ages(args: argparse.Namespace) -> int:
     from .subject import load_subject
 
+    if args.cohort is not None or len(args.subject) > 1:
+        return _complete_ages_many(args)
+    if not args.subject:
+        raise LongitudinalDiffusionError("complete-ages needs a SUBJECT (or several, or --cohort BIDS_ROOT)")
+    args.subject = args.subject[0]
     subject = load_subject(args.subject, subject=args.subject_id)
     _check_out(args, _subject_inputs(subject))
     from .tasks import complete_ages  # after the output checks: they come before any model
@@ -564,6 +592,76 @@ def cmd_complete_ages(args: argparse.Namespace) -> int:
         return _report(args, _run_remote(args, spec))
     result = _with_progress(args, lambda opts: complete_ages(subject, args.ages, args.model, options=opts))
     return _report(args, result, subject)
+
+
+def _batch_subjects(args: argparse.Namespace) -> list:
+    """The subjects of a many-subject complete-ages: every SUBJECT, then every sub-* of
+    --cohort; each read (and so checked) before any model loads. Their ids name the result
+    folders, so they must differ."""
+    from .subject import load_bids_subject, load_subject
+
+    subjects = [load_subject(path, subject=args.subject_id) for path in args.subject]
+    if args.cohort is not None:
+        if not args.cohort.is_dir():
+            raise LongitudinalDiffusionError(f"{args.cohort}: --cohort must be a BIDS dataset folder")
+        labels = sorted(p.name for p in args.cohort.glob("sub-*") if p.is_dir())
+        if not labels:
+            raise LongitudinalDiffusionError(f"{args.cohort}: no sub-* folders (is it a BIDS dataset?)")
+        subjects += [load_bids_subject(args.cohort, subject=label) for label in labels]
+    seen: dict[str, object] = {}
+    for s in subjects:
+        if s.subject_id in seen:
+            raise LongitudinalDiffusionError(
+                f"subject id '{s.subject_id}' is given twice ({seen[s.subject_id]} and {s.source}); "
+                "each subject's results go to OUT/<subject id>"
+            )
+        seen[s.subject_id] = s.source
+    return subjects
+
+
+def _complete_ages_many(args: argparse.Namespace) -> int:
+    """complete-ages for several subjects in one process: the model is loaded once and every
+    subject's result is written whole to OUT/<subject id>; a subject that fails is reported
+    and the others go on (exit status 2 if any failed)."""
+    from . import outputs
+
+    if args.remote:
+        raise LongitudinalDiffusionError("--remote takes one SUBJECT per call")
+    subjects = _batch_subjects(args)
+    inputs = [p for s in subjects for p in _subject_inputs(s)]
+    _check_out(args, inputs)
+    from .catalog import load_model
+    from .diffusion import resolve_device
+    from .tasks import complete_ages
+
+    loaded = load_model(args.model, device=resolve_device(args.device))
+    done, failed = [], []
+    try:
+        for i, subject in enumerate(subjects, 1):
+            folder = args.out / subject.subject_id
+            if not args.quiet:
+                print(f"[{i}/{len(subjects)}] {subject.subject_id}", flush=True)
+            try:
+                result = _with_progress(args, lambda opts, s=subject: complete_ages(s, args.ages, loaded, options=opts))
+                result.save(folder, overwrite=args.overwrite)
+            except LongitudinalDiffusionError as exc:
+                print(f"longdiff: error: {subject.subject_id}: {exc}", file=sys.stderr)
+                failed.append(subject.subject_id)
+                continue
+            done.append((result, subject))
+            print(f"  {folder / 'result.json'} ({result.timings.get('total_s', 0):.2f} s)")
+    finally:
+        if args.out.is_dir():
+            outputs.write_marker(args.out, "results", subjects=[s.subject_id for _, s in done])
+    if args.scene is not None and done:
+        print(f"  {_write_scene(args.scene, done, [s for _, s in done])}")
+    if done:
+        line = _synthetic_line(done[0][0], args.out)  # the same model made them all
+        print(f"{len(done)} subject(s):", line.replace(str(args.out), f"{args.out}/<subject id>"))
+    if failed:
+        print(f"longdiff: {len(failed)} of {len(subjects)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_synthesize_modality(args: argparse.Namespace) -> int:
@@ -707,6 +805,7 @@ def _with_progress(args: argparse.Namespace, run):
         two_sided=not getattr(args, "one_sided", False),
         device=args.device,
         progress=progress,
+        threads=getattr(args, "threads", None),
     )
     try:
         return run(opts)
@@ -725,6 +824,7 @@ def _job_options(args: argparse.Namespace) -> dict:
         "capture": args.capture,
         "n_samples": args.samples,
         "two_sided": not getattr(args, "one_sided", False),
+        "threads": getattr(args, "threads", None),
     }
     return {k: v for k, v in opts.items() if v is not None}
 

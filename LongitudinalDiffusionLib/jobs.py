@@ -69,6 +69,7 @@ OPTION_FIELDS: dict[str, tuple[type, ...]] = {
     "n_samples": (int,),
     "two_sided": (bool,),
     "device": (str,),
+    "threads": (int, type(None)),
 }
 _PARAMS = {
     "complete-ages": ({"ages"}, {"modality"}),
@@ -377,6 +378,8 @@ class JobSpec:
             raise InputError(where, f"'n_samples' must lie in 1..{MAX_SAMPLES}")
         if "capture" in o and not 0 <= o["capture"] <= MAX_CAPTURE:
             raise InputError(where, f"'capture' must lie in 0..{MAX_CAPTURE}")
+        if o.get("threads") is not None and not 1 <= o["threads"] <= 1024:
+            raise InputError(where, "'threads' must lie in 1..1024")
         if o.get("seed") is not None and not 0 <= o["seed"] <= MAX_SEED:
             raise InputError(where, f"'seed' must lie in 0..{MAX_SEED}")
 
@@ -468,6 +471,13 @@ def run_job(
 
     ``model``: the spec's model already loaded (a ``LoadedModel``, e.g. from the warm job
     process's cache); by default it is loaded from ``spec.model``."""
+    from .diffusion.threads import job_slot
+
+    with job_slot():  # jobs running at once in this process share its cores
+        return _run_job(spec, progress, cancel, model)
+
+
+def _run_job(spec: JobSpec, progress: ProgressCallback | None, cancel: CancelToken | None, model: Any) -> Result:
     from . import tasks
 
     spec.validate()

@@ -259,6 +259,8 @@ class RunOptions:
     device: str = "auto"
     progress: ProgressCallback | None = None
     cancel: CancelToken | None = None
+    #: CPU threads of the network forwards; None: the policy of ``diffusion.threads``
+    threads: int | None = None
 
     def settings(self, loaded: LoadedModel, key: str = "sampler") -> SamplerSettings:
         base = SamplerSettings.from_dict(loaded.config.get(key))
@@ -271,6 +273,9 @@ def _options(options: RunOptions | None, kwargs: dict[str, Any]) -> RunOptions:
     opts = dataclasses.replace(options or RunOptions(), **kwargs)
     if opts.n_samples < 1:
         raise LongitudinalDiffusionError(f"n_samples must be at least 1, not {opts.n_samples}")
+    from .diffusion.threads import use_threads
+
+    use_threads(opts.threads)  # on the thread that runs the task (docs/performance.md)
     return opts
 
 
