@@ -287,6 +287,14 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--capture", type=int, default=0, metavar="N", help="keep N denoising intermediates as frames")
     g.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--preprocess",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bias field, brain extraction and alignment to the model's atlas as its card says, results mapped "
+        "back onto each scan's grid, transforms saved in OUT/transforms (default: when the card asks for it "
+        "and a scan is not already in the model's space)",
+    )
     g.add_argument(
         "--threads",
         type=_positive_int,
@@ -803,6 +811,7 @@ def _with_progress(args: argparse.Namespace, run):
         capture=args.capture,
         n_samples=args.samples,
         two_sided=not getattr(args, "one_sided", False),
+        preprocess=getattr(args, "preprocess", None),
         device=args.device,
         progress=progress,
         threads=getattr(args, "threads", None),
@@ -824,6 +833,7 @@ def _job_options(args: argparse.Namespace) -> dict:
         "capture": args.capture,
         "n_samples": args.samples,
         "two_sided": not getattr(args, "one_sided", False),
+        "preprocess": getattr(args, "preprocess", None),
         "threads": getattr(args, "threads", None),
     }
     return {k: v for k, v in opts.items() if v is not None}

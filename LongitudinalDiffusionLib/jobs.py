@@ -68,6 +68,7 @@ OPTION_FIELDS: dict[str, tuple[type, ...]] = {
     "capture": (int,),
     "n_samples": (int,),
     "two_sided": (bool,),
+    "preprocess": (bool, type(None)),
     "device": (str,),
     "threads": (int, type(None)),
 }

@@ -596,13 +596,16 @@ class PreprocessResult:
         spec: what the card asked for.
         scans: one :class:`PreprocessedScan` per input, in input order.
         reference: index of the visit the others were aligned to.
-        model_affine, model_shape: the model-space grid every preprocessed image shares
-            (each input's own grid when nothing was aligned).
+        originals: the inputs as given.
+
+    The preprocessed images share one model-space grid (each keeps its input's own grid
+    when nothing was aligned).
     """
 
     spec: PreprocessSpec
     scans: list[PreprocessedScan]
     reference: int = 0
+    originals: list[Image] = field(default_factory=list, repr=False)
 
     @property
     def images(self) -> list[Image]:
@@ -638,6 +641,38 @@ class PreprocessResult:
             out.array = np.asarray(out.array, dtype=np.float32)
             if bias and scan.bias is not None:
                 out.array = out.array * scan.bias
+        return out
+
+    def vectors_back_to_input(self, vectors: Image, index: int = 0) -> Image:
+        """A displacement field (I, J, K, 3) in RAS mm of the model's space, back on input
+        ``index``'s grid with its vectors turned into that input's frame."""
+        array = np.asarray(vectors.array, dtype=np.float32)
+        comps = [self.back_to_input(Image(array[..., c], vectors.affine), index).array for c in range(3)]
+        linear = self.scans[index].to_input_ras[:3, :3]  # model-space vector -> input vector
+        out = np.einsum("ab,ijkb->ijka", linear.astype(np.float32), np.stack(comps, axis=-1))
+        return Image(
+            np.ascontiguousarray(out, dtype=np.float32), self.scans[index].input_affine.copy(), dict(vectors.meta)
+        )
+
+    def to_model(self, image: Image, index: int = 0, *, labels: bool = False) -> Image:
+        """Take another image on input ``index``'s grid (e.g. its label map) into the model's
+        space, through the same transform as that input (no bias correction, no stripping)."""
+        scan = self.scans[index]
+        if not np.allclose(image.affine, scan.input_affine, atol=1e-4) or image.shape[:3] != scan.input_shape:
+            raise InputError(image.meta.get("source", "image"), f"does not lie on the grid of input {scan.name}")
+        if _is_identity(scan.to_input_lps) and scan.image.same_geometry(image):
+            return Image(np.array(image.array, copy=True), image.affine.copy(), dict(image.meta))
+        return _resample(image, scan.to_input_lps, scan.image.affine, scan.image.shape, labels=labels)
+
+    def input_on(self, image: Image, index: int, onto: int) -> Image:
+        """Input ``index``'s original ``image`` on input ``onto``'s grid, aligned through the
+        model's space in one interpolation (e.g. every real visit of a timeline on one grid)."""
+        src, dst = self.scans[index], self.scans[onto]
+        if index == onto:
+            return Image(np.array(image.array, copy=True), dst.input_affine.copy(), dict(image.meta))
+        matrix = src.to_input_lps @ np.linalg.inv(dst.to_input_lps)  # onto point -> model point -> index point
+        out = _resample(image, matrix, dst.input_affine, dst.input_shape, labels=False)
+        out.affine = dst.input_affine.copy()
         return out
 
     def outside_fraction(self, index: int = 0) -> float:
@@ -789,7 +824,7 @@ def preprocess_for(
     if spec.align == "none":
         for scan, img in zip(scans, work):
             scan.image = img
-        return PreprocessResult(spec, scans, reference)
+        return PreprocessResult(spec, scans, reference, images)
 
     # Visits to the reference (rigid), the reference to the atlas (as the card says).
     small = [_downsampled(img, register_spacing_mm) for img in work]
@@ -824,7 +859,7 @@ def preprocess_for(
         )
         scan.image.meta["preprocessed"] = True
         scan.steps.append({"step": "resample to model space", "seconds": round(time.perf_counter() - t, 2)})
-    return PreprocessResult(spec, scans, ref)
+    return PreprocessResult(spec, scans, ref, images)
 
 
 def _voxel_ml(image: Image) -> float:

@@ -82,6 +82,8 @@ class Result:
     series: list[FrameSeries] = field(default_factory=list)
     provenance: Provenance | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: input -> model space transforms (preprocess.SavedTransform), saved as transforms/<name>.tfm
+    transforms: list[Any] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
@@ -217,6 +219,11 @@ class Result:
                 entries.append(entry)
                 files.extend(v for k, v in entry.items() if k in ("file", "labels", "displacement"))
             summary["series"].append({"name": s.name, "unit": s.unit, "frames": entries})
+        for t in self.transforms:  # ITK files Slicer loads as transform nodes (preprocess.py)
+            rel = f"transforms/{t.name}.tfm"
+            t.write(root / rel)
+            files.append(rel)
+            summary.setdefault("transforms", []).append(rel)
         write_json(root / "result.json", summary)
         files.append("result.json")
         return files
@@ -246,6 +253,12 @@ class RunOptions:
     (Cas-DiffCom, time-interval) run from each neighbour and the two predictions are blended
     with the linear-interpolation weights (docs/methods.md); False uses the nearest scan only,
     as the papers do.
+
+    ``preprocess``: bring the scans into the model's space as its card's ``"preprocessing"``
+    says (bias field, brain extraction, alignment to the atlas: :mod:`.preprocess`) and the
+    results back onto each input's grid. None (the default) does it when the card asks for
+    it and a scan is not already in the model's space (the simulated cohort is); True
+    forces it, False never does it.
     """
 
     sampler: str | None = None
@@ -256,6 +269,7 @@ class RunOptions:
     capture: int = 0
     n_samples: int = 1
     two_sided: bool = True
+    preprocess: bool | None = None
     device: str = "auto"
     progress: ProgressCallback | None = None
     cancel: CancelToken | None = None
@@ -395,6 +409,7 @@ def complete_ages(
     for age in targets:
         if any(abs(tp.age - age) < SAME_AGE for tp in real):
             raise InputError(subject.source, f"{subject.subject_id} already has a {mod.value} scan at {age:g} months")
+    prep, real, prep_note = _preprocessed(loaded, real, opts)
     report = DomainReport(loaded.card.name)
     check_request(loaded.card.card, report, target_ages=targets, input_ages=[tp.age for tp in real])
     keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
@@ -407,10 +422,13 @@ def complete_ages(
     images, series, settings, extra = runner[loaded.method](
         loaded, real, targets, mod, opts, device, subject.subject_id, grids
     )
-    extra.update(target_ages=targets, n_samples=opts.n_samples, warnings=report.warnings)
+    if prep is not None:  # each output onto its nearest scan's own grid, series onto the first's
+        images, series = _back_to_inputs(prep, images, series, lambda age: real.index(_nearest(real, age)))
+    extra.update(target_ages=targets, n_samples=opts.n_samples, warnings=report.warnings, preprocessing=prep_note)
     prov = _provenance(loaded, "complete-ages", settings, real, **extra)
     _emit_done(opts, "complete-ages", t0)
-    return Result("complete-ages", images, series, prov, {"total_s": time.perf_counter() - t0})
+    timings = {"total_s": time.perf_counter() - t0}
+    return Result("complete-ages", images, series, prov, timings, _transforms(prep))
 
 
 def _scan_name(tp: Timepoint) -> str:
@@ -715,6 +733,10 @@ def synthesize_modality(
             subject.source,
             f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
         )
+    prep, prep_note = None, None
+    if cfg.get("preprocessing") != "brats":  # upstream BraTS weights bring their own preprocessing
+        prep, conds, prep_note = _preprocessed(loaded, [have[m] for m in cond_mods], opts)
+        have = {**have, **dict(zip(cond_mods, conds))}
     report = DomainReport(loaded.card.name)
     check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
     if cfg.get("preprocessing") == "brats":
@@ -772,6 +794,8 @@ def synthesize_modality(
     sid = subject.subject_id
     images = _age_outputs(sid, target, age, image, spread, kind="generated")
     series = [s for s in [_denoising_series("denoising", grid, record, captured)] if s]
+    if prep is not None:  # onto the first condition's own grid
+        images, series = _back_to_inputs(prep, images, series, lambda age: 0)
     prov = _provenance(
         loaded,
         "synthesize-modality",
@@ -780,9 +804,11 @@ def synthesize_modality(
         target=target.value,
         session=str(session),
         warnings=report.warnings,
+        preprocessing=prep_note,
     )
     _emit_done(opts, "synthesize-modality", t0)
-    return Result("synthesize-modality", images, series, prov, {"total_s": time.perf_counter() - t0})
+    timings = {"total_s": time.perf_counter() - t0}
+    return Result("synthesize-modality", images, series, prov, timings, _transforms(prep))
 
 
 class _BratsGrid:
@@ -859,7 +885,10 @@ def interpolate_frames(
         raise LongitudinalDiffusionError(f"at least 2 frames are needed (source and target), not {n_frames}")
     device = resolve_device(opts.device)
     loaded = _load(model, device, "interpolate")
-    src_img, tgt_img = (_as_image(x) for x in (source, target))
+    src_in, tgt_img = (_as_image(x) for x in (source, target))
+    pair = [Timepoint(0.0, "T1w", img, _path_of(x)) for img, x in ((src_in, source), (tgt_img, target))]
+    prep, pair, prep_note = _preprocessed(loaded, pair, opts)
+    src_img, tgt_img = (tp.image for tp in pair)
     report = DomainReport(loaded.card.name)
     names = [
         p.name if p is not None else what for p, what in ((_path_of(source), "source"), (_path_of(target), "target"))
@@ -870,10 +899,12 @@ def interpolate_frames(
     labels = None
     if source_labels is not None:
         lab_img = source_labels if isinstance(source_labels, Image) else load_image(source_labels, dtype=np.int16)
-        if not lab_img.same_geometry(src_img):
+        if not lab_img.same_geometry(src_in):
             raise InputError(
                 getattr(source_labels, "meta", {}).get("source"), "labels do not match the source's geometry"
             )
+        if prep is not None:
+            lab_img = prep.to_model(lab_img, 0, labels=True)
         labels = _tensor(grid.forward(lab_img, labels=True, reference=src.record).array, device)
     gammas = torch.linspace(0.0, 1.0, int(n_frames))
     t0 = time.perf_counter()
@@ -896,15 +927,81 @@ def interpolate_frames(
         ]
     fields = [_displacement_mm(out.fields[i].cpu().numpy(), grid, src.record) for i in range(len(gammas))]
     series = FrameSeries("frames", frames, [float(g) for g in gammas], "gamma", frame_labels, fields=fields)
-    inputs = [Timepoint(0.0, "T1w", src_img, _path_of(source)), Timepoint(0.0, "T1w", tgt_img, _path_of(target))]
+    if prep is not None:  # onto the source's own grid
+        _, (series,) = _back_to_inputs(prep, [], [series], lambda age: 0)
+        frames, frame_labels = series.frames, series.labels
     settings = SamplerSettings(name="ddim", steps=1, seed=None)
-    prov = _provenance(loaded, "interpolate", settings, inputs, n_frames=int(n_frames), warnings=report.warnings)
+    prov = _provenance(
+        loaded, "interpolate", settings, pair, n_frames=int(n_frames), warnings=report.warnings, preprocessing=prep_note
+    )
     prov.inputs = [{"file": None if p is None else str(p)} for p in (_path_of(source), _path_of(target))]
     _emit_done(opts, "interpolate", t0)
     images = [ResultImage("frame-last", frames[-1], "generated")]
     if frame_labels is not None:
         images.append(ResultImage("frame-last_labels", frame_labels[-1], "labels"))
-    return Result("interpolate", images, [series], prov, {"total_s": time.perf_counter() - t0})
+    return Result("interpolate", images, [series], prov, {"total_s": time.perf_counter() - t0}, _transforms(prep))
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _preprocessed(loaded: LoadedModel, timepoints: list[Timepoint], opts: RunOptions):
+    """The scans in the model's space as its card says (``RunOptions.preprocess``), the
+    :class:`~.preprocess.PreprocessResult` that leads back (None when nothing was done), and
+    a note for the provenance saying what was done or why not."""
+    from . import preprocess as pp
+
+    try:
+        spec = pp.PreprocessSpec.from_card(loaded.card.card)
+    except ValueError as exc:
+        raise InputError(loaded.card.path, f"model card: {exc}") from None
+    if opts.preprocess is False:
+        return None, timepoints, {"applied": False, "reason": "switched off (--no-preprocess)"}
+    if not spec.active:
+        return None, timepoints, {"applied": False, "reason": "the model card asks for none"}
+    images = [_image(tp) for tp in timepoints]
+    if opts.preprocess is None and all(pp.in_model_space(img, tp.source) for img, tp in zip(images, timepoints)):
+        return None, timepoints, {"applied": False, "reason": "the scans are already in the model's space"}
+    names: list[str] = []
+    for i, tp in enumerate(timepoints):
+        stem = tp.source.name.split(".")[0] if tp.source is not None else f"input-{i}"
+        names.append(stem if stem not in names else f"{stem}-{i}")
+    t0 = time.perf_counter()
+    if opts.progress is not None:
+        opts.progress(ProgressEvent("preprocess", 0, 1, 0.0, None, ", ".join(names)))
+    prep = pp.preprocess_for(loaded.card.card, images, spec=spec, names=names)
+    if opts.progress is not None:
+        opts.progress(ProgressEvent("preprocess", 1, 1, time.perf_counter() - t0, 0.0, "done"))
+    log.info("preprocessed %d scan(s) for %s in %.1f s", len(images), loaded.card.name, time.perf_counter() - t0)
+    moved = [dataclasses.replace(tp, image=img) for tp, img in zip(timepoints, prep.images)]
+    return prep, moved, {"applied": True, **prep.describe()}
+
+
+def _back_to_inputs(prep: Any, images: list[ResultImage], series: list[FrameSeries], which: Callable[[Any], int]):
+    """Outputs of the model's space back on the inputs' own grids: each image on input
+    ``which(age)``'s, every series on the first input's (real timeline frames are the
+    original scans, aligned onto it in one interpolation)."""
+    images = [
+        dataclasses.replace(r, image=prep.back_to_input(r.image, which(r.age), labels=r.kind == "labels"))
+        for r in images
+    ]
+    out = []
+    for s in series:
+        frames = []
+        for k, frame in enumerate(s.frames):
+            if s.generated is not None and not s.generated[k]:
+                i = which(s.times[k])
+                frames.append(prep.input_on(prep.originals[i], i, 0))
+            else:
+                frames.append(prep.back_to_input(frame, 0))
+        labels = None if s.labels is None else [prep.back_to_input(x, 0, labels=True) for x in s.labels]
+        fields = None if s.fields is None else [prep.vectors_back_to_input(x, 0) for x in s.fields]
+        out.append(dataclasses.replace(s, frames=frames, labels=labels, fields=fields))
+    return images, out
+
+
+def _transforms(prep: Any) -> list[Any]:
+    return [] if prep is None else prep.transforms()
 
 
 def _as_image(x: Image | Timepoint | str | os.PathLike) -> Image:
