@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "evaluate",
-        help="compare models with simple baselines on held-out subjects (needs the training/ folder)",
-        description="Run models and baselines on the same held-out cases of a cohort and write evaluation.md, "
-        "evaluation.csv and cases.csv. All options are those of `python -m training.evaluate`.",
+        help="moved: python -m training.evaluate (in a source checkout)",
+        description="The evaluation belongs to the training code, which this library does not import: "
+        "run `python -m training.evaluate` from a source checkout of LongitudinalDiffusion.",
         add_help=False,
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -320,27 +320,18 @@ def _scene_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_scene(path: Path, results: list, subjects: list = ()) -> Path:
-    """Hand the results to the Slicer module's scene export (the library never imports slicer)."""
-    module_dir = Path(__file__).resolve().parent.parent / "LongitudinalDiffusion"
-    if module_dir.is_dir() and str(module_dir) not in sys.path:
-        sys.path.append(str(module_dir))
-    try:
-        from LongitudinalDiffusionSlicer.results import TissueSegmenter, exportScene
-    except ImportError as exc:
-        raise LongitudinalDiffusionError(
-            f"--scene needs 3D Slicer's Python or PyPI slicer-core and the LongitudinalDiffusion module ({exc}); "
-            "install it with: pip install slicer-core"
-        ) from None
-    from .catalog import find_model
-    from .errors import InputError
+#: where --scene went (the library does not import the Slicer module that writes scenes)
+SCENE_MOVED = (
+    "--scene is written by the Slicer module's copy of this command, which the library does not import: "
+    "run `python LongitudinalDiffusion/longdiff_scene.py` with the same arguments (it needs slicer-core: "
+    "pip install slicer-core)"
+)
 
-    try:
-        find_model("tissue-seg-brain-demo")
-        segmenter = TissueSegmenter("tissue-seg-brain-demo")
-    except InputError:
-        segmenter = None
-    return exportScene(path, results, subjects=subjects, segmenter=segmenter)
+
+def _write_scene(args: argparse.Namespace, results: list, subjects: list = ()) -> Path:
+    """Hand the results to the scene exporter the caller passed to :func:`main` (the Slicer
+    module's ``longdiff_scene.py`` passes its ``exportScene``; the library never imports slicer)."""
+    return args.scene_exporter(args.scene, results, subjects)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -509,7 +500,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             print(f"  {kind + ' ' + name + ':':26s} {path}")
     if args.scene is not None:
-        print(f"  {'scene:':18s} {_write_scene(args.scene, show.scene_results, show.scene_subjects)}")
+        print(f"  {'scene:':18s} {_write_scene(args, show.scene_results, show.scene_subjects)}")
     return 0
 
 
@@ -662,7 +653,7 @@ def _complete_ages_many(args: argparse.Namespace) -> int:
         if args.out.is_dir():
             outputs.write_marker(args.out, "results", subjects=[s.subject_id for _, s in done])
     if args.scene is not None and done:
-        print(f"  {_write_scene(args.scene, done, [s for _, s in done])}")
+        print(f"  {_write_scene(args, done, [s for _, s in done])}")
     if done:
         line = _synthetic_line(done[0][0], args.out)  # the same model made them all
         print(f"{len(done)} subject(s):", line.replace(str(args.out), f"{args.out}/<subject id>"))
@@ -717,18 +708,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Hand over to ``training/evaluate.py`` of the source tree this library belongs to."""
-    try:
-        from training import evaluate
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "training" / "evaluate.py").is_file():
-            raise LongitudinalDiffusionError(
-                "longdiff evaluate needs the project's training/ folder (a source checkout of LongitudinalDiffusion)"
-            ) from None
-        sys.path.insert(0, str(root))
-        from training import evaluate
-    return evaluate.main(args.rest)
+    """Say where the evaluation went: it belongs to the training code, which the library
+    does not import (layers point down only: Testing/test_layers.py)."""
+    raise LongitudinalDiffusionError(
+        "longdiff evaluate has moved: the evaluation belongs to the training code; run "
+        "`python -m training.evaluate " + " ".join(args.rest) + "` from a source checkout of LongitudinalDiffusion"
+    )
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -762,6 +747,8 @@ def _check_out(args: argparse.Namespace, inputs: Sequence = ()) -> None:
 
     scene = getattr(args, "scene", None)
     if scene is not None:
+        if getattr(args, "scene_exporter", None) is None:
+            raise LongitudinalDiffusionError(SCENE_MOVED)
         if scene.suffix.lower() != ".mrb":
             raise LongitudinalDiffusionError(f"{scene}: a Slicer scene bundle's name must end in .mrb")
         target = outputs.check_file_target(scene, overwrite=args.overwrite, what="scene file")
@@ -894,7 +881,7 @@ def _report(args: argparse.Namespace, result, subject=None) -> int:
             print(f"  {f}")
     print(f"  {args.out / 'result.json'}")
     if args.scene is not None:
-        print(f"  {_write_scene(args.scene, [(result, subject)], [subject] if subject is not None else [])}")
+        print(f"  {_write_scene(args, [(result, subject)], [subject] if subject is not None else [])}")
     print(_synthetic_line(result, args.out))
     return 0
 
@@ -914,7 +901,10 @@ def _synthetic_line(result, out: Path) -> str:
     return f"{len(result.images)} SYNTHETIC images written to {out} (model {prov.model}, {how}): not scans"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, scene_exporter: Callable[..., Path] | None = None) -> int:
+    """Run ``longdiff`` with ``argv``. ``scene_exporter(path, results, subjects)`` writes the
+    ``--scene`` bundle; the Slicer module's ``longdiff_scene.py`` passes one, plain ``longdiff``
+    has none and says where --scene went."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
@@ -922,6 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(verbose=False, quiet=False, rest=argv[command + 1 :], func=cmd_evaluate)
     else:
         args = parser.parse_args(argv)
+    args.scene_exporter = scene_exporter
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="longdiff: %(levelname)s: %(message)s"
     )

@@ -27,7 +27,8 @@ def _listed(cmake: Path, variable: str) -> set[str]:
 #: Never installed into Slicer: the remote worker's server (it runs on a GPU machine) and the
 #: module's test and docs helper that renders slice views with trame-slicer.
 NOT_PACKAGED_LIB = ("worker/",)
-NOT_PACKAGED_MODULE = ("LongitudinalDiffusionSlicer/sliceviews.py",)
+# longdiff_scene.py: the command line with the scene export, run outside Slicer
+NOT_PACKAGED_MODULE = ("LongitudinalDiffusionSlicer/sliceviews.py", "longdiff_scene.py")
 
 
 def test_every_library_file_slicer_runs_is_packaged_and_the_worker_is_not():

@@ -221,9 +221,12 @@ def test_frames_with_their_own_labels_and_the_scene_export(cohort, tmp_path):
         app.close()
 
 
-def test_the_command_line_writes_a_scene(cohort, tmp_path):
-    """`longdiff complete-ages ... --scene out.mrb`: the bundle reloads with the subject and the result."""
-    from LongitudinalDiffusionLib.cli import main
+def test_the_command_line_writes_a_scene(cohort, tmp_path, capsys):
+    """`longdiff_scene.py complete-ages ... --scene out.mrb` (longdiff with the module's scene export):
+    the bundle reloads with the subject and the result; plain `longdiff --scene` says where it went."""
+    from longdiff_scene import main
+
+    from LongitudinalDiffusionLib import cli
 
     bundle = tmp_path / "scene.mrb"
     argv = ["-q", "complete-ages", str(cohort / "sub-001"), "--ages", "7.5", "--model", "cas-diffcom-demo"]
@@ -238,6 +241,9 @@ def test_the_command_line_writes_a_scene(cohort, tmp_path):
         app.close()
     assert main([*argv, "--out", str(tmp_path / "gen2"), "--scene", str(tmp_path / "scene.zip")]) == 2
     assert not (tmp_path / "gen2").exists()
+    assert cli.main([*argv, "--out", str(tmp_path / "gen3"), "--scene", str(tmp_path / "other.mrb")]) == 2
+    assert not (tmp_path / "gen3").exists() and not (tmp_path / "other.mrb").exists()
+    assert "longdiff_scene.py" in capsys.readouterr().err
 
 
 def test_the_scripting_example_in_docs_slicer_md_runs(cohort, headless):

@@ -1,7 +1,7 @@
 """Each model against simple baselines on held-out subjects: does it beat them, and by how much?
 
 ``python -m training.evaluate --data COHORT --model cwdm=NAME --model ddm=NAME --out DIR``
-(or ``longdiff evaluate``) runs every given model on the held-out subjects (or hearts) of a
+runs every given model on the held-out subjects (or hearts) of a
 cohort - a BIDS dataset plus ``cardiac/sub-*/cine`` folders, as ``longdiff demo-data cohort``
 writes it - and the baselines of ``training/baselines.py`` on exactly the same cases:
 
