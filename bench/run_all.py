@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "sample_spread": ([], ["--quick"]),
     "panel_stall": ([], ["--quick"]),
     "remote_overhead": ([], ["--repeats", "1", "--steps", "1"]),
+    "gil_starvation": ([], ["--quick"]),
 }
 TAKES_DATA = ("fewer_steps", "sample_spread")
 
