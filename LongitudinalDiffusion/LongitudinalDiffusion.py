@@ -11,14 +11,27 @@ import os
 
 import qt
 import slicer
-from slicer.i18n import tr as _
-from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+
+try:  # Slicer's translation functions; identity where a Slicer has none
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # pragma: no cover - every supported Slicer (5.8+) has slicer.i18n
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+#: The user guide (shown as a link in the module's help).
+DOCUMENTATION_URL = "https://github.com/LongitudinalDiffusion/SlicerLongitudinalDiffusion/blob/main/docs/slicer.md"
 
 
 class LongitudinalDiffusion(ScriptedLoadableModule):
@@ -29,13 +42,18 @@ class LongitudinalDiffusion(ScriptedLoadableModule):
         self.parent.title = _("Longitudinal Diffusion")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Image Synthesis")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LongitudinalDiffusion developers"]
+        self.parent.contributors = [
+            "The SlicerLongitudinalDiffusion contributors "
+            "(https://github.com/LongitudinalDiffusion/SlicerLongitudinalDiffusion/graphs/contributors)"
+        ]
         self.parent.helpText = _(
             "Fill the gaps in a subject's longitudinal MRI history with diffusion models: generate missing "
             "ages, a missing modality, or the frames between two scans. The same operations are available "
             "from the Python console (<code>import LongitudinalDiffusionLib</code>) and the "
             "<code>longdiff</code> command line."
-        )
+        ) + _(
+            ' See the <a href="{url}">user guide</a> for the workflow, the supported Slicer versions and scripting.'
+        ).format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(
             "The simulated demo cohort is built on the ICBM 2009a template tissue maps: Copyright (C) "
             "1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
@@ -54,19 +72,46 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
     """The panel: Subject, Task, Backend, Run and Results sections (Resources/UI)."""
 
     def setup(self):
+        """Build the panel. Installs nothing: the packages a local run needs are installed
+        (after the user agrees) when the first local run starts."""
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = LongitudinalDiffusionLogic()
-        if not self.logic.ensureDependencies():
-            report = self.logic.dependencyReport
-            label = qt.QLabel(
-                _("The module needs Python packages that are not installed.")
-                + "\n\n"
-                + (report.message if report else "")
-            )
-            label.wordWrap = True
-            self.layout.addWidget(label)
+        self.panel = None
+        try:
+            from LongitudinalDiffusionSlicer import panel
+        except ImportError as exc:  # the subject loaders' packages (e.g. nibabel) are missing
+            self._setupInstallPrompt(exc)
             return
-        from LongitudinalDiffusionSlicer import panel
+        self._setupPanel(panel)
+
+    def _setupInstallPrompt(self, error):
+        """Before the panel can even load: say what is missing, offer to install it (on click)."""
+        self._promptWidgets = []
+        label = qt.QLabel(
+            _(
+                "The module's panel needs Python packages that are not installed ({error}). Click the button to "
+                "install them (you are asked first)."
+            ).format(error=error)
+        )
+        label.wordWrap = True
+        button = qt.QPushButton(_("Install packages"))
+        button.connect("clicked()", self._installAndReload)
+        for widget in (label, button):
+            self.layout.addWidget(widget)
+            self._promptWidgets.append(widget)
+
+    def _installAndReload(self):
+        if self.logic.ensureDependencies():
+            for widget in self._promptWidgets:
+                widget.setParent(None)
+            from LongitudinalDiffusionSlicer import panel
+
+            self._setupPanel(panel)
+        else:
+            report = self.logic.dependencyReport
+            slicer.util.errorDisplay(report.message if report else _("The installation did not complete."))
+
+    def _setupPanel(self, panel):
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LongitudinalDiffusion.ui"))
         self.layout.addWidget(uiWidget)
@@ -81,6 +126,7 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             resultPlacer=self.logic.placeRunSteps,
             uploadConsent=self.confirmUpload,
             connectionTester=self.testConnection,
+            dependencyInstaller=self.installDependencies,
         )
         self.panel.sampleRequested.connect(self.onLoadSample)
         self.panel.addFromSceneRequested.connect(self.onAddFromScene)
@@ -93,6 +139,12 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
         if getattr(self, "panel", None) is not None and self.panel.isRunning():
             self.panel.cancelRun()
         self.logic.close()
+
+    def installDependencies(self):
+        """Before a local run: the missing packages, installed after the user agrees (a report)."""
+        with slicer.util.WaitCursor():
+            self.logic.ensureDependencies()
+        return self.logic.dependencyReport
 
     def confirmUpload(self, request):
         """Tier-1 rule: nothing leaves the computer without the user's explicit consent."""
@@ -164,12 +216,15 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 
     def ensureDependencies(self):
-        """Install missing Python packages on first use, after the user agrees; True when all are there.
+        """Install missing Python packages on the first local run, after the user agrees; True
+        when all are there. Never called when the panel opens.
 
-        ``LongitudinalDiffusionSlicer.dependencies.ensureDependencies`` decides: PyTorch through
-        the PyTorch extension (it asks), the rest with ``pip_ensure`` on Slicer 5.11 and newer
-        (it asks), or after ``confirmOkCancelDisplay`` with ``slicer.util.pip_install`` before.
-        Declining installs nothing; ``self.dependencyReport.message`` says what is missing.
+        ``LongitudinalDiffusionSlicer.dependencies.ensureDependencies`` decides: PyTorch only
+        through the PyTorch extension (it asks), the rest with constraints that keep the
+        installed torch, numpy and SimpleITK: ``slicer.packaging.pip_ensure`` on Slicer 5.12
+        and newer (it asks), else ``confirmOkCancelDisplay`` then ``slicer.util.pip_install``.
+        Declining installs nothing; ``self.dependencyReport`` says what is missing, whether
+        the user declined, or why the installation failed (it never raises).
         """
         from LongitudinalDiffusionSlicer import dependencies
 

@@ -188,4 +188,5 @@ def test_module_file_follows_the_slicer_template_and_installs_nothing_at_import(
         f for f in classes["LongitudinalDiffusionLogic"].body if getattr(f, "name", "") == "ensureDependencies"
     )
     text = ast.get_source_segment(source, ensure)
-    assert "confirmOkCancelDisplay" in text and "pip_ensure" in text  # asks before installing
+    assert "dependencies.ensureDependencies" in text  # which asks before installing (test_panel_module.py)
+    assert "pydeps" not in source

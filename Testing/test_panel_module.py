@@ -99,14 +99,19 @@ def env(tmp_path, monkeypatch):
 
     def pip_install(requirements):
         calls.append(("pip_install", list(requirements)))
-        for requirement in requirements:
+        args = list(requirements)
+        while args[:1] == ["-c"]:  # pip's constraints option and its file
+            calls.append(("constraints", Path(args[1]).read_text()))
+            args = args[2:]
+        for requirement in args:
             fakeInstall(site, requirement)
 
     util = types.SimpleNamespace(confirmOkCancelDisplay=confirmOkCancelDisplay, pip_install=pip_install)
     oldSlicer = types.SimpleNamespace(util=util)  # Slicer 5.10: no pip_ensure
 
-    def pip_ensure(requirements, requester=None, **kwargs):
+    def pip_ensure(requirements, constraints=None, skip_packages=None, requester=None, **kwargs):
         calls.append(("pip_ensure", [str(r) for r in requirements], requester))
+        answers["constraints"], answers["skip"] = Path(constraints).read_text(), skip_packages
         if not answers["pip_ensure"]:
             raise RuntimeError("the user declined the installation")
         for requirement in requirements:
@@ -118,8 +123,8 @@ def env(tmp_path, monkeypatch):
 
         return [Requirement(line) for line in dependencies.readRequirements(path)]
 
-    pydeps = types.SimpleNamespace(pip_ensure=pip_ensure, load_requirements=load_requirements)
-    newSlicer = types.SimpleNamespace(util=util, pydeps=pydeps)  # Slicer 5.11 and newer
+    packaging = types.SimpleNamespace(pip_ensure=pip_ensure, load_requirements=load_requirements)
+    newSlicer = types.SimpleNamespace(util=util, packaging=packaging)  # Slicer 5.12 and newer
 
     class FakePyTorchUtilsLogic:
         def installTorch(self, askConfirmation=False, torchVersionRequirement=None):
@@ -145,8 +150,10 @@ def test_the_module_requirements_cover_what_the_library_needs_at_run_time():
         for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     }
     listed = {Requirement(r).name.lower() for r in dependencies.readRequirements(MODULE_REQUIREMENTS)}
-    # numpy is Slicer's own, torch comes from the PyTorch extension; everything else is listed
-    assert wanted - listed == {"numpy", "torch"}
+    # numpy and SimpleITK are Slicer's own, torch comes from the PyTorch extension; tqdm,
+    # matplotlib and statsmodels only the command line uses
+    assert wanted - listed <= {"numpy", "simpleitk", "torch", "tqdm", "matplotlib", "statsmodels"}
+    assert not listed & {"numpy", "simpleitk", "torch", "tqdm", "matplotlib", "statsmodels", "pydeps"}
     assert "httpx" in listed  # the remote worker's client
     assert dependencies.ensureDependencies(MODULE_REQUIREMENTS, types.SimpleNamespace()).ok  # all here: nothing asked
 
@@ -157,25 +164,35 @@ def test_nothing_missing_asks_nothing(env):
     assert report.ok and report.installed == [] and env.calls == []
 
 
-def test_slicer_5_11_installs_through_pip_ensure(env):
+def test_slicer_5_12_installs_through_pip_ensure_keeping_torch_numpy_and_simpleitk(env):
     report = dependencies.ensureDependencies(env.requirements, env.new, torchRequirement="torch>=2.1")
     assert env.calls == [("pip_ensure", ["nibabel>=5.0", "longdiff-test-missing-pkg>=2.0"], "LongitudinalDiffusion")]
     assert report.ok and report.installed == ["longdiff-test-missing-pkg>=2.0"] and report.message == ""
+    # the installed versions are constraints pip must keep, and pip_ensure skips them
+    assert f"torch=={torch.__version__.split('+')[0]}" in env.answers["constraints"].replace("+cpu", "")
+    assert f"numpy=={__import__('numpy').__version__}" in env.answers["constraints"]
+    assert set(env.answers["skip"]) == {"torch", "numpy", "SimpleITK"}
 
 
-def test_slicer_5_11_declined_installs_nothing(env):
+def test_slicer_never_had_pydeps_in_a_release():
+    source = (ROOT / "LongitudinalDiffusion" / "LongitudinalDiffusionSlicer" / "dependencies.py").read_text()
+    assert "pydeps" not in source
+
+
+def test_slicer_5_12_declined_installs_nothing(env):
     env.answers["pip_ensure"] = False
     report = dependencies.ensureDependencies(env.requirements, env.new, torchRequirement="torch>=2.1")
     assert not report.ok and report.installed == [] and report.missing == ["longdiff-test-missing-pkg>=2.0"]
-    assert "declined" in report.message and "longdiff-test-missing-pkg>=2.0" in report.message
+    assert "declined" in report.message and "longdiff-test-missing-pkg>=2.0" in report.message and report.declined
     assert dependencies.missingRequirements(env.requirements) == ["longdiff-test-missing-pkg>=2.0"]
 
 
-def test_slicer_5_10_asks_then_uses_pip_install(env):
+def test_slicer_5_8_and_5_10_ask_then_use_pip_install_with_constraints(env):
     report = dependencies.ensureDependencies(env.requirements, env.old, torchRequirement="torch>=2.1")
-    assert [c[0] for c in env.calls] == ["confirm", "pip_install"]
+    assert [c[0] for c in env.calls] == ["confirm", "pip_install", "constraints"]
     assert "longdiff-test-missing-pkg>=2.0" in env.calls[0][1] and "nibabel" not in env.calls[0][1]
-    assert env.calls[1] == ("pip_install", ["longdiff-test-missing-pkg>=2.0"])
+    assert env.calls[1][1][0] == "-c" and env.calls[1][1][2:] == ["longdiff-test-missing-pkg>=2.0"]
+    assert "torch==" in env.calls[2][1] and "numpy==" in env.calls[2][1]
     assert report.ok and report.installed == ["longdiff-test-missing-pkg>=2.0"]
 
 
@@ -211,11 +228,20 @@ def test_torch_without_the_pytorch_extension_says_what_to_do(env):
 
 
 def test_a_failed_installation_is_reported(env):
-    env.new.pydeps.pip_ensure = lambda requirements, requester=None: env.calls.append(
-        ("pip_ensure",)
-    )  # installs nothing
+    env.new.packaging.pip_ensure = lambda requirements, **kwargs: env.calls.append(("pip_ensure",))  # installs nothing
     report = dependencies.ensureDependencies(env.requirements, env.new, torchRequirement="torch>=2.1")
     assert not report.ok and "still missing" in report.message and report.missing == ["longdiff-test-missing-pkg>=2.0"]
+
+
+def test_an_installation_that_raises_is_a_report_with_its_message(env):
+    def broken(requirements):
+        raise OSError("pip: No matching distribution found for longdiff-test-missing-pkg>=2.0 (offline)")
+
+    env.old.util.pip_install = broken
+    report = dependencies.ensureDependencies(env.requirements, env.old, torchRequirement="torch>=2.1")
+    assert not report.ok and not report.declined
+    assert "failed" in report.message and "No matching distribution" in report.message
+    assert report.missing == ["longdiff-test-missing-pkg>=2.0"]
 
 
 def test_the_module_logic_reports_what_is_missing(monkeypatch, tmp_path, env):
@@ -229,3 +255,30 @@ def test_the_module_logic_reports_what_is_missing(monkeypatch, tmp_path, env):
     assert "longdiff-test-missing-pkg>=2.0" in logic.dependencyReport.message
     env.answers["confirm"] = True
     assert logic.ensureDependencies() is True
+
+
+def test_the_module_runs_without_the_command_line_only_packages():
+    """tqdm, matplotlib and statsmodels are not in the module's requirements: nothing the module
+    imports for a run may need them (they stay lazy in the library's command-line code)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('tqdm', 'matplotlib', 'statsmodels'):\n"
+        "    sys.modules[name] = None\n"
+        "import LongitudinalDiffusionLib.tasks, LongitudinalDiffusionLib.jobs, LongitudinalDiffusionLib.backends\n"
+        "import LongitudinalDiffusionLib.segmentation, LongitudinalDiffusionLib.catalog\n"
+        "import LongitudinalDiffusionLib.weights\n"
+        "from LongitudinalDiffusionSlicer import panel, run, logic, results, mrml, dependencies, sampledata\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'LongitudinalDiffusion'}"},
+        timeout=300,
+    )
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -345,6 +345,13 @@ class Panel:
             ``LongitudinalDiffusionError`` with the reason ("Test connection"; the module's
             logic: ``RunLogic.testConnection``); without it the button emits
             ``testConnectionRequested`` instead.
+        dependencyInstaller: called before a local run starts, it makes sure the Python
+            packages local runs need are installed, asking the user first (the module's
+            logic: ``dependencies.ensureDependencies``), and returns a report with ``ok``,
+            ``message`` and ``declined``. Nothing is installed when the panel opens. A
+            decline or a failure (any exception) stops the run, shows the message in the
+            status line and the log, and shows the "Install packages and run" button,
+            which asks again. Remote runs need none of it.
         pollIntervalMs: how often the run's events are drained (milliseconds).
 
     Events the module connects to (plain-Python :class:`Signal` objects):
@@ -370,6 +377,7 @@ class Panel:
         resultPlacer: Callable[[Any], Any] | None = None,
         uploadConsent: Callable[[RunRequest], bool] | None = None,
         connectionTester: Callable[[str, str, str | None], str] | None = None,
+        dependencyInstaller: Callable[[], Any] | None = None,
         pollIntervalMs: int = 100,
     ) -> None:
         self.ui = ui
@@ -388,6 +396,7 @@ class Panel:
         self._resultPlacer = resultPlacer
         self._uploadConsent = uploadConsent or self._askUploadConsent
         self._connectionTester = connectionTester
+        self._dependencyInstaller = dependencyInstaller
         self._run: Any = None
         self._placing: Any = None  # the result placer's steps while they run
         self._results: Any = None
@@ -424,6 +433,7 @@ class Panel:
         ui.progressBar.setRange(0, 100)
         ui.progressBar.setValue(0)
         ui.progressBar.setTextVisible(True)
+        self._setRetryVisible(False)
         self._showResults(None)
 
     @staticmethod
@@ -456,6 +466,9 @@ class Panel:
         ui.serverUrlLineEdit.textChanged.connect(self.updateApplyState)
         ui.testConnectionButton.clicked.connect(self.onTestConnection)
         ui.applyButton.clicked.connect(self.onApply)
+        retry = getattr(ui, "installRetryButton", None)
+        if retry is not None:
+            retry.clicked.connect(self.onRetryInstall)
         ui.seriesComboBox.currentIndexChanged.connect(self.onSeriesChanged)
         ui.frameSlider.valueChanged.connect(self.onFrameChanged)
         ui.segmentationVisibleCheckBox.toggled.connect(self.onSegmentationDisplayChanged)
@@ -888,8 +901,10 @@ class Panel:
             return _("The model card {path} is missing (deleted or moved): choose another model.").format(
                 path=card.path
             )
-        weights = (card.card.get("weights") or {}).get("file")
-        if weights and not (Path(card.path).parent / weights).is_file():
+        entry = card.card.get("weights") or {}
+        weights = entry.get("file")
+        downloadable = bool(card.card.get("weights_url") or entry.get("url"))  # fetched on first use (weights.py)
+        if weights and not downloadable and not (Path(card.path).parent / weights).is_file():
             return _("The weights of model {model} are missing ({path}): reinstall the model.").format(
                 model=card.name, path=Path(card.path).parent / weights
             )
@@ -1007,6 +1022,8 @@ class Panel:
             self.setStatus(_("Not started: the images were not uploaded (you declined)."))
             self.appendLog(_("Remote run declined: nothing was uploaded."))
             return None
+        if request.backend != "remote" and not self._installDependencies():
+            return None
         for notice in request.notices:
             self.appendLog(notice)
         self.appendLog(_("Starting: {status}").format(status=self._readyText(request)))
@@ -1024,6 +1041,44 @@ class Panel:
         self.setStatus(_("Running: {status}").format(status=self._readyText(request)))
         self._timer.start()
         return run
+
+    def _installDependencies(self) -> bool:
+        """Make sure the packages a local run needs are there (asking first); False stops the run."""
+        if self._dependencyInstaller is None:
+            return True
+        self.setStatus(_("Checking the Python packages local runs need..."))
+        try:
+            report = self._dependencyInstaller()
+        except Exception as exc:  # whatever pip or the PyTorch extension raise: say it here
+            logger.exception("installing the Python packages failed")
+            message = _("The installation of the Python packages failed: {error}").format(error=exc)
+        else:
+            if report.ok:
+                self._setRetryVisible(False)
+                return True
+            message = report.message or _("Python packages that local runs need are missing.")
+        message = _("Not started: {reason}").format(reason=message)
+        self.appendLog(message)
+        self.setStatus(message)
+        self._setRetryVisible(True)
+        return False
+
+    def _setRetryVisible(self, visible: bool) -> None:
+        retry = getattr(self.ui, "installRetryButton", None)
+        if retry is not None:
+            retry.setVisible(visible)
+            retry.setEnabled(visible)
+
+    def isRetryOffered(self) -> bool:
+        """The "Install packages and run" button is shown (after a decline or a failure)."""
+        retry = getattr(self.ui, "installRetryButton", None)
+        return retry is not None and not retry.isHidden()
+
+    def onRetryInstall(self, *_args: Any) -> None:
+        """Ask again to install the packages, then start the run Apply would start."""
+        self._setRetryVisible(False)
+        if self._run is None:
+            self.onApply()
 
     def cancelRun(self) -> None:
         """Ask the run to stop; the panel shows "cancelled" once the backend confirms (at
