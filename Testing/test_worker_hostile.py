@@ -22,58 +22,11 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from worker_harness import ROOT, WorkerProcess
+from worker_harness import ROOT, WorkerProcess, nifti, one_line_json, spec, submit, traces_of, wait_state
 
 TOKEN = "hostile-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-MODEL = "interval-tiny-untrained"
 FINAL = ("done", "failed", "cancelled")
-
-
-def nifti(shape=(32, 40, 32), gz=True, seed=0) -> bytes:
-    data = np.random.default_rng(seed).random(shape).astype(np.float32)
-    raw = nib.Nifti1Image(data, np.diag([5.0, 5.0, 5.0, 1.0])).to_bytes()
-    return gzip.compress(raw, compresslevel=1) if gz else raw
-
-
-def spec(n_inputs: int = 1, **changes) -> str:
-    inputs = [{"path": f"upload:{i}", "age_months": 3.0 + 3 * i, "modality": "T1w"} for i in range(n_inputs)]
-    body = {"task": "complete-ages", "model": MODEL, "subject_id": "sub-x", "inputs": inputs,
-            "params": {"ages": [20.0]}, "options": {"steps": 2}}  # fmt: skip
-    for key, value in changes.items():
-        if key in ("steps", "seed", "capture"):
-            body["options"][key] = value
-        else:
-            body[key] = value
-    return json.dumps(body)
-
-
-def submit(url: str, headers: dict, text: str, n_files: int = 1, body: bytes | None = None) -> httpx.Response:
-    files = [("files", (f"f{i}.nii.gz", body if body is not None else nifti(seed=i))) for i in range(n_files)]
-    return httpx.post(f"{url}/v1/jobs", headers=headers, data={"spec": text}, files=files, timeout=60)
-
-
-def wait_state(url: str, headers: dict, job: str, states, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = httpx.get(f"{url}/v1/jobs/{job}", headers=headers, timeout=30).json()
-        if status["state"] in states:
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
-
-
-def traces_of(data: Path, job: str) -> list[str]:
-    """Every file or folder under the data folder whose name carries the job's id."""
-    return [str(p.relative_to(data)) for p in data.rglob("*") if job in p.name]
-
-
-def one_line_json(r: httpx.Response) -> str:
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    body = r.json()
-    assert isinstance(body, dict) and isinstance(body.get("detail"), str), r.text
-    assert "\n" not in body["detail"] and "Traceback" not in body["detail"]
-    return body["detail"]
 
 
 @pytest.fixture(scope="module")
