@@ -128,6 +128,11 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             connectionTester=self.testConnection,
             dependencyInstaller=self.installDependencies,
         )
+        from LongitudinalDiffusionSlicer import state
+
+        # The panel's choices live in the scene's parameter node (saved in .mrb); Close Scene
+        # resets the panel, a scene read restores it.
+        self.sceneBinding = state.SceneBinding(self.panel, slicer.mrmlScene)
         self.panel.sampleRequested.connect(self.onLoadSample)
         self.panel.addFromSceneRequested.connect(self.onAddFromScene)
 
@@ -136,8 +141,12 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             self.panel.refreshBackendInfo()
 
     def cleanup(self):
+        """Stop a run, remove the scene observers, close the backends."""
         if getattr(self, "panel", None) is not None and self.panel.isRunning():
             self.panel.cancelRun()
+        if getattr(self, "sceneBinding", None) is not None:
+            self.sceneBinding.cleanup()
+            self.sceneBinding = None
         self.logic.close()
 
     def installDependencies(self):
@@ -182,6 +191,15 @@ class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._runLogic = None
         self.dependencyReport = None
+
+    def getParameterNode(self):
+        """The panel's choices in the scene: the typed ``parameterNodeWrapper`` object where
+        Slicer has it, else the ``vtkMRMLScriptedModuleNode`` (``LongitudinalDiffusionSlicer.state``)."""
+        from LongitudinalDiffusionSlicer import state
+
+        node = state.findOrCreateParameterNode(slicer.mrmlScene)
+        wrapper = state.wrapperClass()
+        return wrapper(node) if wrapper is not None else node
 
     def runLogic(self):
         """The run logic (``LongitudinalDiffusionSlicer.logic.RunLogic``), made on first use."""

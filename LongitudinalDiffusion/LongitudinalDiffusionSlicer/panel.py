@@ -410,6 +410,8 @@ class Panel:
         self.sampleRequested = Signal()
         self.addFromSceneRequested = Signal()
         self.testConnectionRequested = Signal()
+        #: The user changed a choice that is saved with the scene (:meth:`state`).
+        self.stateChanged = Signal()
 
         self._setupWidgets()
         self._connectWidgets()
@@ -872,7 +874,74 @@ class Panel:
         self.ui.applyButton.setEnabled(ready)
         self._reason = reason
         self.setStatus(reason if reason else self._readyMessage())
+        if hasattr(self, "stateChanged"):
+            self.stateChanged.emit()
         return ready
+
+    # ------------------------------------------------------------------ scene state
+
+    def state(self) -> dict[str, Any]:
+        """The choices saved with the scene (``state.PanelParameters``); never the token."""
+        ui, model = self.ui, self.currentModel()
+        return {
+            "task": self.currentTask(),
+            "ages": ui.agesLineEdit.property("text") or "",
+            "modality": str(ui.targetModalityComboBox.property("currentText") or ""),
+            "model": model.name if model is not None else "",
+            "backend": "remote" if self.isRemote() else "local",
+            "device": self.device(),
+            "serverUrl": self.serverUrl(),
+            "samples": int(ui.samplesSpinBox.property("value")),
+            "steps": int(ui.stepsSpinBox.property("value")),
+            "frames": int(ui.framesSpinBox.property("value")),
+        }
+
+    def applyState(self, values: dict[str, Any]) -> None:
+        """Show saved choices (a scene was opened); unknown or missing values keep the widget's."""
+        ui = self.ui
+        task = normalizeTask(values.get("task") or "")
+        if task is not None:
+            self.setTask(task)
+        if values.get("ages") is not None:
+            ui.agesLineEdit.setText(str(values["ages"]))
+        self._selectText(ui.targetModalityComboBox, values.get("modality"))
+        self._selectText(ui.deviceComboBox, values.get("device"))
+        if values.get("backend") in ("local", "remote"):
+            (ui.remoteRadioButton if values["backend"] == "remote" else ui.localRadioButton).setChecked(True)
+        if values.get("serverUrl") is not None:
+            ui.serverUrlLineEdit.setText(str(values["serverUrl"]))
+        for name, box in (("samples", ui.samplesSpinBox), ("steps", ui.stepsSpinBox), ("frames", ui.framesSpinBox)):
+            if values.get(name):
+                box.setValue(int(values[name]))
+        names = [c.name for c in self._cards]
+        if values.get("model") in names:
+            ui.modelComboBox.setCurrentIndex(names.index(values["model"]))
+        self.onBackendChanged()
+        self.onModelChanged()
+
+    @staticmethod
+    def _selectText(combo: Any, text: Any) -> None:
+        if not text:
+            return
+        texts = [combo.itemText(i) for i in range(combo.property("count"))]
+        if text in texts:
+            combo.setCurrentIndex(texts.index(text))
+
+    def reset(self) -> None:
+        """The scene is closing: stop a run, forget the subject and the results (Apply then
+        says to load a subject). The choices (task, model, ...) stay."""
+        if self._run is not None:
+            self.cancelRun()
+            if self._run is not None:  # the backend confirms later; the scene is going now
+                self._timer.stop()
+                self._run = None
+                self._placing = None
+                self._setRunning(False)
+        self._setRetryVisible(False)
+        self._showResults(None)
+        self.setSubject(None)
+        self.setProgress(0, 100)
+        self.ui.progressBar.setFormat("")
 
     def statusReason(self) -> str:
         """Why Apply is disabled ("" when it is enabled)."""
