@@ -49,15 +49,26 @@ def test_environment_is_this_process_share_divided_among_running_jobs(monkeypatc
     assert threads.choose_threads(concurrent=1)[0] == 4
 
 
-def test_free_cores_follow_the_load_average(no_env, monkeypatch):
+def test_free_cores_are_the_cores_other_processes_leave(no_env, monkeypatch):
     cores = threads.usable_cores()
     assert 1 <= threads.choose_threads(concurrent=1)[0] <= cores  # the real machine, whatever its load
-    monkeypatch.setattr(threads, "own_load", lambda: 0.0)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    busy = threads.measured_busy()
+    assert busy is None or 0.0 <= busy <= cores + 0.5  # Linux: measured from /proc/stat
+    monkeypatch.setattr(threads, "measured_busy", lambda window=0.25: 0.0)
     assert threads.choose_threads(concurrent=1)[0] == cores  # idle: every core
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "measured_busy", lambda window=0.25: float(cores))
     n, why = threads.choose_threads(concurrent=1)
     assert n == 1 and f"1 of {cores} core(s) free" in why  # busy: one thread, never zero
+
+
+def test_without_proc_stat_the_load_average_counts_without_our_own_work(no_env, monkeypatch):
+    cores = threads.usable_cores()
+    monkeypatch.setattr(threads, "measured_busy", lambda window=0.25: None)
+    monkeypatch.setattr(threads, "own_load", lambda: 0.0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.choose_threads(concurrent=1)[0] == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert threads.choose_threads(concurrent=1)[0] == 1
     # this process's own work is not someone else's load
     monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
     monkeypatch.setattr(threads, "own_load", lambda: float(cores))

@@ -11,11 +11,13 @@ thread that runs the task:
 2. **The environment**: ``OMP_NUM_THREADS`` (or ``LONGDIFF_THREADS``, which wins), if set,
    is this process's share; it is divided among the jobs running at once in the process.
 3. **Otherwise the free cores**: the cores this process may run on
-   (``os.sched_getaffinity``, else ``os.cpu_count()``) minus the cores the 1-minute load
-   average says are busy with other work (this process's own recent CPU use is not
-   counted against itself), divided among the jobs running at once in this process
-   (:func:`job_slot`: the warm job process and the worker's runner threads hold one per
-   running job); at least 1.
+   (``os.sched_getaffinity``, else ``os.cpu_count()``) minus the cores busy with other
+   processes' work - measured over a quarter of a second from ``/proc/stat`` on Linux
+   (the load average lags a minute behind: a competitor started seconds ago would not show
+   in it), else the 1-minute load average; this process's own CPU use is never counted
+   against itself - divided among the jobs running at once in this process
+   (:func:`job_slot`: every job run through ``jobs.run_job``, i.e. in the warm job process
+   and the worker's runner threads, holds one while it runs); at least 1.
 
 The choice is made when a job starts; a job already running keeps its threads. Inside
 Slicer, a job runs in the warm job process (its own process), so the application's own
@@ -66,9 +68,55 @@ def own_load() -> float:
     return max(0.0, (cpu - c0) / wall) if wall > 0.5 else 0.0
 
 
+def _cpu_times(cpus: set[int] | None) -> tuple[float, float] | None:
+    """(busy, total) jiffies of the CPUs ``cpus`` (all if None) from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or len(fields) < 5:
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        values = [float(v) for v in fields[:8]]
+        idle = values[3] + values[4]  # idle + iowait
+        total += sum(values)
+        busy += sum(values) - idle
+    return (busy, total) if total > 0 else None
+
+
+def measured_busy(window: float = 0.25) -> float | None:
+    """Cores of this process's CPU set busy with other processes' work, measured now over
+    ``window`` seconds (/proc/stat, Linux); None where that cannot be read."""
+    try:
+        cpus: set[int] | None = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    first = _cpu_times(cpus)
+    if first is None:
+        return None
+    t0, c0 = time.monotonic(), time.process_time()
+    time.sleep(window)
+    second = _cpu_times(cpus)
+    wall, own = time.monotonic() - t0, time.process_time() - c0
+    if second is None or second[1] <= first[1]:
+        return None
+    n = len(cpus) if cpus else (os.cpu_count() or 1)
+    share = (second[0] - first[0]) / (second[1] - first[1])
+    return max(0.0, share * n - own / max(wall, 1e-6))
+
+
 def busy_cores() -> float:
-    """Cores busy with other processes' work: the 1-minute load average minus this
-    process's own recent use (0 where the system has no load average)."""
+    """Cores busy with other processes' work: measured over a quarter of a second where the
+    system tells (:func:`measured_busy`), else the 1-minute load average minus this
+    process's own recent use (:func:`own_load`); 0 where the system tells neither."""
+    now = measured_busy()
+    if now is not None:
+        return now
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -78,7 +126,8 @@ def busy_cores() -> float:
 
 def free_cores() -> int:
     """Usable cores minus the busy ones (rounded to the nearest core), at least 1."""
-    return max(1, min(usable_cores(), int(usable_cores() - busy_cores() + 0.5)))
+    cores = usable_cores()
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
 def _env_threads() -> tuple[int, str] | None:
@@ -135,7 +184,8 @@ def choose_threads(requested: int | None = None, concurrent: int | None = None) 
     if env is not None:
         total, why = env[0], f"{env[1]}={env[0]}"
     else:
-        total, why = free_cores(), f"{free_cores()} of {cores} core(s) free"
+        total = free_cores()
+        why = f"{total} of {cores} core(s) free"
     if jobs > 1:
         why += f", shared by {jobs} jobs"
     return max(1, total // jobs), why
