@@ -277,60 +277,79 @@ def check_images(
     same_subject: bool = True,
     labels: Sequence[str] | None = None,
     distinct: bool = False,
+    content: bool = True,
+    space: bool = True,
 ) -> None:
-    """The scans against the card: volume, contents, resolution, anatomy, alignment.
+    """The scans against the card.
 
-    ``labels`` says what each scan stands for (an age, a contrast); with ``distinct`` two
-    scans with the same voxels under different labels are refused (one scan given as two
-    contrasts), else warned (the same scan at two ages shows no change)."""
+    Two phases, so that the tasks can check the scans as given before preprocessing
+    spends any time on them, and the scans in the model's space after it:
+
+    * ``content``: what each scan holds, as given: a volume (not a slice), not constant nor
+      empty, intensities like an MR image, voxel size against the model's; and ``labels``
+      (what each scan stands for: an age, a contrast): with ``distinct`` two scans with the
+      same voxels under different labels are refused (one scan given as two contrasts),
+      else warned (the same scan at two ages shows no change);
+    * ``space``: what the model will read: foreground volume against the trained anatomy,
+      whether a subject's scans overlap and sit together, and a simulation-trained model
+      on real scans.
+    """
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(images))]
     grid = card.get("grid") or {}
     domain = card.get("domain") or {}
     model_spacing = np.asarray(grid.get("spacing") or card.get("config", {}).get("spacing_mm") or [1, 1, 1], float)
     fgs: list[Foreground | None] = []
     for name, img in zip(names, images):
-        shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, *([1] * (3 - len(img.shape))))
-        if min(shape) < MIN_SLICES:
-            report.add(
-                "refuse",
-                "single-slice",
-                f"{name} is a {'x'.join(str(s) for s in shape)} image, a slice rather than a volume: "
-                f"model '{card.get('name')}' is a 3D model and needs at least {MIN_SLICES} voxels along every axis "
-                "(stack 2D frames into a volume only when they are slices of one 3D scan)",
-            )
-            fgs.append(None)
-            continue
-        fg = foreground(img)
+        fg = _check_content(card, img, name, report) if content else foreground(img)
         fgs.append(fg)
-        lowest, highest = float(np.min(img.array)), float(np.max(img.array))
-        if lowest == highest:
-            report.add(
-                "refuse", "constant", f"{name} is constant (every voxel {lowest:g}): there is nothing to start from"
-            )
+        if fg is None:
             continue
-        if not fg.hi > fg.lo or fg.volume_ml < MIN_FOREGROUND_ML or fg.fraction < MIN_FOREGROUND_FRACTION:
-            report.add(
-                "refuse",
-                "empty",
-                f"{name} is nearly empty ({fg.volume_ml:.1f} mL above background, "
-                f"{100 * fg.fraction:.2f} % of its voxels): there is nothing to start from",
-            )
-            continue
-        _check_intensities(img, fg, name, report)
-        _check_spacing(img, model_spacing, name, report)
-        _check_volume(domain, fg, name, card, report)
-    if same_subject:
-        _check_alignment(names, fgs, report)
+        if content:
+            _check_intensities(img, fg, name, report)
+            _check_spacing(img, model_spacing, name, report)
+        if space:
+            _check_volume(domain, fg, name, card, report)
+    if same_subject and content:
         _check_duplicates(images, names, labels, distinct, report)
+    if same_subject and space:
+        _check_alignment(names, fgs, report)
     trained = card.get("trained_on") or {}
     simulated_inputs = all("SIMULATED" in str(img.meta) for img in images)
-    if isinstance(trained, Mapping) and trained.get("simulated") and not simulated_inputs:
+    if space and isinstance(trained, Mapping) and trained.get("simulated") and not simulated_inputs:
         report.add(
             "warn",
             "simulated-training",
             f"model '{card.get('name')}' was trained on simulated data only: on real scans its output "
             "is a demonstration, not a validated image",
         )
+
+
+def _check_content(card: Mapping[str, Any], img: Image, name: str, report: DomainReport) -> Foreground | None:
+    """A volume with something in it: its foreground, or None after a refusal."""
+    shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, *([1] * (3 - len(img.shape))))
+    if min(shape) < MIN_SLICES:
+        report.add(
+            "refuse",
+            "single-slice",
+            f"{name} is a {'x'.join(str(s) for s in shape)} image, a slice rather than a volume: "
+            f"model '{card.get('name')}' is a 3D model and needs at least {MIN_SLICES} voxels along every axis "
+            "(stack 2D frames into a volume only when they are slices of one 3D scan)",
+        )
+        return None
+    lowest, highest = float(np.min(img.array)), float(np.max(img.array))
+    if lowest == highest:
+        report.add("refuse", "constant", f"{name} is constant (every voxel {lowest:g}): there is nothing to start from")
+        return None
+    fg = foreground(img)
+    if not fg.hi > fg.lo or fg.volume_ml < MIN_FOREGROUND_ML or fg.fraction < MIN_FOREGROUND_FRACTION:
+        report.add(
+            "refuse",
+            "empty",
+            f"{name} is nearly empty ({fg.volume_ml:.1f} mL above background, "
+            f"{100 * fg.fraction:.2f} % of its voxels): there is nothing to start from",
+        )
+        return None
+    return fg
 
 
 def _check_intensities(img: Image, fg: Foreground, name: str, report: DomainReport) -> None:

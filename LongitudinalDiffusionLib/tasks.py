@@ -409,14 +409,13 @@ def complete_ages(
     for age in targets:
         if any(abs(tp.age - age) < SAME_AGE for tp in real):
             raise InputError(subject.source, f"{subject.subject_id} already has a {mod.value} scan at {age:g} months")
-    prep, real, prep_note = _preprocessed(loaded, real, opts)
     report = DomainReport(loaded.card.name)
     check_request(loaded.card.card, report, target_ages=targets, input_ages=[tp.age for tp in real])
+    names = [_scan_name(tp) for tp in real]
+    _checked_content(loaded, real, names, report, opts, labels=[f"{tp.age:g} months" for tp in real])
+    prep, real, prep_note = _preprocessed(loaded, real, opts)
     keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
-    ages = [f"{tp.age:g} months" for tp in real]
-    grids = _checked_grids(
-        loaded, [_image(tp) for tp in real], [_scan_name(tp) for tp in real], report, opts, keys, labels=ages
-    )
+    grids = _checked_grids(loaded, [_image(tp) for tp in real], names, report, opts, keys)
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
@@ -438,6 +437,25 @@ def _scan_name(tp: Timepoint) -> str:
     return f"the {tp.modality.value} scan at {tp.age:g} months"
 
 
+def _checked_content(
+    loaded: LoadedModel,
+    timepoints: list[Timepoint],
+    names: list[str],
+    report: DomainReport,
+    opts: RunOptions,
+    *,
+    labels: Sequence[str] | None = None,
+    distinct: bool = False,
+) -> None:
+    """The domain checks of the scans as given (:mod:`.domain`, ``content``), before
+    preprocessing spends time on them: a refusal stops here, with every warning so far."""
+    images = [_image(tp) for tp in timepoints]
+    check_images(loaded.card.card, images, report, names=names, labels=labels, distinct=distinct, space=False)
+    if report.refusals:
+        report.announce(opts.progress)
+        report.raise_if_refused()
+
+
 def _checked_grids(
     loaded: LoadedModel,
     images: list[Image],
@@ -445,15 +463,13 @@ def _checked_grids(
     report: DomainReport,
     opts: RunOptions,
     keys: Sequence[str] = ("grid",),
-    *,
-    labels: Sequence[str] | None = None,
-    distinct: bool = False,
 ) -> dict[str, ModelGrid]:
-    """Run the domain checks on the scans the model will read (:mod:`.domain`), refuse
-    before any compute when one fails, announce the warnings, and return the card's grids
-    fitted to the scans (re-centred where that keeps the head inside the model's box)."""
+    """The domain checks of the scans the model will read (:mod:`.domain`, ``space``: after
+    preprocessing, when it ran), refusing before any network runs; the warnings announced;
+    the card's grids fitted to the scans (re-centred where that keeps the head inside the
+    model's box)."""
     card = loaded.card.card
-    check_images(card, images, report, names=names, labels=labels, distinct=distinct)
+    check_images(card, images, report, names=names, content=False)
     strict = bool(card.get("domain"))  # a card that states its domain is held to its box
     grids = {key: fit_grid(_grid(loaded, key), images, report, names, strict=strict) for key in keys}
     report.announce(opts.progress)  # the warnings too, when it refuses: every doubt at once
@@ -733,22 +749,22 @@ def synthesize_modality(
             subject.source,
             f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
         )
+    report = DomainReport(loaded.card.name)
+    check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
+    names = [_scan_name(have[m]) for m in cond_mods]
+    contrasts = [m.value for m in cond_mods]
+    _checked_content(loaded, [have[m] for m in cond_mods], names, report, opts, labels=contrasts, distinct=True)
     prep, prep_note = None, None
     if cfg.get("preprocessing") != "brats":  # upstream BraTS weights bring their own preprocessing
         prep, conds, prep_note = _preprocessed(loaded, [have[m] for m in cond_mods], opts)
         have = {**have, **dict(zip(cond_mods, conds))}
-    report = DomainReport(loaded.card.name)
-    check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
     if cfg.get("preprocessing") == "brats":
         grid = _BratsGrid([_image(have[m]) for m in cond_mods])
-        check_images(loaded.card.card, [_image(have[m]) for m in cond_mods], report)
+        check_images(loaded.card.card, [_image(have[m]) for m in cond_mods], report, names=names, content=False)
         report.announce(opts.progress)
         report.raise_if_refused()
     else:
-        cond_images = [_image(have[m]) for m in cond_mods]
-        names = [_scan_name(have[m]) for m in cond_mods]
-        contrasts = [m.value for m in cond_mods]
-        grid = _checked_grids(loaded, cond_images, names, report, opts, labels=contrasts, distinct=True)["grid"]
+        grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts)["grid"]
     first = grid.forward(_image(have[cond_mods[0]]))
     on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)
@@ -887,12 +903,13 @@ def interpolate_frames(
     loaded = _load(model, device, "interpolate")
     src_in, tgt_img = (_as_image(x) for x in (source, target))
     pair = [Timepoint(0.0, "T1w", img, _path_of(x)) for img, x in ((src_in, source), (tgt_img, target))]
-    prep, pair, prep_note = _preprocessed(loaded, pair, opts)
-    src_img, tgt_img = (tp.image for tp in pair)
     report = DomainReport(loaded.card.name)
     names = [
         p.name if p is not None else what for p, what in ((_path_of(source), "source"), (_path_of(target), "target"))
     ]
+    _checked_content(loaded, pair, names, report, opts)
+    prep, pair, prep_note = _preprocessed(loaded, pair, opts)
+    src_img, tgt_img = (tp.image for tp in pair)
     grid = _checked_grids(loaded, [src_img, tgt_img], names, report, opts)["grid"]
     src = grid.forward(src_img)
     tgt = grid.forward(tgt_img, reference=src.record)

@@ -20,6 +20,7 @@ from LongitudinalDiffusionLib.subject import Subject, Timepoint
 from LongitudinalDiffusionLib.tasks import complete_ages, interpolate_frames
 
 FAST = {"steps": 2, "device": "cpu"}
+RAW = {**FAST, "preprocess": False}  # the scans as given: what the domain checks see without preprocessing
 
 
 def _downsampled(src: Path, out: Path, factor: int = 2, shift_mm=(0.0, 0.0, 0.0), pad=None) -> Path:
@@ -81,17 +82,28 @@ def test_a_blank_neighbour_is_refused_before_any_compute(scans, tmp_path, capsys
     assert not out.exists()  # nothing half-made
 
 
-def test_visits_200_mm_apart_are_refused_and_25_mm_apart_warned(scans, tmp_path):
+def test_visits_200_mm_apart_are_refused_raw_and_aligned_by_preprocessing(scans, tmp_path):
+    rows = [(scans["brain"], 12), (scans["moved200"], 18)]
     with pytest.raises(DomainError, match="do not overlap in world space.*200 mm apart") as info:
-        complete_ages(_subject([(scans["brain"], 12), (scans["moved200"], 18)]), [15], "interval-demo", **FAST)
+        complete_ages(_subject(rows), [15], "interval-demo", **RAW)
     assert [f.code for f in info.value.findings] == ["no-overlap"]
-    result = complete_ages(_subject([(scans["brain"], 12), (scans["moved25"], 18)]), [15], "interval-demo", **FAST)
-    assert any("25 mm apart" in w for w in result.warnings)
+    result = complete_ages(_subject(rows), [15], "interval-demo", **FAST)  # preprocessing aligns the visits
+    assert not any("apart" in w for w in result.warnings)
+    out, near = result.image("generated", 15), load_image(scans["brain"])
+    assert out.same_geometry(near)  # on the nearest visit's own grid, where that visit's head is
+    gap = np.linalg.norm(foreground(out).center_ras - foreground(near).center_ras)
+    assert gap < 6.0, f"the generated head sits {gap:.1f} mm from the visit it was aligned to"
+
+
+def test_visits_25_mm_apart_are_warned_without_preprocessing(scans):
+    rows = [(scans["brain"], 12), (scans["moved25"], 18)]
+    result = complete_ages(_subject(rows), [15], "interval-demo", **RAW)
+    assert any("25 mm apart" in w and "--preprocess aligns them" in w for w in result.warnings)
 
 
 def test_a_head_with_skull_that_the_box_would_crop_is_refused_with_its_size(scans):
     with pytest.raises(DomainError) as info:
-        complete_ages(_subject([(scans["head"], 12), (scans["head"], 20)]), [15], "interval-demo", **FAST)
+        complete_ages(_subject([(scans["head"], 12), (scans["head"], 20)]), [15], "interval-demo", **RAW)
     message = str(info.value)
     assert "would fall outside the model's 160 x 200 x 160 mm box" in message and "--preprocess" in message
     assert "cropped" in [f.code for f in info.value.findings]
@@ -99,7 +111,7 @@ def test_a_head_with_skull_that_the_box_would_crop_is_refused_with_its_size(scan
 
 def test_an_off_centre_head_gets_a_recentred_box_and_an_uncropped_result(scans):
     rows = [(scans["offcentre"], 12), (scans["offcentre"], 20)]
-    result = complete_ages(_subject(rows), [15], "interval-demo", **FAST)
+    result = complete_ages(_subject(rows), [15], "interval-demo", **RAW)
     assert any("re-centred on the head's foreground" in w for w in result.warnings)
     out = result.image("generated", 15).array
     fg = foreground(load_image(scans["offcentre"])).mask
@@ -111,8 +123,8 @@ def test_an_off_centre_head_gets_a_recentred_box_and_an_uncropped_result(scans):
 def test_ages_outside_the_trained_range_refuse_the_target_and_warn_for_the_inputs(scans):
     subject = _subject([(scans["brain"], 72), (scans["brain"], 216)])
     with pytest.raises(DomainError, match=r"age\(s\) 300 months lie outside"):
-        complete_ages(subject, [300], "interval-demo", **FAST)
-    result = complete_ages(_subject([(scans["brain"], 6), (scans["brain"], 216)]), [12], "interval-demo", **FAST)
+        complete_ages(subject, [300], "interval-demo", **RAW)
+    result = complete_ages(_subject([(scans["brain"], 6), (scans["brain"], 216)]), [12], "interval-demo", **RAW)
     assert any("216 months lie outside the ages" in w for w in result.warnings)
 
 
@@ -132,7 +144,7 @@ def test_a_single_slice_echo_frame_is_refused_by_the_3d_frame_model(tmp_path):
 def test_warnings_reach_the_console_the_sidecar_and_the_job_events(scans, tmp_path, caplog):
     events = []
     result = complete_ages(
-        _subject([(scans["brain"], 6), (scans["brain"], 12)]), [9], "interval-demo", progress=events.append, **FAST
+        _subject([(scans["brain"], 6), (scans["brain"], 12)]), [9], "interval-demo", progress=events.append, **RAW
     )
     warned = [e for e in events if e.stage == "warning"]
     assert any("trained on simulated data only" in e.message for e in warned)
@@ -169,12 +181,12 @@ def test_one_real_scan_given_as_two_contrasts_is_refused_and_as_two_ages_warned(
     visit = [Timepoint(12, m, brain, scans["brain"], "ses-01") for m in ("T1w", "T1ce", "T2w")]
     with pytest.raises(DomainError, match=r"\(T1ce\) and ch2bet_2mm.nii.gz \(T1w\) are the same image"):
         synthesize_modality(Subject("sub-real", visit), "ses-01", "FLAIR", "cwdm-demo", **FAST)
-    result = complete_ages(_subject([(scans["brain"], 6), (scans["brain"], 12)]), [9], "interval-demo", **FAST)
+    result = complete_ages(_subject([(scans["brain"], 6), (scans["brain"], 12)]), [9], "interval-demo", **RAW)
     assert any("are the same image: no change between them" in w for w in result.warnings)
 
 
 def test_a_brain_given_to_the_heart_model_is_refused_with_its_anatomy_named(scans, caplog):
     with pytest.raises(DomainError, match="would fall outside the model's 128 x 128 x 128 mm box"):
-        interpolate_frames(scans["brain"], scans["moved25"], 2, "ddm-demo", device="cpu")
+        interpolate_frames(scans["brain"], scans["moved25"], 2, "ddm-demo", device="cpu", preprocess=False)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("outside the 448-1004 mL of the simulated beating-heart phantom" in w for w in warned)
