@@ -173,11 +173,13 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             self.panel.setSubject(self.logic.loadSampleSubject())
 
     def onAddFromScene(self, node):
-        from LongitudinalDiffusionSlicer import mrml
+        """Ask the volume's age and modality (defaults from its DICOM tags), then add it."""
+        from LongitudinalDiffusionSlicer import addvolume
 
-        with slicer.util.tryWithErrorDisplay(_("Failed to add the volume."), waitCursor=True):
-            subject = mrml.subjectFromVolumes([node], node.GetAttribute(mrml.SUBJECT_ATTRIBUTE) or "scene")
-            self.panel.addTimepoint(subject.timepoints[0], subject.subject_id)
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the volume."), waitCursor=False):
+            addvolume.addSceneVolume(
+                self.panel, node, qt, addvolume.dicomTagReader(slicer), parent=slicer.util.mainWindow()
+            )
 
 
 class LongitudinalDiffusionLogic(ScriptedLoadableModuleLogic):
