@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "panel_stall": ([], ["--quick"]),
     "remote_overhead": ([], ["--repeats", "1", "--steps", "1"]),
     "gil_starvation": ([], ["--quick"]),
+    "worker_hostile": ([], ["--quick"]),
 }
 TAKES_DATA = ("fewer_steps", "sample_spread")
 
