@@ -332,25 +332,39 @@ def test_slow_headers_and_bodies_are_cut_off(tight):
     assert b'{"detail": "no part of the request body came for 1 s"}' in answer
 
 
+def _read_all(s: socket.socket) -> bytes:
+    answer = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return answer
+        answer += chunk
+
+
 def test_connections_are_capped(tmp_path, models):
-    extra = ("--max-connections", "8", "--max-connections-per-address", "8")
+    extra = ("--max-connections", "8", "--max-connections-per-address", "6")
     with WorkerProcess(tmp_path / "data", models["interval"].parent, *extra, token=TOKEN) as w:
-        idle = [socket.create_connection(("127.0.0.1", w.port), timeout=10) for _ in range(8)]
+        time.sleep(0.5)  # the harness's health checks have closed their connections
+
+        def connect(source: str) -> socket.socket:
+            return socket.create_connection(("127.0.0.1", w.port), timeout=10, source_address=(source, 0))
+
+        idle = [connect("127.0.0.1") for _ in range(6)]
         try:
-            with socket.create_connection(("127.0.0.1", w.port), timeout=10) as extra_socket:
-                answer = b""
-                while True:
-                    chunk = extra_socket.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
+            # a 7th from the same address: 503 with the one-line error, closed at once
+            with connect("127.0.0.1") as one_more:
+                answer = _read_all(one_more)
             assert answer.startswith(b"HTTP/1.1 503"), answer
             assert b'{"detail": "this worker has too many open connections; try again later"}' in answer
+            idle += [connect("127.0.0.2") for _ in range(2)]  # 8 in all: the cap
+            time.sleep(0.2)
+            # one more from elsewhere takes the place of the oldest idle connection
+            with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as other:
+                assert other.get(f"{w.url}/v1/health").status_code == 200
+            assert _read_all(idle[0]) == b""  # the oldest was closed
         finally:
             for s in idle:
                 s.close()
-        time.sleep(0.3)
-        assert httpx.get(f"{w.url}/v1/health").status_code == 200
 
 
 # ----------------------------------------------------------------------------- 6. error answers

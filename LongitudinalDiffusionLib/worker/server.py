@@ -3,9 +3,12 @@
 * **Header timeout.** A client has ``header_timeout`` seconds to send a request's headers,
   counted from the moment it connects (or its previous answer ended); then the connection
   is closed. Slow-header ("slowloris") sockets cannot stay open.
-* **Connection caps.** At most ``max_connections`` open connections, and
-  ``max_connections_per_address`` from one address; one more gets ``503`` with the
-  one-line JSON error and is closed at once (before it can send anything).
+* **Connection caps.** At most ``max_connections_per_address`` open connections from one
+  address: one more gets ``503`` with the one-line JSON error and is closed at once. At
+  most ``max_connections`` in all: a new connection over it closes the oldest connection
+  that has no request under way (idle, or still sending its headers) to take its place, so
+  a flood of idle connections cannot lock everyone else out; only when every connection
+  is busy with a request does the new one get the 503.
 
 The body read timeout is the :class:`~.app.Guard`'s (``body_timeout``), the keep-alive
 timeout uvicorn's own (``timeout_keep_alive``).
@@ -14,6 +17,7 @@ timeout uvicorn's own (``timeout_keep_alive``).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,13 +37,28 @@ def guarded_protocol(header_timeout: float, max_connections: int, max_per_addres
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._opened = time.monotonic()
             address = self.client[0] if self.client else None
             same = sum(1 for c in self.connections if c.client and c.client[0] == address) if address else 0
-            if len(self.connections) > max_connections or same > max_per_address:
+            if same > max_per_address or (len(self.connections) > max_connections and not self._evict_one()):
                 transport.write(busy)
                 transport.close()
                 return
             self._arm_header_timer()
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _evict_one(self) -> bool:
+            """Close the oldest connection without a request under way; False if there is none."""
+            idle = [c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol) and c._idle()]
+            idle = [c for c in idle if not c.transport.is_closing()]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c._opened)
+            oldest.transport.close()
+            self.connections.discard(oldest)
+            return True
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
