@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,7 @@ from .diffusion import prepare_network
 from .errors import InputError, LongitudinalDiffusionError
 from .grid import ModelGrid
 from .imaging import Image, check_array
+from .models.config import MethodConfig, nested, optional
 
 METHOD = "tissue-seg"
 TASK = "segment"
@@ -109,6 +112,11 @@ def default_config(scale: str = "paper", anatomy: str = "brain") -> dict[str, An
     grids, "demo" a 4 mm model a CPU trains in minutes, "tiny" a test model. The grid spans
     the anatomy's field of view (brain 160 x 192 x 160 mm, heart 128 x 128 x 120 mm) and
     ``spacing_mm`` is always given, so the grid does not depend on the method name.
+    What each scale builds for the brain (Testing/test_configs.py checks these lines):
+
+    - paper: 80x96x80; 4.7 M parameters
+    - demo: 4 mm 40x48x40; 1.18 M parameters
+    - tiny: 16x16x16; 0.0063 M parameters
     """
     if scale not in _SCALES:
         raise LongitudinalDiffusionError(f"unknown scale '{scale}' (expected one of {', '.join(_SCALES)})")
@@ -145,8 +153,73 @@ def n_classes(config: Mapping[str, Any]) -> int:
     return len(config["classes"])
 
 
-def build(config: Mapping[str, Any]) -> SegResNet:
+class Anatomy(str, Enum):
+    """What a tissue model segments."""
+
+    BRAIN = "brain"
+    HEART = "heart"
+
+
+@dataclass(frozen=True)
+class SegResNetConfig(MethodConfig):
+    """MONAI ``SegResNet`` options (one input channel, one output per class).
+
+    Attributes:
+        name: the network ("SegResNet", the only one supported).
+        init_filters: channels of the first level (doubled per level).
+        blocks_down, blocks_up: residual blocks per level of the encoder and the decoder.
+        num_groups: GroupNorm groups.
+        dropout_prob: dropout after the first convolution (None: none).
+    """
+
+    name: str = "SegResNet"
+    init_filters: int = 8
+    blocks_down: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    blocks_up: list[int] = field(default_factory=lambda: [1, 1, 1])
+    num_groups: int = 8
+    dropout_prob: float | None = None
+
+
+@dataclass(frozen=True)
+class TissueSegConfig(MethodConfig):
+    """The tissue model's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        method, scale: the model's method name and the scale it was made at (records).
+        anatomy: what it segments.
+        modality: the contrast it reads (None: the heart's cine frames).
+        classes: class names by output index.
+        label_map: cohort ground-truth label -> class index (a record for the card).
+        network: the SegResNet.
+        image_size, spacing_mm: the model grid and its voxel size.
+        value_range: the intensities the model reads.
+        loss: training loss (name, weights).
+        optimizer: training optimizer (name, lr, batch_size).
+    """
+
+    network: SegResNetConfig = nested(SegResNetConfig)
+    anatomy: Anatomy = Anatomy.BRAIN
+    modality: str | None = None
+    classes: list[str] = field(default_factory=list)
+    label_map: dict[str, int] = field(default_factory=dict)
+    image_size: list[int] = field(default_factory=list)
+    spacing_mm: list[float] = field(default_factory=list)
+    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    loss: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    method: str | None = optional()
+    scale: str | None = optional()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "anatomy", Anatomy(self.anatomy))
+
+
+CONFIG = TissueSegConfig
+
+
+def build(config: TissueSegConfig | Mapping[str, Any]) -> SegResNet:
     """A freshly initialised SegResNet for ``config`` (one input channel, one output per class)."""
+    config = TissueSegConfig.from_dict(config).to_dict()
     net = dict(config["network"])
     name = net.pop("name", "SegResNet")
     if name != "SegResNet":

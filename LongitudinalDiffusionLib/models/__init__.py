@@ -1,8 +1,9 @@
 """The five published methods, one module each, behind one small registry.
 
-Every method module exposes ``METHOD``, ``TASK``, ``default_config(scale)``,
-``build(config)`` (one ``nn.Module`` with every learned part) and ``loss(...)``, plus its
-inference function(s). Modules are imported on first use so that listing methods costs
+Every method module exposes ``METHOD``, ``TASK``, ``CONFIG`` (its typed, frozen configuration
+class, :mod:`.config`), ``default_config(scale)`` (the JSON form cards and training configs
+hold), ``build(config)`` (one ``nn.Module`` with every learned part) and ``loss(...)``, plus
+its inference function(s). Modules are imported on first use so that listing methods costs
 nothing.
 """
 
@@ -56,8 +57,14 @@ def default_config(method: str, scale: str = "paper", **options: Any) -> dict[st
     return method_module(method).default_config(scale, **options)
 
 
-def build(method: str, config: dict[str, Any]):
-    """A freshly initialised network of ``method`` for ``config``."""
+def config_class(method: str) -> type[Any]:
+    """The typed configuration class of ``method`` (a frozen dataclass, ``models.config``)."""
+    return method_module(method).CONFIG  # type: ignore[no-any-return]
+
+
+def build(method: str, config: Mapping[str, Any]) -> Any:
+    """A freshly initialised network of ``method`` for ``config`` (its config class, or the
+    JSON of a card, which is read into it first)."""
     return method_module(method).build(config)
 
 

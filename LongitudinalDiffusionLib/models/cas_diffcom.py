@@ -25,8 +25,9 @@ changes with age and what up-sampling misses (docs/methods.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..diffusion import Intermediate, SamplerSettings, Schedule, prepare_network, residual_target, sample
 from ..errors import InputError
+from .config import MethodConfig, Prediction, UNetConfig, nested, optional
 from .layers import ScalarEmbedding, sinusoidal_embedding
 
 METHOD = "cas-diffcom"
@@ -293,12 +295,17 @@ def default_config(scale: str = "paper") -> dict:
     """The method's configuration at ``scale`` in {"paper", "demo", "tiny"}.
 
     "paper" uses the paper's grids and schedules (sec. 3.1-3.2); the widths are not published.
-    Choice: generator channels (32, 64, 128, 256) (19 M parameters); refiner U-Net channels
-    (32, 64, 128, 128), 2 res-blocks per level, attention at the deepest level (20x24x20 at
-    1 mm) and in the mid block, memory-efficient attention (17 M parameters). "demo" runs a
-    4 mm 40x48x40 -> 2 mm 80x96x80 cascade, the field of view of the demo cohort (generator
-    1.8 M, refiner 2.5 M parameters; train the refiner on aligned crops, e.g. 16^3 -> 32^3:
-    it is convolutional apart from its deepest attention). "tiny" is for tests (8^3 -> 16^3).
+    Choice: generator channels (32, 64, 128, 256); refiner U-Net channels (32, 64, 128, 128),
+    2 res-blocks per level, attention at the deepest level (20x24x20 at 1 mm) and in the mid
+    block, memory-efficient attention. "demo" covers the demo cohort's field of view, coarse
+    enough for minutes of CPU training (train the refiner on aligned crops, e.g. 16^3 -> 32^3:
+    it is convolutional apart from its deepest attention). "tiny" is for tests. The grids and
+    parameter counts each scale builds (Testing/test_configs.py checks these lines against
+    the code):
+
+    - paper: 2 mm 80x96x80 -> 1 mm 160x192x160; generator 19.4 M, refiner 17.2 M parameters
+    - demo: 10 mm 16x20x16 -> 5 mm 32x40x32; generator 0.57 M, refiner 0.73 M parameters
+    - tiny: 4 mm 8x8x8 -> 2 mm 16x16x16; generator 0.084 M, refiner 0.11 M parameters
 
     Sampling (Choice): DDIM with eta 0, 100 steps for generation (of 4000) and 50 for
     super-resolution (of 1000); predicted x0 clipped to ``intensity_range`` [-1, 1].
@@ -358,10 +365,91 @@ def default_config(scale: str = "paper") -> dict:
     }
 
 
-def build(config: dict) -> CasDiffCom:
-    """The two-stage model described by ``config["network"]``."""
-    net = config["network"]
-    return CasDiffCom(AsMMGenerator(**net["generator"]), SuperResolutionRefiner(**net["refiner"]))
+@dataclass(frozen=True)
+class GeneratorConfig(MethodConfig):
+    """The AsMM generator (:class:`AsMMGenerator`).
+
+    Attributes:
+        channels: feature channels per resolution level of both encoders and the decoder.
+        groups: GroupNorm groups.
+        heads: attention heads of the age cross-attention at the bottleneck.
+    """
+
+    channels: list[int]
+    groups: int = 8
+    heads: int = 8
+
+
+@dataclass(frozen=True)
+class RefinerConfig(UNetConfig):
+    """The super-resolution refiner (:class:`SuperResolutionRefiner`): the U-Net's options
+    (:class:`~.config.UNetConfig`) and ``up_channels``, the output channels of the learned
+    transposed-convolution up-sampling of z0."""
+
+    up_channels: int = 8
+
+
+@dataclass(frozen=True)
+class CascadeNetworks(MethodConfig):
+    """The two learned stages."""
+
+    generator: GeneratorConfig = nested(GeneratorConfig)
+    refiner: RefinerConfig = nested(RefinerConfig)
+
+
+@dataclass(frozen=True)
+class CasDiffComConfig(MethodConfig):
+    """Cas-DiffCom's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        network: the generator's and the refiner's architecture.
+        schedule, refine_schedule: noise schedules of the two stages (``Schedule.from_config``).
+        prediction: what both denoisers predict.
+        sampler, refine_sampler: default sampler settings of the two stages
+            (``SamplerSettings`` fields; absent ones take its defaults).
+        image_size, sr_image_size: the low- and high-resolution grids (voxels).
+        spacing_mm, sr_spacing_mm: their voxel sizes.
+        intensity_range: the model's intensity range; predicted x0 is clipped to it.
+        age_unit: the unit of the ages the generator is given ("months").
+        optimizer: training optimizer (name, lr).
+        refiner_crop: training crops of the refiner on the low-res grid (voxels), if any.
+        residual: each stage generates the difference from a reference (docs/methods.md).
+        training_pairs: how training pairs of visits are drawn (``max_visit_gap``).
+    """
+
+    network: CascadeNetworks = nested(CascadeNetworks)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    refine_schedule: dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction = Prediction.EPSILON
+    sampler: dict[str, Any] = field(default_factory=dict)
+    refine_sampler: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] = field(default_factory=list)
+    sr_image_size: list[int] = field(default_factory=list)
+    spacing_mm: list[float] = field(default_factory=list)
+    sr_spacing_mm: list[float] = field(default_factory=list)
+    intensity_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
+    age_unit: str = "months"
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    refiner_crop: list[int] | None = optional()
+    residual: bool | None = optional()
+    training_pairs: dict[str, Any] | None = optional()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+        if [2 * v for v in self.image_size] != list(self.sr_image_size):
+            raise ValueError(
+                f"sr_image_size {self.sr_image_size} must be twice image_size {self.image_size} (2x cascade)"
+            )
+
+
+CONFIG = CasDiffComConfig
+
+
+def build(config: CasDiffComConfig | Mapping[str, Any]) -> CasDiffCom:
+    """The two-stage model described by ``config.network`` (a card's JSON is read first)."""
+    net = CasDiffComConfig.from_dict(config).network
+    gen, ref = net.generator.to_dict(), net.refiner.to_dict()
+    return CasDiffCom(AsMMGenerator(**gen), SuperResolutionRefiner(**ref))
 
 
 def upsampled(low_res: torch.Tensor, size) -> torch.Tensor:

@@ -16,7 +16,13 @@ module reproduces:
   anywhere, concatenating skips, 32 input (8 noisy + 3 x 8 condition subbands) and 8
   output channels; parameter names as upstream so that the published checkpoints
   (huggingface pfriedri/cwdm ``t1_gen.pt``, ``t1ce_gen.pt``, ``t2_gen.pt``, ``flair_gen.pt``)
-  load key for key (:func:`import_upstream_checkpoint`). About 81.5 M parameters.
+  load key for key (:func:`import_upstream_checkpoint`). What each scale of
+  :func:`default_config` builds (target T1w; Testing/test_configs.py checks these lines):
+
+  - paper: 224x224x160; 81.5 M parameters
+  - demo: 5 mm 32x40x32; 1.16 M parameters
+  - tiny: 16x16x8; 0.13 M parameters
+
 - schedule linear beta 1e-4 -> 0.02, T = 1000, x0 prediction, DDPM over all 1000 steps with
   the FIXED_LARGE variance, no guidance, timesteps fed unscaled (0..999).
 - loss: MSE between predicted and true (LLL/3-scaled) subbands at a uniform random t.
@@ -32,8 +38,9 @@ Choices:
 - The U-Net is written here rather than taken from MONAI's ``DiffusionModelUNet``: the
   upstream weights must load key for key, and MONAI's middle block always has attention
   (MONAI 1.6). Attention is left out entirely since upstream uses none.
-- Noise is drawn directly in wavelet space. Upstream draws it in image space and takes its
-  DWT; the Haar DWT is orthonormal, so both are i.i.d. standard normal.
+- Noise is drawn directly in wavelet space, in training and in sampling. Upstream samples
+  the same way; only its training draws the noise in image space and takes its DWT. The
+  Haar DWT is orthonormal, so both are i.i.d. standard normal.
 - "Any missing" mode (beyond upstream; the paper, section 4.1.2, names a single model as
   the more scalable option): one network sees the subbands of all four contrasts, the
   missing one zeroed, plus four constant availability maps (1 available, 0 missing) at
@@ -46,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +65,7 @@ from ..diffusion import SampleOutput, SamplerSettings, Schedule, prepare_network
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
 from . import check_weights
+from .config import MethodConfig, Prediction, nested, optional
 from .layers import sinusoidal_embedding
 from .wavelets import from_wavelet, to_wavelet
 
@@ -363,10 +372,67 @@ def _check_config(config: Mapping[str, Any]) -> None:
         )
 
 
-def build(config: dict) -> WaveletUNet:
+@dataclass(frozen=True)
+class WaveletUNetConfig(MethodConfig):
+    """The arguments of :class:`WaveletUNet` (see there for what each means)."""
+
+    in_channels: int
+    out_channels: int = 8
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4, 4])
+    num_res_blocks: int = 2
+    num_groups: int = 32
+    dropout: float = 0.0
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = False
+
+
+@dataclass(frozen=True)
+class CWDMConfig(MethodConfig):
+    """cWDM's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        method, scale: the method's name and the scale the config was made at (records).
+        network: the wavelet U-Net.
+        schedule: the noise schedule (``Schedule.from_config``).
+        prediction: what the network predicts (x0 upstream).
+        sampler: default sampler settings (``SamplerSettings`` fields).
+        image_size: the model grid (voxels); spacing_mm: its voxel size, if fixed.
+        intensity: the intensity normalisation (``percentiles`` clipped, min-max to ``range``).
+        modalities: the contrasts the model knows.
+        any_missing: one network for whichever contrast is missing (``target`` then None).
+        target: the contrast synthesised.
+        conditions: the contrasts it is synthesised from, in channel order.
+        preprocessing: "brats" for upstream checkpoints (upstream's own BraTS pipeline).
+    """
+
+    network: WaveletUNetConfig = nested(WaveletUNetConfig)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction = Prediction.SAMPLE
+    sampler: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] = field(default_factory=list)
+    intensity: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    any_missing: bool = False
+    target: str | None = None
+    conditions: list[str] = field(default_factory=list)
+    method: str | None = optional()
+    scale: str | None = optional()
+    spacing_mm: list[float] | None = optional()
+    preprocessing: str | None = optional()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+
+
+CONFIG = CWDMConfig
+
+
+def build(config: CWDMConfig | Mapping[str, Any]) -> WaveletUNet:
     """The cWDM network for ``config`` (all learned parts of the method)."""
-    _check_config(config)
-    return WaveletUNet(**config["network"])
+    cfg = CWDMConfig.from_dict(config)
+    _check_config(cfg.to_dict())
+    return WaveletUNet(**cfg.network.to_dict())
 
 
 def _device_of(model: nn.Module) -> torch.device:

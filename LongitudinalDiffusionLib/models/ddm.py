@@ -33,6 +33,7 @@ here follow upstream's where they are readable, and :data:`UPSTREAM_KEY_RULES` m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -51,6 +52,7 @@ from ..diffusion import Schedule, prepare_network
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, Stage
 from . import check_weights
+from .config import MethodConfig, Prediction, nested
 from .layers import sinusoidal_embedding
 
 METHOD = "ddm"
@@ -340,9 +342,13 @@ def default_config(scale: str = "paper") -> dict:
     1.5x1.5x3.15 mm, stored on the model grid's (I, J, K) = (R, A, S) axes as 128x128x32 with
     the slices along K (the networks are fully convolutional: the axis order only places the
     grid). "demo" keeps the
-    paper's networks (they are small: 1.08 M parameters, as upstream's) on a 32^3 grid at 4 mm
-    (Choice: the heart phantom fits, and a training step takes about 0.5 s on 2 CPU cores);
-    "tiny" (0.2 M parameters, 16^3, 100 steps) is for tests.
+    paper's networks (they are small, as upstream's) on a 32^3 grid at 4 mm (Choice: the heart
+    phantom fits, and a training step takes about 0.5 s on 2 CPU cores); "tiny" (100 steps)
+    is for tests. What each scale builds (Testing/test_configs.py checks these lines):
+
+    - paper: 128x128x32; 1.08 M parameters
+    - demo: 4 mm 32x32x32; 1.08 M parameters
+    - tiny: 4 mm 16x16x16; 0.2 M parameters
     ``num_frames`` (Choice: 8) is the default number of gammas, evenly spaced in [0, 1].
     """
     denoiser = {"in_channels": 3, "out_channels": 1, "inner_channel": 8, "channel_mults": [1, 2, 4, 4],
@@ -389,10 +395,77 @@ def _init_weights(model: DDM) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def build(config: dict) -> DDM:
-    """The model described by ``config["network"]``, initialised as upstream trains it."""
-    net = config["network"]
-    model = DDM(DiffusionUNet(**net["denoiser"]), RegistrationUNet(**net["field"]))
+@dataclass(frozen=True)
+class DenoiserConfig(MethodConfig):
+    """The diffusion module (:class:`DiffusionUNet`, upstream's SR3-style U-Net)."""
+
+    in_channels: int = 3
+    out_channels: int = 1
+    inner_channel: int = 8
+    channel_mults: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 4])
+    res_blocks: int = 1
+    norm_groups: int = 4
+    attention_heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class FieldConfig(MethodConfig):
+    """The deformation module (:class:`RegistrationUNet`): encoder and decoder widths."""
+
+    in_channels: int = 2
+    encoder_channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 32, 32, 32])
+    decoder_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 32, 32, 8, 8, 3])
+
+
+@dataclass(frozen=True)
+class DDMNetworks(MethodConfig):
+    """The diffusion module and the deformation module."""
+
+    denoiser: DenoiserConfig = nested(DenoiserConfig)
+    field: FieldConfig = nested(FieldConfig)
+
+
+@dataclass(frozen=True)
+class DDMConfig(MethodConfig):
+    """DDM's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        network: the diffusion and deformation modules.
+        schedule: the noise schedule (``Schedule.from_config``).
+        prediction: what the diffusion module predicts (eps).
+        sampler: None (DDM samples no chain: one pass at t = 0 gives the code).
+        image_size, spacing_mm: the model grid and its voxel size.
+        normalisation: how intensities are scaled ("minmax_pm1": min-max to [-1, 1]).
+        intensity_range: the model's intensities.
+        loss: training loss weights (lambda, lambda_R) and the NCC window.
+        num_frames: the default number of frames (gammas evenly spaced in [0, 1]).
+        optimizer: training optimizer (name, lr, batch_size, epochs).
+    """
+
+    network: DDMNetworks = nested(DDMNetworks)
+    schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prediction: Prediction = Prediction.EPSILON
+    sampler: dict[str, Any] | None = None
+    image_size: list[int] = dataclasses.field(default_factory=list)
+    spacing_mm: list[float] = dataclasses.field(default_factory=list)
+    normalisation: str = "minmax_pm1"
+    intensity_range: list[float] = dataclasses.field(default_factory=lambda: [-1.0, 1.0])
+    loss: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_frames: int = 8
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+
+
+CONFIG = DDMConfig
+
+
+def build(config: DDMConfig | Mapping[str, Any]) -> DDM:
+    """The model described by ``config.network``, initialised as upstream trains it."""
+    net = DDMConfig.from_dict(config).network
+    model = DDM(DiffusionUNet(**net.denoiser.to_dict()), RegistrationUNet(**net.field.to_dict()))
     _init_weights(model)
     return model
 

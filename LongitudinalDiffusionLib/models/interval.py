@@ -30,6 +30,10 @@ the source and minutes of CPU training are spent on what changes with age (docs/
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
@@ -37,6 +41,7 @@ from torch import nn
 
 from ..diffusion import SampleOutput, SamplerSettings, Schedule, prepare_network, residual_target, sample
 from ..errors import InputError
+from .config import MethodConfig, Prediction, UNetConfig, nested, optional
 from .layers import ScalarEmbedding
 
 METHOD = "interval"
@@ -80,8 +85,12 @@ def default_config(scale: str = "paper") -> dict:
     "paper": 128x160x128 (the paper's size), schedule and optimiser as published; widths are
     not published (Choice: channels (32, 64, 128, 128, 256), 2 res-blocks per level, attention
     at the two deepest levels, i.e. 16x20x16 and 8x10x8, plus the mid block; memory-efficient
-    attention). "demo": 0.74 M parameters at 32x40x32, 5 mm (the demo cohort's grid, so a
-    2-core CPU trains it in minutes). "tiny": 8^3 for tests.
+    attention). "demo": the demo cohort's grid, so a 2-core CPU trains it in minutes. "tiny":
+    for tests. What each scale builds (Testing/test_configs.py checks these lines):
+
+    - paper: 128x160x128; 48.5 M parameters
+    - demo: 5 mm 32x40x32; 0.74 M parameters
+    - tiny: 8x8x8; 0.11 M parameters
     """
     if scale == "paper":
         net = {
@@ -127,8 +136,51 @@ def default_config(scale: str = "paper") -> dict:
     }
 
 
-def build(config: dict) -> IntervalDiffusion:
-    return IntervalDiffusion(**config["network"])
+@dataclass(frozen=True)
+class IntervalNetwork(UNetConfig):
+    """The U-Net (:class:`~.config.UNetConfig`) and ``interval_scale``, the
+    ``ScalarEmbedding`` scale of intervals in months."""
+
+    interval_scale: float = 10.0
+
+
+@dataclass(frozen=True)
+class IntervalConfig(MethodConfig):
+    """The time-interval model's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        network: the U-Net and the interval embedding.
+        schedule: the noise schedule (``Schedule.from_config``).
+        prediction: what the denoiser predicts.
+        sampler: default sampler settings (``SamplerSettings`` fields).
+        image_size: the model grid (voxels); spacing_mm: its voxel size, if fixed.
+        intensity_range: the model's intensities; predicted x0 is clipped to them.
+        interval_unit: the unit of intervals ("months").
+        optimizer: training optimizer (name, lr, batch_size).
+        residual: generate the change from the source scan (docs/methods.md).
+    """
+
+    network: IntervalNetwork = nested(IntervalNetwork)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction = Prediction.EPSILON
+    sampler: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] = field(default_factory=list)
+    spacing_mm: list[float] | None = optional()
+    intensity_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
+    interval_unit: str = "months"
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    residual: bool | None = optional()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+
+
+CONFIG = IntervalConfig
+
+
+def build(config: IntervalConfig | Mapping[str, Any]) -> IntervalDiffusion:
+    """The network of ``config.network`` (a card's JSON is read first)."""
+    return IntervalDiffusion(**IntervalConfig.from_dict(config).network.to_dict())
 
 
 def loss(model: IntervalDiffusion, batch: dict, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -65,6 +65,7 @@ Choices made here, against the paper and upstream:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,7 @@ from ..diffusion import (
 )
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback
+from .config import MethodConfig, Prediction, UNetConfig, nested, optional
 from .layers import ScalarEmbedding
 
 METHOD = "sadm"
@@ -100,6 +102,11 @@ def default_config(scale: str = "paper") -> dict:
     upstream's ViViT patch (32, 32, 8) in the same axis order, dimension 1024, 3 heads of 8 and
     depth 3, with T = 1000 and w = 0.1.
     ``demo`` trains on a 2-core CPU at 32x40x32 (5 mm), 8 frames. ``tiny`` is for tests.
+    What each scale builds (Testing/test_configs.py checks these lines):
+
+    - paper: 128x128x32, 12 frames; 93.7 M parameters
+    - demo: 5 mm 32x40x32, 8 frames; 0.92 M parameters
+    - tiny: 8x16x16, 4 frames; 0.12 M parameters
     """
     if scale == "paper":
         image_size, max_frames = [128, 128, 32], 12
@@ -141,15 +148,81 @@ def default_config(scale: str = "paper") -> dict:
     }
 
 
-def build(config: dict) -> SADM:
+@dataclass(frozen=True)
+class SequenceAttentionConfig(MethodConfig):
+    """The ViViT-style sequence attention that summarises the known frames.
+
+    Attributes:
+        patch_size: tubelet size (I, J, K) in voxels.
+        dim, depth, heads, head_dim, mlp_dim: the transformer's width, blocks, heads, head
+            width and MLP width.
+        readout_channels: channels of the context volume c read out for the U-Net.
+        age_scale: ``ScalarEmbedding`` scale of ages in months.
+    """
+
+    patch_size: list[int] = field(default_factory=list)
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 128
+    readout_channels: int = 16
+    age_scale: float = 10.0
+
+
+@dataclass(frozen=True)
+class SADMNetworks(MethodConfig):
+    """The two learned parts: the sequence attention and the denoising U-Net."""
+
+    attention: SequenceAttentionConfig = nested(SequenceAttentionConfig)
+    unet: UNetConfig = nested(UNetConfig)
+
+
+@dataclass(frozen=True)
+class SADMConfig(MethodConfig):
+    """SADM's configuration, as the model card stores it under ``config``.
+
+    Attributes:
+        network: the sequence attention and the U-Net.
+        schedule: the noise schedule (``Schedule.from_config``).
+        prediction: what the denoiser predicts.
+        sampler: default sampler settings (``SamplerSettings`` fields).
+        image_size: the model grid (voxels); spacing_mm: its voxel size, if fixed.
+        max_frames: the most frames of a timeline.
+        value_range: the model's intensities.
+        p_uncond: probability of dropping the context in training (classifier-free guidance).
+        clip_x0: range predicted x0 is clipped to (None: no clipping).
+        residual: generate the difference from the nearest context frame (docs/methods.md).
+    """
+
+    network: SADMNetworks = nested(SADMNetworks)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction = Prediction.EPSILON
+    sampler: dict[str, Any] = field(default_factory=dict)
+    image_size: list[int] = field(default_factory=list)
+    spacing_mm: list[float] | None = optional()
+    max_frames: int = 8
+    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    p_uncond: float = 0.1
+    clip_x0: list[float] | None = None
+    residual: bool | None = optional()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
+
+
+CONFIG = SADMConfig
+
+
+def build(config: SADMConfig | Mapping[str, Any]) -> SADM:
     """The SADM network described by ``config`` (see :func:`default_config`)."""
-    net = config["network"]
+    cfg = SADMConfig.from_dict(config)
     return SADM(
-        config["image_size"],
-        config["max_frames"],
-        attention=net["attention"],
-        unet=net["unet"],
-        reference_channel=bool(config.get("residual")),
+        cfg.image_size,
+        cfg.max_frames,
+        attention=cfg.network.attention.to_dict(),
+        unet=cfg.network.unet.to_dict(),
+        reference_channel=bool(cfg.residual),
     )
 
 
