@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         residual_target,
         sample,
     )
-    from .schedule import PREDICTIONS, Schedule
+    from .schedule import PREDICTIONS, Prediction, Schedule
 
 #: public name -> the submodule that defines it
 _HOME = {
@@ -49,12 +49,14 @@ _HOME = {
     "residual_target": "sampling",
     "sample": "sampling",
     "PREDICTIONS": "schedule",
+    "Prediction": "schedule",
     "Schedule": "schedule",
 }
 
 __all__ = [
     "Intermediate",
     "PREDICTIONS",
+    "Prediction",
     "SAMPLERS",
     "SampleOutput",
     "SamplerName",

@@ -10,12 +10,22 @@ what it means in MONAI's own schedulers; everything derived is kept in float64 s
 from __future__ import annotations
 
 import copy
+from enum import Enum
 from typing import Any
 
 import torch
 from monai.networks.schedulers.scheduler import NoiseSchedules
 
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+class Prediction(str, Enum):
+    """What a denoiser predicts: the noise, the clean image, or v (Salimans & Ho 2022)."""
+
+    EPSILON = "epsilon"
+    SAMPLE = "sample"
+    V_PREDICTION = "v_prediction"
+
+
+PREDICTIONS: tuple[str, ...] = tuple(p.value for p in Prediction)
 _ALIASES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "sigmoid": "sigmoid_beta"}
 
 

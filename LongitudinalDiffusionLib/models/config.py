@@ -5,7 +5,8 @@ A config class lists every key its JSON may hold as a field, with a docstring pe
 naming what each means. ``from_dict`` refuses unknown keys and missing required ones with the
 key's name; ``to_dict`` writes the same JSON back (an optional key the JSON did not hold
 stays out: its field is None and marked ``optional()``). Nested sections are config classes
-themselves (``nested(Cls)``). Options are enums (:class:`Prediction`).
+themselves (``nested(Cls)``). Options are enums, each defined once (:class:`Prediction` in
+``diffusion.schedule``, the sampler names in ``diffusion.samplers``).
 
 Python 3.9: no ``kw_only``/``slots``; the field types are strings (``from __future__ import
 annotations``), never evaluated at run time.
@@ -18,17 +19,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any, TypeVar
 
+from ..diffusion.schedule import Prediction as Prediction  # re-exported: the config classes use it
 from ..errors import InputError
 
 C = TypeVar("C", bound="MethodConfig")
-
-
-class Prediction(str, Enum):
-    """What the denoiser predicts: the noise, the clean image, or v (Salimans & Ho 2022)."""
-
-    EPSILON = "epsilon"
-    SAMPLE = "sample"
-    V_PREDICTION = "v_prediction"
 
 
 def optional(default: Any = None) -> Any:
