@@ -65,7 +65,15 @@ class LongitudinalDiffusion(ScriptedLoadableModule):
         from LongitudinalDiffusionSlicer import sampledata
 
         icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "LongitudinalDiffusion.png")
-        sampledata.registerSampleData(icon, lambda source: LongitudinalDiffusionLogic().loadSampleSubject())
+        sampledata.registerSampleData(icon, self.loadSampleFromSampleData)
+
+    def loadSampleFromSampleData(self, source=None):
+        """The Sample Data button: open this module and simulate the subject in the background
+        (progress in the panel) instead of blocking Slicer for ~20 s."""
+        slicer.util.selectModule("LongitudinalDiffusion")
+        widget = slicer.modules.longitudinaldiffusion.widgetRepresentation().self()
+        widget.onLoadSample()
+        return []
 
 
 class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
@@ -141,7 +149,9 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             self.panel.refreshBackendInfo()
 
     def cleanup(self):
-        """Stop a run, remove the scene observers, close the backends."""
+        """Stop a run and a sample simulation, remove the scene observers, close the backends."""
+        if getattr(self, "sampleSimulation", None) is not None:
+            self.sampleSimulation.cancel()
         if getattr(self, "panel", None) is not None and self.panel.isRunning():
             self.panel.cancelRun()
         if getattr(self, "sceneBinding", None) is not None:
@@ -169,8 +179,46 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             return self.logic.runLogic().testConnection(url, token, modelName)
 
     def onLoadSample(self):
+        """Simulate the demo subject in a background process (progress in the panel), then load
+        it; its few packages (numpy, scipy, nibabel; no torch) are installed first if missing,
+        after the user agrees."""
+        import tempfile
+
+        from LongitudinalDiffusionSlicer import dependencies, sampledata
+
+        if getattr(self, "sampleSimulation", None) is not None and self.sampleSimulation.isRunning():
+            return
+        missing = sampledata.missingPackages()
+        if missing:
+            requirements = os.path.join(tempfile.mkdtemp(prefix="longdiff-sample-"), "requirements.txt")
+            with open(requirements, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(missing) + "\n")
+            report = dependencies.ensureDependencies(requirements, slicer, torchRequirement=None)
+            if not report.ok:
+                self.panel.setStatus(_("The demo subject needs {packages}: {reason}").format(
+                    packages=", ".join(missing), reason=report.message))  # fmt: skip
+                return
+        self.panel.ui.loadSampleButton.setEnabled(False)
+        self.sampleSimulation = sampledata.SampleSimulation(
+            slicer.app.cachePath, qt, self.onSampleProgress, self.onSampleFinished
+        )
+        self.sampleSimulation.start()
+
+    def onSampleProgress(self, done, total, text):
+        self.panel.setProgress(done, total)
+        self.panel.ui.progressBar.setFormat(_("simulating the demo subject: %v of %m sessions"))
+        self.panel.setStatus(_("Simulating the demo subject in the background ({text})...").format(text=text))
+
+    def onSampleFinished(self, folder, error):
+        self.panel.ui.loadSampleButton.setEnabled(True)
+        self.panel.ui.progressBar.setFormat("")
+        if error:
+            message = _("The demo subject could not be simulated: {error}").format(error=error)
+            self.panel.appendLog(message)
+            self.panel.setStatus(message)
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to load the demo subject."), waitCursor=True):
-            self.panel.setSubject(self.logic.loadSampleSubject())
+            self.panel.setSubject(self.logic.loadSubject(folder))
 
     def onAddFromScene(self, node):
         """Ask the volume's age and modality (defaults from its DICOM tags), then add it."""

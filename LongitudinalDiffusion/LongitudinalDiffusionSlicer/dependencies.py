@@ -137,9 +137,10 @@ def _pyTorchUtils() -> Any:
         return None
 
 
-def neededRequirements(requirementsPath: str | Path, torchRequirement: str = TORCH_REQUIREMENT) -> list[str]:
+def neededRequirements(requirementsPath: str | Path, torchRequirement: str | None = TORCH_REQUIREMENT) -> list[str]:
     """What a local run still needs (torch first), without installing anything."""
-    return ([] if isSatisfied(torchRequirement) else [torchRequirement]) + missingRequirements(requirementsPath)
+    torch = [] if torchRequirement is None or isSatisfied(torchRequirement) else [torchRequirement]
+    return torch + missingRequirements(requirementsPath)
 
 
 def ensureDependencies(
@@ -147,7 +148,7 @@ def ensureDependencies(
     slicerModule: Any,
     *,
     requester: str = REQUESTER,
-    torchRequirement: str = TORCH_REQUIREMENT,
+    torchRequirement: str | None = TORCH_REQUIREMENT,
     workDir: str | Path | None = None,
 ) -> DependencyReport:
     """Install what the module lacks, with the user's consent (see the module doc).
@@ -156,7 +157,8 @@ def ensureDependencies(
         requirementsPath: the module's ``Resources/requirements.txt``.
         slicerModule: Slicer's ``slicer`` module (its ``util`` and, from 5.12, ``packaging``).
         requester: the name Slicer's install dialog shows.
-        torchRequirement: the PyTorch version the library needs.
+        torchRequirement: the PyTorch version the library needs (None: no PyTorch, e.g. the
+            demo subject's simulator).
         workDir: where the constraints file is written (default: a temporary folder).
 
     Returns:
@@ -178,7 +180,7 @@ def ensureDependencies(
 
 def _ensure(requirementsPath, slicerModule, requester, torchRequirement, workDir) -> DependencyReport:
     missing = missingRequirements(requirementsPath)
-    torchMissing = not isSatisfied(torchRequirement)
+    torchMissing = torchRequirement is not None and not isSatisfied(torchRequirement)
     if not missing and not torchMissing:
         return DependencyReport(True)
     wanted = ([torchRequirement] if torchMissing else []) + missing

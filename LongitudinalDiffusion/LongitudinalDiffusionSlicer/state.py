@@ -18,6 +18,7 @@ subject volumes. :meth:`SceneBinding.cleanup` removes every observer it added.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -88,6 +89,7 @@ class PanelParameters:
             self.node.EndModify(wasModifying)
 
 
+@functools.cache
 def wrapperClass() -> Any:
     """The module's ``@parameterNodeWrapper`` class over :data:`FIELDS`, or None where
     Slicer has no ``slicer.parameterNodeWrapper`` (e.g. PyPI slicer-core)."""
