@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 from LongitudinalDiffusionLib.errors import InputError
 from LongitudinalDiffusionLib.subject import Modality, parse_modality
 
+from .panel import _  # the panel's translation (slicer.i18n inside Slicer)
+
 #: DICOM tags read for the defaults.
 PATIENT_AGE = "0010,1010"
 STUDY_DATE = "0008,0020"
@@ -155,13 +157,14 @@ class VolumeDetailsDialog:
     def __init__(self, qt: Any, name: str, defaults: VolumeDetails, parent: Any = None) -> None:
         self.qt = qt
         dialog = self.dialog = qt.QDialog(parent)
-        dialog.setWindowTitle("Add a scene volume to the subject")
+        dialog.setWindowTitle(_("Add a scene volume to the subject"))
         dialog.setObjectName("volumeDetailsDialog")
         layout = qt.QFormLayout(dialog)
         known = defaults.ageSource
         intro = qt.QLabel(
-            f"<b>{name}</b><br>Age at the scan and modality:"
-            + (f"<br><i>age from {known}</i>" if known and known != "module" else "")
+            f"<b>{name}</b><br>"
+            + _("Age at the scan and modality:")
+            + (f"<br><i>{_('age from {source}').format(source=known)}</i>" if known and known != "module" else "")
         )
         intro.setWordWrap(True)
         layout.addRow(intro)
@@ -169,16 +172,16 @@ class VolumeDetailsDialog:
         self.ageSpinBox.setObjectName("ageSpinBox")
         self.ageSpinBox.setRange(-9.0, 1200.0)  # gestational ages are negative months
         self.ageSpinBox.setDecimals(2)
-        self.ageSpinBox.setSuffix(" months")
+        self.ageSpinBox.setSuffix(" " + _("months"))
         self.ageSpinBox.setValue(defaults.age if defaults.age is not None else 0.0)
-        layout.addRow("Age", self.ageSpinBox)
+        layout.addRow(_("Age"), self.ageSpinBox)
         self.modalityComboBox = qt.QComboBox()
         self.modalityComboBox.setObjectName("modalityComboBox")
         for modality in Modality:
             self.modalityComboBox.addItem(modality.value)
         if defaults.modality is not None:
             self.modalityComboBox.setCurrentIndex(list(Modality).index(defaults.modality))
-        layout.addRow("Modality", self.modalityComboBox)
+        layout.addRow(_("Modality"), self.modalityComboBox)
         box = qt.QDialogButtonBox
         ok = getattr(box, "Ok", None) or box.StandardButton.Ok
         cancel = getattr(box, "Cancel", None) or box.StandardButton.Cancel
@@ -232,7 +235,7 @@ def addSceneVolume(
 
     details = asker(node.GetName() or node.GetID(), defaults)
     if details is None:
-        panel.setStatus(f"Not added: {node.GetName()} (cancelled).")
+        panel.setStatus(_("Not added: {name} (cancelled).").format(name=node.GetName()))
         return False
     current = panel.subject()
     subjectId = current.subject_id if current is not None else (node.GetAttribute(mrml.SUBJECT_ATTRIBUTE) or "scene")
@@ -244,7 +247,7 @@ def addSceneVolume(
         subject = mrml.subjectFromVolumes([node], subjectId, node.GetScene())
         added = panel.addTimepoint(subject.timepoints[0], subjectId)
     except InputError as exc:
-        panel.setStatus(f"Could not add the scan: {exc}")
+        panel.setStatus(_("Could not add the scan: {error}").format(error=exc))
         added = False
     if not added:  # leave the node as it was
         for name, value in previous.items():
