@@ -351,7 +351,7 @@ def extract_brain(image: Image, *, size: int = 192) -> np.ndarray:
 
     deepbet finds the head's box on a 128^3 copy, then segments the box resampled to
     ``size``^3 (its native 256 gives the same mask on Colin27, Dice 0.94 against ch2bet
-    either way, at twice the time: docs/real-scans.md). It works on the scan's closest
+    either way, at two to three times the time: docs/real-scans.md). It works on the scan's closest
     RAS-aligned voxel order; the mask comes back in the scan's own.
 
     Raises:

@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "remote_overhead": ([], ["--repeats", "1", "--steps", "1"]),
     "gil_starvation": ([], ["--quick"]),
     "worker_hostile": ([], ["--quick"]),
+    "preprocess_real": ([], ["--quick"]),
 }
 TAKES_DATA = ("fewer_steps", "sample_spread")
 
