@@ -461,6 +461,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import outputs
 
     outputs.check_output(args.out, overwrite=args.overwrite, what="demo output folder")
+    if args.scene is not None:
+        if args.scene.suffix.lower() != ".mrb":
+            raise LongitudinalDiffusionError(f"{args.scene}: a Slicer scene bundle's name must end in .mrb")
+        outputs.check_file_target(args.scene, overwrite=args.overwrite, what="scene file")
     try:
         return _run_demo(args)
     finally:

@@ -196,6 +196,13 @@ def test_demo_cohort_over_a_foreign_folder_is_refused(tmp_path, capsys):
     assert main(["-q", "demo", str(out), "--no-models", "--subjects", "1", "--no-heart", "--overwrite"]) == 2
     assert "patients.csv" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["patients.csv"]
+    # a scene file the tool did not write: refused before anything is simulated
+    scene = tmp_path / "theirs.mrb"
+    scene.write_bytes(b"a user's scene")
+    demo = tmp_path / "demo"
+    assert main(["-q", "demo", str(demo), "--no-models", "--subjects", "1", "--scene", str(scene), "--overwrite"]) == 2
+    assert "not written by longdiff" in capsys.readouterr().err
+    assert scene.read_bytes() == b"a user's scene" and not demo.exists()
     # a cohort the tool wrote may be replaced
     fresh = tmp_path / "fresh"
     assert main([*args[:2], str(fresh), *args[3:]]) == 0
