@@ -505,6 +505,12 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"  {kind + ' ' + name + ':':26s} {path}")
     if args.scene is not None:
         print(f"  {'scene:':18s} {_write_scene(args, show.scene_results, show.scene_subjects)}")
+    made = [r for r, _ in show.scene_results]
+    models = ", ".join(r.provenance.model for r in made if r.provenance is not None)
+    n = sum(len(r.images) for r in made)
+    sim = all(r.provenance.trained_on_simulated_data for r in made if r.provenance is not None)
+    how = "trained on simulated data" if sim else "see their cards for what they learnt from"
+    print(f"{n} SYNTHETIC images written to {args.out / 'results'} (models {models}, {how}): not scans")
     return 0
 
 
