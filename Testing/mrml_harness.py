@@ -85,8 +85,23 @@ def installSlicerApplicationStandIns(monkeypatch: Any, cacheDir: Path) -> None:
             pass
 
     class ScriptedLoadableModuleWidget:
+        """Slicer's widget base class, as far as the module uses it: ``setup`` gives a
+        ``layout`` (the parent's, or a new panel's), ``resourcePath`` the module's Resources."""
+
         def __init__(self, parent: Any = None) -> None:
             self.parent = parent
+
+        def setup(self) -> None:
+            import qt
+
+            if self.parent is None:
+                self.parent = qt.QWidget()
+            if self.parent.layout() is None:
+                qt.QVBoxLayout(self.parent)
+            self.layout = self.parent.layout()
+
+        def resourcePath(self, filename: str) -> str:
+            return str(MODULE_DIR / "Resources" / filename)
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message: str, msec: int = 1000) -> None:
@@ -99,12 +114,16 @@ def installSlicerApplicationStandIns(monkeypatch: Any, cacheDir: Path) -> None:
         ScriptedLoadableModuleTest,
     ):
         setattr(slm, cls.__name__, cls)
+    from PySide6 import QtWidgets
+
     app = types.SimpleNamespace(
         cachePath=str(cacheDir),
         connect=lambda *args: None,
         processEvents=lambda: None,
         layoutManager=lambda: None,
         testingEnabled=lambda: True,
+        setOverrideCursor=QtWidgets.QApplication.setOverrideCursor,
+        restoreOverrideCursor=QtWidgets.QApplication.restoreOverrideCursor,
     )
     monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
