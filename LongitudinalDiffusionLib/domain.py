@@ -396,19 +396,21 @@ def _check_volume(domain: Mapping[str, Any], fg: Foreground, name: str, card: Ma
     if not rng:
         return
     lo, hi = (float(v) for v in rng)
-    if fg.volume_ml > hi * VOLUME_SLACK or fg.volume_ml < lo / VOLUME_SLACK:
-        what = domain.get("anatomy", "the training scans")
-        hint = (
-            " (skull, scalp or neck present? the model was trained on skull-stripped brains; --preprocess strips them)"
-            if domain.get("skull_stripped") and fg.volume_ml > hi * VOLUME_SLACK
-            else ""
-        )
-        report.add(
-            "warn",
-            "foreground-volume",
-            f"{name}: {fg.volume_ml:.0f} mL above background, outside the {lo:.0f}-{hi:.0f} mL of {what} "
-            f"model '{card.get('name')}' was trained on{hint}",
-        )
+    if lo / VOLUME_SLACK <= fg.volume_ml <= hi * VOLUME_SLACK:
+        return
+    what = domain.get("anatomy", "the training scans")
+    if fg.volume_ml > hi * VOLUME_SLACK:
+        hint = "larger than anything the model saw: an adult head, or neck and shoulders in the field of view?"
+        if domain.get("skull_stripped"):
+            hint = "larger than anything the model saw: skull and scalp present? the model saw stripped brains"
+    else:
+        hint = "smaller than anything the model saw: a partial or cropped scan?"
+    report.add(
+        "warn",
+        "foreground-volume",
+        f"{name}: {fg.volume_ml:.0f} mL above background, outside the {lo:.0f}-{hi:.0f} mL of {what} "
+        f"model '{card.get('name')}' was trained on ({hint})",
+    )
 
 
 def _check_duplicates(
