@@ -10,6 +10,8 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,8 @@ from PySide6 import QtCore, QtWidgets
 
 from LongitudinalDiffusionLib.imaging import Image
 from LongitudinalDiffusionLib.subject import Modality, load_subject
+
+DOCS_IMAGES = os.environ.get("LONGDIFF_DOCS_IMAGES")
 
 
 @pytest.fixture
@@ -56,6 +60,8 @@ def answerDialog(qtbot, age=None, modality=None, accept=True, seen=None):
         assert dialog is not None and dialog.objectName() == "volumeDetailsDialog"
         ageBox = dialog.findChild(QtWidgets.QDoubleSpinBox, "ageSpinBox")
         modalityBox = dialog.findChild(QtWidgets.QComboBox, "modalityComboBox")
+        if seen is not None and DOCS_IMAGES:  # the picture in docs/slicer.md
+            assert dialog.grab().save(str(Path(DOCS_IMAGES) / "add_from_scene_dialog.png"))
         if seen is not None:
             seen.update(
                 age=ageBox.value(), modality=modalityBox.currentText(), text=dialog.findChild(QtWidgets.QLabel).text()
