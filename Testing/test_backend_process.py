@@ -204,6 +204,19 @@ def test_an_interpreter_that_does_not_exist_fails_the_job_not_the_caller(cohort,
     assert find_python("x") == "x" and find_python() == sys.executable
 
 
+def test_a_python_without_the_packages_fails_the_job_with_what_is_missing(cohort, models, tmp_path):
+    # e.g. a PythonSlicer whose packages were never installed: the process exits with an error
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "bare")
+    bare = tmp_path / "bare" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    with ProcessBackend(python=bare) as backend:
+        job = backend.submit(ages_spec(cohort, str(models["interval"])))
+        with pytest.raises(JobProcessError, match="exited with code 1.*No module named") as info:
+            backend.wait(job, timeout=60)
+        assert backend.poll(job)[-1].message == str(info.value)
+
+
 def test_close_returns_within_a_second_and_ends_the_child(cohort, models):
     backend = ProcessBackend()
     job = backend.submit(ages_spec(cohort, str(models["interval"]), steps=400))
