@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "sample_spread": ([], ["--quick"]),
     "panel_stall": ([], ["--quick"]),
     "remote_overhead": ([], ["--repeats", "1", "--steps", "1"]),
+    "warm_runs": ([], ["--quick"]),
+    "threads": ([], ["--quick"]),
     "gil_starvation": ([], ["--quick"]),
     "worker_hostile": ([], ["--quick"]),
     "preprocess_real": ([], ["--quick"]),
