@@ -41,6 +41,7 @@ __all__ = [
     "DomainReport",
     "Finding",
     "WARNING_STAGE",
+    "check_aligned_box",
     "check_images",
     "check_request",
     "cropped_fraction",
@@ -61,6 +62,8 @@ MIN_FOREGROUND_FRACTION = 1e-3
 FOREGROUND_LEVEL = 0.1
 #: More than this fraction of the foreground outside the model's box is a crop.
 MAX_CROPPED = 0.005
+#: More than this fraction of a scan's foreground outside the box after alignment: refused.
+MAX_ALIGNED_CUT = 0.5
 #: Visits whose foreground centres lie further apart than this (mm) are not aligned.
 ALIGNED_MM = 10.0
 #: Foreground volume outside [lo / slack, hi * slack] of the trained range is out of domain.
@@ -233,6 +236,41 @@ def fit_grid(
         "crop or skull-strip it first (--preprocess does), or use a model with a larger box",
     )
     return grid
+
+
+def check_aligned_box(
+    originals: Sequence[Image],
+    supports: Sequence[np.ndarray],
+    report: DomainReport,
+    *,
+    names: Sequence[str],
+    extent_mm: Sequence[float],
+) -> None:
+    """After alignment into the model's space, how much of each input's head lies outside
+    the model's box: the result is blank there. ``supports[i]`` marks, on input ``i``'s own
+    grid, the voxels the model's box covers. A small part (the neck, the top of the scalp)
+    is a warning; most of the head outside is a refusal (the alignment failed or the scan
+    is not what the model expects)."""
+    box = " x ".join(f"{e:.0f}" for e in extent_mm)
+    for name, img, support in zip(names, originals, supports):
+        fg = foreground(img)
+        if fg.volume_ml == 0:
+            continue
+        cut = float(1.0 - (fg.mask & support).sum() / fg.mask.sum())
+        if cut > MAX_ALIGNED_CUT:
+            report.add(
+                "refuse",
+                "cropped-after-alignment",
+                f"{name}: after alignment {100 * cut:.0f} % of the scan's foreground lies outside the model's "
+                f"{box} mm box: the alignment failed or the scan does not show a head like the training heads",
+            )
+        elif cut > MAX_CROPPED:
+            report.add(
+                "warn",
+                "outside-box",
+                f"{name}: {100 * cut:.1f} % of the scan's foreground (neck, shoulders, scalp) lies outside the "
+                f"model's {box} mm box around the aligned head; the result is blank (0) there",
+            )
 
 
 # ----------------------------------------------------------------------------- checks

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .catalog import LoadedModel, load_model
 from .diffusion import SamplerSettings, resolve_device
-from .domain import DomainReport, check_images, check_request, fit_grid
+from .domain import DomainReport, check_aligned_box, check_images, check_request, fit_grid
 from .errors import InputError, LongitudinalDiffusionError
 from .grid import GridRecord, ModelGrid, resample_to
 from .imaging import Image, check_array, load_image, save_image, write_json
@@ -415,7 +415,7 @@ def complete_ages(
     _checked_content(loaded, real, names, report, opts, labels=[f"{tp.age:g} months" for tp in real])
     prep, real, prep_note = _preprocessed(loaded, real, opts)
     keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
-    grids = _checked_grids(loaded, [_image(tp) for tp in real], names, report, opts, keys)
+    grids = _checked_grids(loaded, [_image(tp) for tp in real], names, report, opts, keys, prep)
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
@@ -463,6 +463,7 @@ def _checked_grids(
     report: DomainReport,
     opts: RunOptions,
     keys: Sequence[str] = ("grid",),
+    prep: Any = None,
 ) -> dict[str, ModelGrid]:
     """The domain checks of the scans the model will read (:mod:`.domain`, ``space``: after
     preprocessing, when it ran), refusing before any network runs; the warnings announced;
@@ -470,6 +471,10 @@ def _checked_grids(
     model's box)."""
     card = loaded.card.card
     check_images(card, images, report, names=names, content=False)
+    if prep is not None and prep.spec.align != "none":
+        ones = [Image(np.ones(s.image.shape[:3], np.float32), s.image.affine) for s in prep.scans]
+        supports = [prep.back_to_input(one, i).array > 0.5 for i, one in enumerate(ones)]
+        check_aligned_box(prep.originals, supports, report, names=names, extent_mm=_grid(loaded).extent_mm)
     strict = bool(card.get("domain"))  # a card that states its domain is held to its box
     grids = {key: fit_grid(_grid(loaded, key), images, report, names, strict=strict) for key in keys}
     report.announce(opts.progress)  # the warnings too, when it refuses: every doubt at once
@@ -764,7 +769,7 @@ def synthesize_modality(
         report.announce(opts.progress)
         report.raise_if_refused()
     else:
-        grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts)["grid"]
+        grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts, prep=prep)["grid"]
     first = grid.forward(_image(have[cond_mods[0]]))
     on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)
@@ -910,7 +915,7 @@ def interpolate_frames(
     _checked_content(loaded, pair, names, report, opts)
     prep, pair, prep_note = _preprocessed(loaded, pair, opts)
     src_img, tgt_img = (tp.image for tp in pair)
-    grid = _checked_grids(loaded, [src_img, tgt_img], names, report, opts)["grid"]
+    grid = _checked_grids(loaded, [src_img, tgt_img], names, report, opts, prep=prep)["grid"]
     src = grid.forward(src_img)
     tgt = grid.forward(tgt_img, reference=src.record)
     labels = None

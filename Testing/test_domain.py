@@ -190,3 +190,20 @@ def test_a_brain_given_to_the_heart_model_is_refused_with_its_anatomy_named(scan
         interpolate_frames(scans["brain"], scans["moved25"], 2, "ddm-demo", device="cpu", preprocess=False)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("outside the 448-1004 mL of the simulated beating-heart phantom" in w for w in warned)
+
+
+def test_a_head_partly_outside_the_aligned_box_is_warned_and_mostly_outside_refused(scans):
+    from LongitudinalDiffusionLib.domain import check_aligned_box
+
+    head = load_image(scans["head"])
+    support = np.ones(head.shape, bool)
+    support[:, :, :12] = False  # the box ends above the lowest slices (the neck)
+    report = DomainReport("interval-demo")
+    check_aligned_box([head], [support], report, names=["ch2_2mm.nii.gz"], extent_mm=(160, 200, 160))
+    assert [f.code for f in report.findings] == ["outside-box"] and "the result is blank (0) there" in report.warnings[
+        0
+    ]
+    support[:, :, : head.shape[2] // 2 + 10] = False  # most of the head outside: a failed alignment
+    report = DomainReport("interval-demo")
+    check_aligned_box([head], [support], report, names=["ch2_2mm.nii.gz"], extent_mm=(160, 200, 160))
+    assert [f.code for f in report.refusals] == ["cropped-after-alignment"]
