@@ -1,8 +1,9 @@
-"""The worker's settings and its access token.
+"""The worker's settings and its single (admin) access token.
 
 The token is read, in this order, from ``--token-file``, from the ``LONGDIFF_WORKER_TOKEN``
 environment variable, or from ``<data>/token``, which is created on first start with
-owner-only permissions (0600).
+owner-only permissions (0600) - unless the users file has users (:mod:`.users`: one token
+per user), when it is only read if it exists.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Settings:
 
     Args:
         data: folder of the job database, inputs and results.
-        token: the bearer token every request but ``/v1/health`` must carry.
+        token: the single token (the admin user), or None when only the users file serves.
         max_upload_mb: largest request body accepted (HTTP 413 above).
         max_voxels: largest image accepted (voxels), whatever its file size.
         max_dim: largest extent along any axis (voxels).
