@@ -120,7 +120,6 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay(report.message if report else _("The installation did not complete."))
 
     def _setupPanel(self, panel):
-
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LongitudinalDiffusion.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -160,9 +159,9 @@ class LongitudinalDiffusionWidget(ScriptedLoadableModuleWidget):
         self.logic.close()
 
     def installDependencies(self):
-        """Before a local run: the missing packages, installed after the user agrees (a report)."""
-        with slicer.util.WaitCursor():
-            self.logic.ensureDependencies()
+        """Before a local run: the missing packages, installed after the user agrees (a report).
+        No wait cursor: the installers show questions (and pip's progress) themselves."""
+        self.logic.ensureDependencies()
         return self.logic.dependencyReport
 
     def confirmUpload(self, request):

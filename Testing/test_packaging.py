@@ -36,7 +36,11 @@ def test_every_library_file_slicer_runs_is_packaged_and_the_worker_is_not():
     cmake = lib / "CMakeLists.txt"
     files = {p.relative_to(lib).as_posix() for p in lib.rglob("*.py")}
     scripts = {f for f in files if not f.startswith(NOT_PACKAGED_LIB)}
-    assert _listed(cmake, "LIB_PYTHON_SCRIPTS") == scripts
+    listed = _listed(cmake, "LIB_PYTHON_SCRIPTS")
+    assert listed == scripts, (
+        f"LongitudinalDiffusionLib/CMakeLists.txt LIB_PYTHON_SCRIPTS: add {sorted(scripts - listed)}, "
+        f"remove {sorted(listed - scripts)} (Slicer installs only the files listed there)"
+    )
     assert any(f.startswith("worker/") for f in files)  # it exists, and stays out
     data = {
         p.relative_to(lib).as_posix()
