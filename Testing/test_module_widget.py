@@ -69,7 +69,9 @@ def test_opening_the_module_installs_nothing_and_binds_the_scene(widget):
     assert w.panel is not None and w.ui.applyButton is not None
     node = widget.scene.GetSingletonNode("LongitudinalDiffusion", "vtkMRMLScriptedModuleNode")
     assert node is not None and node.GetParameter("task") == "complete-ages"
-    assert "user guide" in widget.module.LongitudinalDiffusion(types.SimpleNamespace()).parent.helpText
+    meta = widget.module.LongitudinalDiffusion(types.SimpleNamespace()).parent
+    assert "user guide" in meta.helpText and widget.module.DOCUMENTATION_URL in meta.helpText
+    assert meta.contributors and "LongitudinalDiffusion developers" not in meta.contributors  # no placeholder
 
 
 def test_the_first_local_run_asks_and_a_decline_leaves_retry(widget, subjectFolder):
