@@ -179,6 +179,31 @@ def test_a_killed_child_fails_the_job_with_a_clear_message_and_the_backend_goes_
         assert backend.child_pid != pid
 
 
+@pytest.mark.skipif(not POSIX, reason="POSIX exit statuses")
+def test_exit_statuses_are_told_in_words():
+    from LongitudinalDiffusionLib.backends.process import describe_exit
+
+    assert "killed (SIGSEGV)" in describe_exit(-11, [])
+    # PythonSlicer is a launcher: it reports its Python's SIGKILL as 128 + 9
+    assert "SIGKILL" in describe_exit(137, []) and "memory" in describe_exit(137, [])
+    message = describe_exit(1, ["Traceback (most recent call last):", "x" * 500, "ImportError: no torch"])
+    assert message.startswith("the job process exited with code 1; its last messages: ")
+    assert message.endswith("ImportError: no torch") and len(message) < 600
+
+
+def test_an_idle_child_ends_itself_and_the_next_job_starts_another(cohort, models):
+    with ProcessBackend(idle_timeout=1.0) as backend:
+        backend.wait(backend.submit(ages_spec(cohort, str(models["interval"]))), timeout=300)
+        pid = backend.child_pid
+        assert pid is not None and gone(pid, within=30)
+        deadline = time.monotonic() + 10
+        while backend.child_pid is not None:  # its exit reaches the backend through the reader thread
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert backend.wait(backend.submit(ages_spec(cohort, str(models["interval"]))), timeout=300)
+        assert backend.starts == 2
+
+
 def test_weights_deleted_after_they_were_cached_fail_clearly(cohort, models, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()

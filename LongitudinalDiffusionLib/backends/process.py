@@ -114,6 +114,15 @@ def describe_exit(code: int | None, tail: list[str]) -> str:
             how += "; the system does this when memory runs out (try fewer samples or a smaller model)"
     else:
         how = f"exited with code {code}"
+        if os.name != "nt" and 128 < code < 128 + 65:  # a launcher (PythonSlicer) or shell reporting a signal
+            try:
+                name = signal.Signals(code - 128).name
+            except ValueError:
+                name = ""
+            if name:
+                how += f", its Python killed by {name}"
+                if name == "SIGKILL":
+                    how += "; the system does this when memory runs out (try fewer samples or a smaller model)"
         if code in (3221225477, -1073741819):  # Windows access violation
             how += " (a crash)"
     message = f"the job process {how}"
