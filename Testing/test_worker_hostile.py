@@ -394,6 +394,13 @@ def test_every_error_is_one_line_json(worker):
     assert r.status_code == 404 and one_line_json(r) == "Not Found"
     r = httpx.put(f"{url}/v1/jobs", headers=ADMIN)
     assert r.status_code == 405 and one_line_json(r) == "Method Not Allowed"
+    # requests the HTTP layer cannot parse: a broken request line, 100 kB of headers
+    for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /v1/health HTTP/1.1\r\nHost: w\r\nX-big: " + b"a" * 100_000):
+        with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as s:
+            s.sendall(raw)
+            answer = _read_all(s)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"application/json" in answer and b'{"detail": "malformed HTTP request (' in answer, answer
     # two Authorization headers: refused, whatever they say
     for pair in ((ADMIN["Authorization"], "Bearer wrong"), ("Bearer wrong", ADMIN["Authorization"]),
                  (ADMIN["Authorization"], ADMIN["Authorization"])):  # fmt: skip

@@ -10,6 +10,9 @@
   a flood of idle connections cannot lock everyone else out; only when every connection
   is busy with a request does the new one get the 503.
 
+A request the HTTP layer cannot parse (a malformed request line, headers over
+``h11_max_incomplete_event_size``) gets the one-line JSON 400 as well.
+
 The body read timeout is the :class:`~.app.Guard`'s (``body_timeout``), the keep-alive
 timeout uvicorn's own (``timeout_keep_alive``).
 """
@@ -59,6 +62,17 @@ def guarded_protocol(header_timeout: float, max_connections: int, max_per_addres
             oldest.transport.close()
             self.connections.discard(oldest)
             return True
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP layer cannot parse: the one-line JSON error too."""
+            import h11
+
+            data = json.dumps({"detail": f"malformed HTTP request ({msg.rstrip('.').lower()})"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Data(data=data)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
