@@ -114,6 +114,20 @@ def test_the_child_stays_warm_and_loads_a_model_once(warm, cohort, models):
     assert after["hits"] == before["hits"] + 1 and after["loads"] == before["loads"]  # a 'model cache hit'
 
 
+def test_models_are_dropped_while_memory_is_short(cohort, models):
+    # more memory asked to stay free than any machine has: only the model in use is kept
+    with ProcessBackend(keep_free_mb=1e9) as backend:
+        segmenter = ChildSegmenter(backend, "tissue-seg-brain-demo")
+        scan = next((cohort / "sub-001").rglob("*T1w.nii.gz"))
+        from LongitudinalDiffusionLib.imaging import load_image
+
+        backend.wait(backend.submit(ages_spec(cohort, str(models["interval"]))), timeout=300)
+        segmenter(load_image(scan))
+        backend.wait(backend.submit(ages_spec(cohort, str(models["interval"]))), timeout=300)
+        assert backend.stats["loads"] == 3 and backend.stats["hits"] == 0 and backend.stats["dropped"] == 2
+        assert backend.stats["models"] == 1
+
+
 def test_a_polite_cancel_keeps_the_child(warm, cohort, models):
     job = warm.submit(ages_spec(cohort, str(models["interval"]), steps=400))
     queued = warm.submit(ages_spec(cohort, str(models["interval"])))

@@ -22,7 +22,8 @@ loads), ``failed`` adds ``error_type``; ``{"type": "bye", "reason": ...}`` last.
 
 Jobs run one after the other on the main thread; a reader thread takes stdin so that a
 cancel arrives while a job runs. Loaded models are kept (:class:`ModelCache`) while the
-process lives; it ends itself after ``--idle-timeout`` seconds without a request.
+process lives (``--cache-size``, fewer while less than ``--keep-free-mb`` is available); it
+ends itself after ``--idle-timeout`` seconds without a request.
 """
 
 from __future__ import annotations
@@ -44,16 +45,65 @@ PROTOCOL = 1
 log = logging.getLogger("LongitudinalDiffusionLib.backends.child")
 
 
+def available_mb(device: Any = "cpu") -> float | None:
+    """Memory available for another model on ``device`` in MB (None when unknown): the
+    GPU's free memory for CUDA; else the system's available memory (Linux ``MemAvailable``,
+    or psutil when installed)."""
+    if str(getattr(device, "type", device)).startswith("cuda"):
+        try:
+            import torch
+
+            return torch.cuda.mem_get_info(device)[0] / 2**20
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**20
+    except Exception:  # not installed, or no answer: unknown
+        return None
+
+
 class ModelCache:
     """Loaded models, least recently used dropped first, keyed by the card's path, the
     weights' sha256 and the device. A hit is checked against the weights file (same size
-    and modification time), so a replaced or deleted file is never served from memory."""
+    and modification time), so a replaced or deleted file is never served from memory.
 
-    def __init__(self, size: int = 2) -> None:
+    At most ``size`` models are kept, and fewer while memory is short: before a load and
+    after it, the least recently used others are dropped while less than ``keep_free_mb``
+    MB are available on the model's device (:func:`available_mb`)."""
+
+    def __init__(self, size: int = 2, keep_free_mb: float = 1024.0) -> None:
         self.size = max(1, int(size))
+        self.keep_free_mb = float(keep_free_mb)
         self.hits = 0
         self.loads = 0
+        self.dropped = 0
         self._items: collections.OrderedDict[tuple[str, str, str], tuple[Any, Any]] = collections.OrderedDict()
+
+    def _short(self, device: Any) -> bool:
+        free = available_mb(device)
+        return free is not None and free < self.keep_free_mb
+
+    def _drop_oldest(self, keep: int, device: Any) -> None:
+        """Drop the least recently used while more than ``keep`` remain and memory is short."""
+        dropped = False
+        while len(self._items) > keep and self._short(device):
+            key, _ = self._items.popitem(last=False)
+            log.info("model cache: dropped %s (memory is short)", Path(key[0]).stem)
+            self.dropped += 1
+            dropped = True
+        if dropped:
+            import gc
+
+            gc.collect()
 
     def get(self, name_or_path: str, device: Any) -> Any:
         from ..catalog import load_model, resolve_card
@@ -74,15 +124,23 @@ class ModelCache:
             log.info("model cache hit: %s", card.name)
             return item[1]
         self._items.pop(key, None)
+        self._drop_oldest(0, device)  # room first
         loaded = load_model(card, device)
         self.loads += 1
         self._items[key] = (stamp, loaded)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+        self._drop_oldest(1, device)  # the one just loaded stays
         return loaded
 
     def report(self) -> dict[str, Any]:
-        return {"hits": self.hits, "loads": self.loads, "models": len(self._items), "pid": os.getpid()}
+        return {
+            "hits": self.hits,
+            "loads": self.loads,
+            "dropped": self.dropped,
+            "models": len(self._items),
+            "pid": os.getpid(),
+        }
 
 
 class _Output:
@@ -103,11 +161,11 @@ class _Output:
 class Server:
     """Serves the requests of one parent, one job at a time."""
 
-    def __init__(self, out: _Output, cache_size: int = 2) -> None:
+    def __init__(self, out: _Output, cache_size: int = 2, keep_free_mb: float = 1024.0) -> None:
         from ..progress import CancelToken
 
         self.out = out
-        self.cache = ModelCache(cache_size)
+        self.cache = ModelCache(cache_size, keep_free_mb)
         self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._tokens: dict[str, Any] = {}  # job id -> CancelToken, for jobs received and not ended
@@ -260,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m LongitudinalDiffusionLib.backends.child", description=__doc__)
     parser.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without a request before leaving")
     parser.add_argument("--cache-size", type=int, default=2, help="models kept loaded")
+    parser.add_argument(
+        "--keep-free-mb", type=float, default=1024.0, help="drop cached models while less memory is available"
+    )
     args = parser.parse_args(argv)
     # stdout is the protocol's alone: anything else written to fd 1 goes to stderr
     protocol_fd = os.dup(1)
@@ -267,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = _Output(protocol_fd)
-    server = Server(out, args.cache_size)
+    server = Server(out, args.cache_size, args.keep_free_mb)
     out.send({"type": "ready", "pid": os.getpid(), "protocol": PROTOCOL, "python": sys.version.split()[0]})
     reader = threading.Thread(target=server.read, args=(sys.stdin.buffer,), name="longdiff-child-stdin", daemon=True)
     reader.start()

@@ -51,7 +51,7 @@ class _Job:
 class LocalBackend(ProcessBackend):
     """The local backend: jobs in a warm child process (see :class:`~.process.ProcessBackend`
     for the arguments: ``python``, ``progress_interval``, ``idle_timeout``, ``cache_size``,
-    ``cancel_grace``, ``env``)."""
+    ``keep_free_mb``, ``cancel_grace``, ``env``)."""
 
 
 class ThreadBackend:

@@ -15,7 +15,7 @@ and runs at full speed; this side only reads its output.
   and puts the decoded lines on an inbox; :meth:`ProcessBackend.poll` drains it and never
   blocks, which is what a ``QTimer`` calls.
 * **Warm**: the child serves job after job and keeps the models it loaded (an LRU keyed by
-  card path, weights sha256 and device); it ends itself after ``idle_timeout`` seconds
+  card path, weights sha256 and device, fewer while memory is short); it ends itself after ``idle_timeout`` seconds
   without work and is started again, transparently, when the next job comes or when it died.
 * **Cancel**: a polite ``cancel`` line first (the sampler stops within a step and the child
   stays warm); if the job has not ended ``cancel_grace`` seconds later, the process tree is
@@ -291,6 +291,8 @@ class ProcessBackend:
             merged by the child (the last step of a stage is always sent).
         idle_timeout: seconds without work after which the child ends itself (0: never).
         cache_size: models the child keeps loaded (least recently used go first).
+        keep_free_mb: the child drops cached models (least recently used first) while less
+            than this many MB are available on the model's device.
         cancel_grace: seconds a cancelled job may take to stop by itself before its
             process tree is terminated (0: at once).
         env: extra environment variables of the child.
@@ -305,6 +307,7 @@ class ProcessBackend:
         progress_interval: float = 0.0,
         idle_timeout: float = 600.0,
         cache_size: int = 2,
+        keep_free_mb: float = 1024.0,
         cancel_grace: float = 3.0,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -312,6 +315,7 @@ class ProcessBackend:
         self._interval = float(progress_interval)
         self._idle = float(idle_timeout)
         self._cache_size = int(cache_size)
+        self._keep_free_mb = float(keep_free_mb)
         self._grace = float(cancel_grace)
         self._env = dict(env or {})
         self._lock = threading.RLock()
@@ -613,6 +617,7 @@ class ProcessBackend:
             return child
         python = find_python(self._python)
         argv = [python, "-m", CHILD_MODULE, "--idle-timeout", f"{self._idle:g}", "--cache-size", str(self._cache_size)]
+        argv += ["--keep-free-mb", f"{self._keep_free_mb:g}"]
         env = {**os.environ, **self._env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LIBRARY_PARENT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONIOENCODING", "utf-8")
