@@ -342,9 +342,11 @@ class ProcessBackend:
     def submit_segmentation(self, model: str | os.PathLike, images: list[Any], device: str = "cpu") -> str:
         """Segment ``images`` (library ``Image`` objects) with a segmentation model in the
         child; :meth:`result` gives their label images (int16, on each image's geometry)."""
+        if self._closed:
+            raise LongitudinalDiffusionError("the local backend is closed")
         job_id = uuid.uuid4().hex
         folder = self._workdir / job_id
-        folder.mkdir(parents=True)
+        folder.mkdir()
         items, affines = [], []
         import numpy as np
 
