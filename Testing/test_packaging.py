@@ -19,6 +19,8 @@ def _listed(cmake: Path, variable: str) -> set[str]:
     assert match, f"{cmake}: no set({variable} ...)"
     module = re.search(r"set\(MODULE_NAME\s+(\S+)\)", text)
     items = match.group(1).split()
+    twice = sorted({i for i in items if items.count(i) > 1})
+    assert not twice, f"{cmake}: listed twice in {variable}: {twice}"
     if module:
         items = [i.replace("${MODULE_NAME}", module.group(1)) for i in items]
     return set(items)
