@@ -260,7 +260,12 @@ def _criterion(config: Mapping[str, Any]) -> DiceCELoss:
     )
 
 
-def loss(model: torch.nn.Module, batch: Mapping[str, Any], config: Mapping[str, Any], generator=None) -> torch.Tensor:
+def loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    config: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Dice + cross-entropy (MONAI ``DiceCELoss``, softmax, one-hot labels) of one batch.
 
     Args:
@@ -459,7 +464,9 @@ def fit_gaussian_mixture(
     return weights[order], means[order], variances[order]
 
 
-def _component_log_densities(x: np.ndarray, weights, means, variances) -> np.ndarray:
+def _component_log_densities(
+    x: np.ndarray, weights: np.ndarray, means: np.ndarray, variances: np.ndarray
+) -> np.ndarray:
     return (
         np.log(weights)[None]
         - 0.5 * np.log(2 * math.pi * variances)[None]
@@ -539,6 +546,7 @@ def gmm_segment(
         expected = (post * means).sum(1) / post.sum(1)
         ratio = np.zeros(array.shape)
         ratio[mask] = np.log(raw / np.maximum(expected, 1e-6 * float(np.abs(means).max())))
+        assert weight is not None  # bias_iterations > 0 here
         log_bias = ndimage.gaussian_filter(ratio, sigma)[mask] / np.maximum(weight[mask], 1e-6)
         values = raw / np.exp(log_bias - log_bias.mean())
     component = log_p.argmax(1)

@@ -14,6 +14,8 @@ export QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}"  # the panel tests need n
   echo "run_tests: style check failed; 'ruff check --fix . && ruff format .' fixes most of it" >&2
   exit 1
 }
+# Types (pyproject.toml [tool.mypy]): the library at the level each room passes.
+"$venv/bin/python" -m mypy || { echo "run_tests: type check failed (python -m mypy)" >&2; exit 1; }
 set +e
 "$venv/bin/python" -m pytest "$@"
 status=$?

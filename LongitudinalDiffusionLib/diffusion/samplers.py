@@ -117,6 +117,9 @@ class _Base:
     def timesteps(self, steps: int | None) -> list[int]:
         return timesteps(self.schedule.num_steps, steps)
 
+    def step(self, x0: torch.Tensor, x: torch.Tensor, t: int, s: int, noise: Noise) -> torch.Tensor:
+        raise NotImplementedError
+
     def _eps(self, x0: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
         return self.tables.to_eps(x0, x, x.new_full((x.shape[0],), t).long())
 

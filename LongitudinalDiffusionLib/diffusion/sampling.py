@@ -228,8 +228,8 @@ def sample(
         ref = reference.to(device=device, dtype=torch.float32)
         if tuple(ref.shape) != tuple(shape):
             raise LongitudinalDiffusionError(f"reference has shape {tuple(ref.shape)}, expected {tuple(shape)}")
-        image_clip = clip
-        clip = (lambda r: image_clip(r + ref) - ref) if image_clip is not None else None
+        image_clip, shift = clip, ref
+        clip = (lambda r: image_clip(r + shift) - shift) if image_clip is not None else None
     fmt = memory_format(device)
     cuda = device.type == "cuda"
 

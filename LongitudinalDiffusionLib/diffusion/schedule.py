@@ -135,6 +135,8 @@ class Schedule:
         abar = _per_sample(self.alphas_cumprod, t, x_t)
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
-    def random_steps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    def random_steps(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Uniform training steps in [0, num_steps)."""
         return torch.randint(0, self.num_steps, (n,), generator=generator).to(device or "cpu")

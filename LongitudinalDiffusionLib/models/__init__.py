@@ -59,7 +59,7 @@ def default_config(method: str, scale: str = "paper", **options: Any) -> dict[st
 
 def config_class(method: str) -> type[Any]:
     """The typed configuration class of ``method`` (a frozen dataclass, ``models.config``)."""
-    return method_module(method).CONFIG  # type: ignore[no-any-return]
+    return method_module(method).CONFIG
 
 
 def build(method: str, config: Mapping[str, Any]) -> Any:

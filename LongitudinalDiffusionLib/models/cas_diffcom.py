@@ -25,23 +25,26 @@ changes with age and what up-sampling misses (docs/methods.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from ..diffusion import Intermediate, SamplerSettings, Schedule, prepare_network, residual_target, sample
+from ..diffusion import Intermediate, SampleOutput, SamplerSettings, Schedule, prepare_network, residual_target, sample
 from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback
 from .config import MethodConfig, Prediction, UNetConfig, nested, optional
 from .layers import ScalarEmbedding, sinusoidal_embedding
 
 METHOD = "cas-diffcom"
 TASK = "complete-ages"
 STAGES = ("generator", "refiner")
+#: ages in months: one number for every sample, or one per sample
+Ages = Union[float, Sequence[float], torch.Tensor]
 
 
 # -- stage 1: the AsMM generator ---------------------------------------------------------------
@@ -70,6 +73,8 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.temb is not None:
+            if temb is None:
+                raise ValueError("this block adds a step embedding: temb is required")
             h = h + self.temb(F.silu(temb))[:, :, None, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
@@ -235,7 +240,14 @@ class AsMMGenerator(nn.Module):
             h = self.dec[i](torch.cat([h, skips[i], guides[i]], dim=1), temb)
         return self.out(h)
 
-    def forward(self, x_t, t, guidance, guidance_age, target_age) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        guidance: torch.Tensor,
+        guidance_age: torch.Tensor,
+        target_age: torch.Tensor,
+    ) -> torch.Tensor:
         """Training-time convenience: encode the guidance and denoise in one call."""
         return self.denoise(x_t, t, self.encode_guidance(guidance, guidance_age, target_age))
 
@@ -255,13 +267,14 @@ class SuperResolutionRefiner(nn.Module):
     augmentation of z0 (the paper describes none).
     """
 
-    def __init__(self, up_channels: int = 8, **unet: object) -> None:
+    def __init__(self, up_channels: int = 8, **unet: Any) -> None:
         super().__init__()
         self.up = nn.ConvTranspose3d(1, up_channels, kernel_size=4, stride=2, padding=1)
         with torch.no_grad():
             k = torch.tensor([0.25, 0.75, 0.75, 0.25])
             self.up.weight.copy_((k[:, None, None] * k[None, :, None] * k[None, None, :]).expand_as(self.up.weight))
-            self.up.bias.zero_()
+            if self.up.bias is not None:
+                self.up.bias.zero_()
         self.unet = DiffusionModelUNet(spatial_dims=3, in_channels=1 + up_channels, out_channels=1, **unet)
 
     @property
@@ -452,13 +465,20 @@ def build(config: CasDiffComConfig | Mapping[str, Any]) -> CasDiffCom:
     return CasDiffCom(AsMMGenerator(**gen), SuperResolutionRefiner(**ref))
 
 
-def upsampled(low_res: torch.Tensor, size) -> torch.Tensor:
+def upsampled(low_res: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """z0 trilinearly up-sampled to the high-resolution grid (the refiner's residual reference;
     both grids are cell-centred on the same field of view)."""
     return F.interpolate(low_res.float(), size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)
 
 
-def _diffusion_loss(denoise, x0: torch.Tensor, cond, schedule: Schedule, prediction: str, generator) -> torch.Tensor:
+def _diffusion_loss(
+    denoise: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    cond: Any,
+    schedule: Schedule,
+    prediction: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """MSE between the network output and its target at uniform random steps (eq. 2)."""
     t = schedule.random_steps(x0.shape[0], generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -492,11 +512,11 @@ def loss(model: CasDiffCom, batch: dict, config: dict, generator: torch.Generato
         return _diffusion_loss(gen.denoise, x0, cond, schedule, prediction, generator)
     if stage == "refiner":
         ref = model.refiner
-        cond = ref.upsample(batch["low_res"])
+        up = ref.upsample(batch["low_res"])
         schedule = Schedule.from_config(config["refine_schedule"])
         target = batch["target_hr"]
         base = upsampled(batch["low_res"], target.shape[2:]) if config.get("residual") else None
-        return _diffusion_loss(ref.denoise, residual_target(target, base), cond, schedule, prediction, generator)
+        return _diffusion_loss(ref.denoise, residual_target(target, base), up, schedule, prediction, generator)
     raise ValueError(f"batch['stage'] must be one of {STAGES}, got {stage!r}")
 
 
@@ -508,9 +528,9 @@ def super_resolve(
     settings: SamplerSettings | None = None,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
-    progress=None,
-    cancel=None,
-):
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> SampleOutput:
     """Stage 2 alone: the high-resolution image of ``low_res`` (N, 1, *image_size), a
     :class:`~..diffusion.SampleOutput` (stage "refine" in progress events)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -551,7 +571,7 @@ def _check_volume(name: str, x: torch.Tensor, factor: int) -> None:
         raise InputError(name, f"spatial size {tuple(x.shape[2:])} must be a multiple of {factor} for this network")
 
 
-def _ages(name: str, age, n: int, device) -> torch.Tensor:
+def _ages(name: str, age: Ages, n: int, device: torch.device) -> torch.Tensor:
     age = torch.as_tensor(age, dtype=torch.float32).reshape(-1)
     if age.numel() == 1:
         age = age.expand(n)
@@ -563,8 +583,8 @@ def _ages(name: str, age, n: int, device) -> torch.Tensor:
 def complete(
     model: CasDiffCom,
     guidance: torch.Tensor,
-    guidance_age,
-    target_age,
+    guidance_age: Ages,
+    target_age: Ages,
     *,
     config: dict,
     settings: SamplerSettings | None = None,
@@ -572,8 +592,8 @@ def complete(
     refine: bool = True,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
-    progress=None,
-    cancel=None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> CascadeOutput:
     """Generate the subject at ``target_age`` from a guidance scan, then super-resolve it.
 

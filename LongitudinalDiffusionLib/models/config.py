@@ -54,7 +54,8 @@ class MethodConfig:
     """Base of every config class: ``from_dict`` / ``to_dict`` round-trip the JSON."""
 
     @classmethod
-    def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    def from_dict(cls: type[C], data: Mapping[str, Any] | MethodConfig, where: str = "") -> C:
+        """The config of ``data`` (a JSON object; an instance of ``cls`` is returned as is)."""
         if isinstance(data, cls):
             return data
         if not isinstance(data, Mapping):

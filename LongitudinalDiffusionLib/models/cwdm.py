@@ -185,7 +185,7 @@ class ResBlock(nn.Module):
 class EmbedSequential(nn.Sequential):
     """A sequence whose residual blocks also receive the step embedding."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
@@ -235,7 +235,7 @@ class WaveletUNet(nn.Module):
         self.model_channels = model_channels
         self.levels = len(channel_mult)
         emb = 4 * model_channels
-        block = dict(dropout=dropout, num_groups=num_groups, use_scale_shift_norm=use_scale_shift_norm)
+        block: dict[str, Any] = dict(dropout=dropout, num_groups=num_groups, use_scale_shift_norm=use_scale_shift_norm)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.input_blocks = nn.ModuleList([EmbedSequential(_conv(in_channels, model_channels))])
@@ -292,7 +292,7 @@ class WaveletUNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # Configuration and the module contract
 # --------------------------------------------------------------------------------------
-_SCALES = {
+_SCALES: dict[str, tuple[dict[str, Any], list[int], dict[str, Any]]] = {
     # network, image_size, sampler overrides
     "paper": (
         dict(model_channels=64, channel_mult=[1, 2, 2, 4, 4], num_res_blocks=2, num_groups=32),
@@ -463,7 +463,9 @@ def _check_mask(mask: torch.Tensor | None, n: int, config: Mapping[str, Any]) ->
     return mask.float()
 
 
-def condition_channels(conditions: torch.Tensor, config: Mapping[str, Any], mask: torch.Tensor | None = None):
+def condition_channels(
+    conditions: torch.Tensor, config: Mapping[str, Any], mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The condition input of the network, computed once per sample.
 
     Args:

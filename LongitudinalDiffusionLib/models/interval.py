@@ -30,7 +30,7 @@ the source and minutes of CPU training are spent on what changes with age (docs/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from ..diffusion import SampleOutput, SamplerSettings, Schedule, prepare_network, residual_target, sample
 from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback
 from .config import MethodConfig, Prediction, UNetConfig, nested, optional
 from .layers import ScalarEmbedding
 
@@ -58,15 +59,16 @@ class IntervalDiffusion(nn.Module):
             ``num_res_blocks``, ``norm_num_groups``, ``num_head_channels``, ...).
     """
 
-    def __init__(self, interval_scale: float = 10.0, **unet: object) -> None:
+    def __init__(self, interval_scale: float = 10.0, **unet: Any) -> None:
         super().__init__()
         self.unet = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=1, num_class_embeds=1, **unet)
         # MONAI adds class_embedding(class_labels) to the timestep embedding: make it continuous.
-        self.unet.class_embedding = ScalarEmbedding(self.unet.time_embed[-1].out_features, scale=interval_scale)
+        width = int(self.unet.time_embed[-1].out_features)  # type: ignore[arg-type]  # an nn.Linear
+        self.unet.class_embedding = ScalarEmbedding(width, scale=interval_scale)  # type: ignore[assignment]
 
     @property
     def interval_embedding(self) -> ScalarEmbedding:
-        return self.unet.class_embedding
+        return self.unet.class_embedding  # type: ignore[return-value]  # set in __init__
 
     @property
     def factor(self) -> int:
@@ -203,14 +205,14 @@ def loss(model: IntervalDiffusion, batch: dict, config: dict, generator: torch.G
 def generate(
     model: IntervalDiffusion,
     source: torch.Tensor,
-    interval,
+    interval: float | Sequence[float] | torch.Tensor,
     *,
     config: dict,
     settings: SamplerSettings | None = None,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
-    progress=None,
-    cancel=None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> SampleOutput:
     """The subject ``interval`` months after (before, if negative) the ``source`` scan.
 

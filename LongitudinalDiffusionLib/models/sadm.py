@@ -65,7 +65,7 @@ Choices made here, against the paper and upstream:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,14 +383,15 @@ class SADM(nn.Module):
 
     def __init__(
         self,
-        image_size,
+        image_size: Sequence[int],
         max_frames: int,
         attention: dict[str, Any],
         unet: dict[str, Any],
         reference_channel: bool = False,
     ) -> None:
         super().__init__()
-        self.image_size = tuple(int(s) for s in image_size)
+        i, j, k = (int(s) for s in image_size)
+        self.image_size = (i, j, k)
         self.max_frames = int(max_frames)
         self.attention = SequenceAttention(self.image_size, self.max_frames, **attention)
         self.unet = DiffusionModelUNet(
