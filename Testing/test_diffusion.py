@@ -210,3 +210,33 @@ def test_schedules():
         Schedule.from_config({"kind": "zigzag", "num_steps": 10})
     with pytest.raises(ValueError, match="unknown prediction"):
         lin.to_x0("score", x0, x_t, t)
+
+
+def test_the_loop_drives_samplers_through_timesteps_and_step_and_names_none(sched, monkeypatch):
+    """A sampler is a class behind timesteps()/step(); the loop in sample() names none of them."""
+    import ast
+    import inspect
+
+    from LongitudinalDiffusionLib.diffusion import samplers, sampling
+
+    tree = ast.parse(inspect.getsource(sampling.sample))
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not literals & set(samplers.SAMPLERS)
+    assert samplers.SAMPLERS == ("ddpm", "ddim", "dpm++2m") and set(samplers.SAMPLER_CLASSES) == set(
+        samplers.SamplerName
+    )
+
+    steps: list[tuple[int, int]] = []
+
+    class Recording(samplers.DDIM):
+        def step(self, x0, x, t, s, noise):
+            steps.append((t, s))
+            return super().step(x0, x, t, s, noise)
+
+    settings = SamplerSettings("ddim", steps=6, seed=3)
+    plain = sample(gaussian_denoiser(sched, "epsilon"), SHAPE, sched, "epsilon", settings)
+    monkeypatch.setitem(samplers.SAMPLER_CLASSES, samplers.SamplerName.DDIM, Recording)
+    recorded = sample(gaussian_denoiser(sched, "epsilon"), SHAPE, sched, "epsilon", settings)
+    taus = timesteps(sched.num_steps, 6)
+    assert steps == list(zip(taus[:-1], taus[1:])) and recorded.evaluations == len(taus)
+    assert torch.equal(recorded.sample, plain.sample)
