@@ -119,3 +119,10 @@ def test_python39_field_types_are_never_evaluated():
         assert "annotations" in vars(module) or importlib.import_module(module.__name__).__dict__.get("annotations")
         for field in dataclasses.fields(module.CONFIG):
             assert isinstance(field.type, str)
+
+
+def test_a_training_config_with_a_misspelt_model_key_is_refused_before_any_data_is_read():
+    from training.train import resolve_config
+
+    with pytest.raises(InputError, match=r"run\.json \(model\).*unknown key\(s\) residul"):
+        resolve_config({"method": "interval", "scale": "tiny", "model": {"residul": True}}, "run.json")

@@ -203,6 +203,8 @@ def resolve_config(raw: dict[str, Any], source: Any = "config", *, method: str |
         mcfg = model_config(name, scale, raw.get("model"))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(source, f"cannot make the {name} model config ({exc})") from None
+    # the method's typed config names a misspelt or missing key before any data is read
+    models.config_class(name).from_dict(mcfg, f"{source} (model)")
 
     train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
     train["steps"] = _number(train["steps"], "train.steps", source, minimum=1, integer=True)
