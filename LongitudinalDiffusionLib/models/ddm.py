@@ -21,11 +21,12 @@ Inference (:func:`interpolate`, sec. 2.3, eqs. 7-8): ONE pass of the diffusion m
 with x_t = T gives c; each frame is S warped by ``field_fn([S, gamma * c])``. There is no reverse
 chain, hence no engine sampler (``config["sampler"]`` is None).
 
-Intensities are in [-1, 1] (sec. 3, ``config["normalisation"] == "minmax_pm1"``). Choice (as
-upstream, which warps ``(S + 1) / 2``): images are warped in [0, 1] and mapped back to [-1, 1], so
-voxels pulled from outside the field of view become the background -1 rather than mid-grey 0;
-the LNCC compares the [0, 1] images, exactly as upstream (it is invariant to this affine map up to
-its epsilon).
+Intensities are in [-1, 1] (sec. 3, ``config["normalisation"] == "minmax_pm1"``). Images are
+warped in [0, 1] as upstream does (it warps ``(S + 1) / 2``), so voxels pulled from outside the
+field of view become the background rather than mid-grey; the LNCC compares the [0, 1] images,
+exactly as upstream (it is invariant to this affine map up to its epsilon). Choice: the frames
+are then mapped back to [-1, 1], the model's range; upstream never maps them back (its frames
+stay in [0, 1]).
 
 Checkpoints of the upstream code load with :func:`import_upstream_checkpoint`; the module names
 here follow upstream's where they are readable, and :data:`UPSTREAM_KEY_RULES` maps the rest.
