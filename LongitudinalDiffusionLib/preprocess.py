@@ -16,9 +16,11 @@ Steps, each made of field-made parts:
   clear error says how to install it when it is missing. A scan that is already stripped
   (most voxels exactly background and the brain mask covering the foreground) is left as
   it is. The brain mask also restricts the registration metric of a scan with skull.
-* **Alignment**: every visit of a subject rigidly to one reference visit (the first), and
-  the reference affinely or rigidly (as the card says) to the model's atlas: SimpleITK,
-  Mattes mutual information, three resolution levels, moments initialisation.
+* **Alignment**: every visit of a subject rigidly to one reference visit (the first; scans
+  on the reference's very grid, such as the contrasts of one session, are taken as
+  co-registered), and the reference affinely or rigidly (as the card says) to the model's
+  atlas, its metric restricted to the brain mask: SimpleITK, Mattes mutual information,
+  three resolution levels, moments initialisation.
 * **Intensities**: the card's grid (:class:`~.grid.ModelGrid`) already clips percentiles and
   scales to the model's range on the way in and undoes it on the way out; preprocessing adds
   nothing there (``"intensity": "percentile"`` records that the grid does it).
@@ -440,7 +442,7 @@ def register(
     kind: str = "rigid",
     moving_mask: np.ndarray | None = None,
     fixed_mask: np.ndarray | None = None,
-    shrink: Sequence[int] = (4, 2, 1),
+    shrink: Sequence[int] | None = None,
     smoothing_mm: Sequence[float] = (4.0, 2.0, 0.0),
     iterations: int = 200,
     sampling: float = 0.05,
@@ -449,7 +451,10 @@ def register(
     """Align ``moving`` to ``fixed``: Mattes mutual information, multi-resolution, SimpleITK.
 
     A rigid (Euler) registration initialised at the images' centres of mass (moments);
-    ``kind="affine"`` continues from it with a 12-parameter affine.
+    ``kind="affine"`` continues from it with a 12-parameter affine. Three levels, with voxels
+    of about 8, 4 and 2 mm by default (shrink factors from the fixed image's voxel size: 4,
+    2, 1 at 2 mm, 2, 1, 1 at 5 mm); ``sampling`` is the fraction of voxels the metric draws
+    at each level, raised so that it draws at least 20000 (small images use them all).
 
     Returns:
         The 4x4 matrix, in LPS mm, taking a point of ``fixed`` to the point of ``moving``
@@ -460,6 +465,11 @@ def register(
     sitk = _sitk()
     f = sitk.Cast(to_sitk(fixed), sitk.sitkFloat32)
     m = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)
+    if shrink is None:
+        coarsest = max(fixed.spacing)
+        shrink = [max(1, int(round(target / coarsest))) for target in (8.0, 4.0, 2.0)][: len(smoothing_mm)]
+    region = int(np.count_nonzero(fixed_mask)) if fixed_mask is not None else int(np.prod(fixed.shape))
+    sampling = float(min(1.0, max(sampling, 20000.0 / max(region, 1))))
     fm = None if fixed_mask is None else to_sitk(Image(np.asarray(fixed_mask, np.uint8), fixed.affine))
     mm = None if moving_mask is None else to_sitk(Image(np.asarray(moving_mask, np.uint8), moving.affine))
     init = sitk.CenteredTransformInitializer(
@@ -715,8 +725,7 @@ def in_model_space(image: Image, source: str | Path | None = None) -> bool:
     """Whether a scan already lives in the models' training space: it is marked as the
     simulated cohort (NIfTI ``descrip`` or metadata), or it has the cohort's geometry (voxel
     axes along R, A, S and the field of view centred on the world origin)."""
-    meta = str(image.meta)
-    if "SIMULATED" in meta or "simulated" in meta:
+    if "SIMULATED" in str(image.meta.get("description", "")) or image.meta.get("simulated") is True:
         return True
     path = source if source is not None else image.meta.get("source")
     if path is not None and Path(str(path)).is_file():
@@ -784,14 +793,15 @@ def preprocess_for(
 
     work: list[Image] = []
     scans: list[PreprocessedScan] = []
-    for name, image in zip(names, images):
+    for index, (name, image) in enumerate(zip(names, images)):
         source = image.meta.get("source", name)
         check_affine(image.affine, source)
         array = check_array(image.array, source).astype(np.float32)
         img = Image(array, image.affine.copy(), dict(image.meta))
         scan = PreprocessedScan(name, img.affine.copy(), img.shape, img, np.eye(4))
         mask = None
-        if spec.skull_strip or (spec.align != "none" and brain_masks):
+        # the mask serves stripping, and the reference's alignment to the brain-only atlas
+        if spec.skull_strip or (spec.align != "none" and brain_masks and index == reference):
             t = time.perf_counter()
             try:
                 mask = extract_brain(img)
@@ -837,12 +847,19 @@ def preprocess_for(
     for i in range(len(work)):
         if i == ref:
             continue
+        if work[i].same_geometry(work[ref]):  # one grid: co-registered (e.g. the contrasts of a session)
+            scans[i].steps.append({"step": f"same grid as {names[ref]}: taken as aligned"})
+            continue
         t = time.perf_counter()
-        to_ref[i] = register(small[ref], small[i], kind="rigid", fixed_mask=masks[ref], moving_mask=masks[i])
+        # head to head: one subject's visits need no brain mask (and a mask per contrast would differ)
+        to_ref[i] = register(small[ref], small[i], kind="rigid")
         scans[i].steps.append({"step": f"rigid to {names[ref]}", "seconds": round(time.perf_counter() - t, 2)})
     t = time.perf_counter()
     atlas = atlas_image(spec.atlas, register_spacing_mm)
-    ref_to_atlas = register(atlas, small[ref], kind=spec.align, moving_mask=masks[ref])
+    moving = small[ref]
+    if masks[ref] is not None:  # brain to brain: the atlas shows the brain only
+        moving = Image(np.where(masks[ref], moving.array, 0).astype(np.float32), moving.affine, moving.meta)
+    ref_to_atlas = register(atlas, moving, kind=spec.align)
     scans[ref].steps.append(
         {"step": f"{spec.align} to atlas {spec.atlas}", "seconds": round(time.perf_counter() - t, 2)}
     )
