@@ -280,7 +280,12 @@ def test_upstream_cwdm_weights_use_the_brats_preprocessing(tmp_path):
     assert (out.array[:8] == 0).all() and (out.array[-8:] == 0).all()  # the cropped rim comes back empty
 
     small = Subject(
-        "sub-x", [Timepoint(1, m, Image(head[:200], affine), None, "ses-01") for m in ("T1w", "T1ce", "FLAIR")], None
-    )
+        "sub-x",
+        [
+            Timepoint(1, m, Image(head[:200] * (k + 1), affine), None, "ses-01")
+            for k, m in enumerate(("T1w", "T1ce", "FLAIR"))
+        ],
+        None,
+    )  # three different scans (one scan as three contrasts is refused first)
     with pytest.raises(InputError, match="BraTS volumes of"):
         synthesize_modality(small, "ses-01", "T2w", card, steps=2)
