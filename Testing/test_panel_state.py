@@ -48,6 +48,7 @@ def choose(gui):
     ui.framesSpinBox.setValue(5)
     ui.stepsSpinBox.setValue(7)
     ui.samplesSpinBox.setValue(3)
+    ui.preprocessComboBox.setCurrentIndex(2)  # never: the scans are already aligned
     ui.agesLineEdit.setText("4, 9.5")
     ui.remoteRadioButton.setChecked(True)
     ui.serverUrlLineEdit.setText("https://gpu.example.org:8000")
@@ -61,8 +62,24 @@ def test_choices_go_into_the_parameter_node_at_once(gui):
     saved = state.PanelParameters(node).read()
     assert saved["task"] == INTERPOLATE and saved["steps"] == 7 and saved["samples"] == 3 and saved["frames"] == 5
     assert saved["backend"] == "remote" and saved["serverUrl"] == "https://gpu.example.org:8000"
-    assert saved["ages"] == "4, 9.5"
+    assert saved["ages"] == "4, 9.5" and saved["preprocess"] == "never"
     assert "very-secret-token" not in [node.GetParameter(n) for n in node.GetParameterNames()]
+
+
+def test_the_preprocess_choice_reaches_the_job_spec(gui, tmp_path):
+    from LongitudinalDiffusionSlicer.run import jobSpecsFromRequest
+
+    ui, panel = gui.ui, gui.panel
+    ui.localRadioButton.setChecked(True)
+    specs = {}
+    for index, expected in enumerate((None, True, False)):
+        ui.preprocessComboBox.setCurrentIndex(index)
+        ui.agesLineEdit.setText("4")
+        request = panel.request()
+        assert request.preprocess is expected
+        [(_label, spec)] = jobSpecsFromRequest(request, tmp_path)
+        specs[expected] = spec.options.get("preprocess")  # what the job process and the worker receive
+    assert specs == {None: None, True: True, False: False}
 
 
 def test_close_scene_resets_the_panel(gui):
@@ -94,6 +111,7 @@ def test_the_choices_and_the_subject_come_back_with_the_saved_scene(gui, tmp_pat
     mrml.mrbToScene(bundle, gui.scene, clear=True)  # File > Load Scene
     assert panel.currentTask() == INTERPOLATE
     assert ui.stepsSpinBox.value() == 7 and ui.samplesSpinBox.value() == 3 and ui.framesSpinBox.value() == 5
+    assert panel.preprocessChoice() is False
     assert panel.isRemote() and panel.serverUrl() == "https://gpu.example.org:8000"
     assert ui.tokenLineEdit.text() == "very-secret-token"  # typed this session, never saved
     assert ui.timepointsTable.rowCount() == len(gui.subject.timepoints)

@@ -272,6 +272,8 @@ class RunRequest:
         samples: number of samples (2 or more: mean + standard-deviation map).
         steps: sampler steps per sample (0: the model card's).
         capture: denoising intermediates kept as frames (0: none).
+        preprocess: bring the scans into the model's space first (``tasks.RunOptions.preprocess``):
+            None as the model card asks, True always, False never.
         notices: what the user should know about the inputs (e.g. a scan is resampled).
     """
 
@@ -289,7 +291,12 @@ class RunRequest:
     samples: int = 1
     steps: int = 0
     capture: int = 0
+    preprocess: bool | None = None
     notices: tuple[str, ...] = ()
+
+
+#: The Preprocess combo box's entries, in order: (saved value, ``RunOptions.preprocess``).
+PREPROCESS_CHOICES = (("auto", None), ("always", True), ("never", False))
 
 
 def _enum(owner: Any, scope: str, name: str) -> Any:
@@ -465,6 +472,7 @@ class Panel:
         ui.localRadioButton.toggled.connect(self.onBackendChanged)
         ui.remoteRadioButton.toggled.connect(self.onBackendChanged)
         ui.deviceComboBox.currentIndexChanged.connect(self.updateApplyState)
+        ui.preprocessComboBox.currentIndexChanged.connect(self.updateApplyState)
         ui.serverUrlLineEdit.textChanged.connect(self.updateApplyState)
         ui.testConnectionButton.clicked.connect(self.onTestConnection)
         ui.applyButton.clicked.connect(self.onApply)
@@ -894,6 +902,7 @@ class Panel:
             "samples": int(ui.samplesSpinBox.property("value")),
             "steps": int(ui.stepsSpinBox.property("value")),
             "frames": int(ui.framesSpinBox.property("value")),
+            "preprocess": PREPROCESS_CHOICES[int(ui.preprocessComboBox.property("currentIndex") or 0)][0],
         }
 
     def applyState(self, values: dict[str, Any]) -> None:
@@ -913,6 +922,9 @@ class Panel:
         for name, box in (("samples", ui.samplesSpinBox), ("steps", ui.stepsSpinBox), ("frames", ui.framesSpinBox)):
             if values.get(name):
                 box.setValue(int(values[name]))
+        keys = [key for key, _value in PREPROCESS_CHOICES]
+        if values.get("preprocess") in keys:
+            ui.preprocessComboBox.setCurrentIndex(keys.index(values["preprocess"]))
         names = [c.name for c in self._cards]
         if values.get("model") in names:
             ui.modelComboBox.setCurrentIndex(names.index(values["model"]))
@@ -1055,9 +1067,14 @@ class Panel:
             samples=int(self.ui.samplesSpinBox.property("value")),
             steps=int(self.ui.stepsSpinBox.property("value")),
             capture=int(self.ui.captureSpinBox.property("value")),
+            preprocess=self.preprocessChoice(),
             notices=self._notices(inputs),
             **inputs,
         )
+
+    def preprocessChoice(self) -> bool | None:
+        """The Preprocess choice: None as the model card asks, True always, False never."""
+        return PREPROCESS_CHOICES[int(self.ui.preprocessComboBox.property("currentIndex") or 0)][1]
 
     def isRunning(self) -> bool:
         """A run is under way (Apply shows "Cancel")."""

@@ -77,7 +77,7 @@ def jobSpecsFromRequest(
         staging: a folder for scans that have no file (volumes made in Slicer); they are
             written there as NIfTI.
         options: sampling options (JSON fields of ``RunOptions``); the request's device,
-            steps, samples and capture are added.
+            steps, samples, capture and preprocessing choice are added.
 
     Raises:
         InputError: the request cannot be expressed as a job (the message says why).
@@ -88,6 +88,8 @@ def jobSpecsFromRequest(
         value = getattr(request, attribute, None)
         if value:
             options.setdefault(key, int(value))
+    if getattr(request, "preprocess", None) is not None:
+        options.setdefault("preprocess", bool(request.preprocess))
     remote = getattr(request, "backend", "local") == "remote"
     model = request.model.name if remote else str(request.model.path)
     subject: Subject = request.subject

@@ -2,7 +2,7 @@
 events that reset and restore the panel.
 
 :class:`PanelParameters` reads and writes the panel's choices (task, ages, modality, model,
-backend, device, server URL, samples, steps, frames; never the access token) as parameters
+backend, device, server URL, samples, steps, frames, preprocessing; never the access token) as parameters
 of a ``vtkMRMLScriptedModuleNode``. It needs nothing beyond that node, so it runs on
 PyPI ``slicer-core`` as in Slicer. Where Slicer has ``slicer.parameterNodeWrapper`` (5.2 and
 newer), :func:`wrapperClass` gives the module's typed ``@parameterNodeWrapper`` class over the
@@ -39,6 +39,7 @@ FIELDS: dict[str, tuple[type, Any]] = {
     "samples": (int, 1),
     "steps": (int, 0),
     "frames": (int, 0),
+    "preprocess": (str, "auto"),
 }
 
 
