@@ -7,8 +7,9 @@ requests as JSON lines on stdin and answers with JSON lines on stdout; everythin
 Requests (one per line):
 
 * ``{"op": "run", "job_id": ..., "spec": {JobSpec}, "out": folder, "progress_interval": s}``:
-  runs the spec (:func:`~LongitudinalDiffusionLib.jobs.run_job`) and saves its result in
-  ``out/result`` (:meth:`~LongitudinalDiffusionLib.tasks.Result.save`);
+  runs the spec (:func:`~LongitudinalDiffusionLib.jobs.run_job`) and writes its result to
+  ``out/result.pickle`` for the parent (or, if it cannot be pickled, saves it in
+  ``out/result`` with :meth:`~LongitudinalDiffusionLib.tasks.Result.save`);
 * ``{"op": "segment", "job_id": ..., "model": name, "device": d, "images": [{"path": p} |
   {"npy": p, "affine": 4x4}], "out": folder}``: labels of each image with a segmentation
   model, saved as ``out/labels-NNN.npy`` (int16);
@@ -33,6 +34,7 @@ import collections
 import json
 import logging
 import os
+import pickle
 import queue
 import shutil
 import sys
@@ -283,8 +285,15 @@ class Server:
         model = self.cache.get(spec.model, self._device(spec.options.get("device")))
         result = run_job(spec, progress=progress, cancel=token, model=model)
         token.check("saving")
-        result.save(out / "result", overwrite=True)
-        return {"folder": str(out / "result")}
+        try:  # for the parent alone: far quicker to write and read than NIfTI
+            data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # something in it does not pickle: the NIfTI folder then
+            log.info("result not picklable (%s): saved as NIfTI", exc)
+            result.save(out / "result", overwrite=True)
+            return {"folder": str(out / "result"), "format": "nifti"}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.pickle").write_bytes(data)
+        return {"folder": str(out), "format": "pickle"}
 
     def _segment(self, message: dict[str, Any], out: Path, progress: Any, token: Any) -> dict[str, Any]:
         import numpy as np
