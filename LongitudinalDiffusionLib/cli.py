@@ -276,9 +276,11 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name (see `longdiff models`) or path of a model card .json")
     p.add_argument("--out", type=Path, required=True, help="output folder (written whole at the end, or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    from .diffusion.samplers import SAMPLERS  # the names only: no torch
+
     g = p.add_argument_group("sampling (defaults from the model card)")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same result (default 0)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), help="sampler")
+    g.add_argument("--sampler", choices=SAMPLERS, help="sampler")
     g.add_argument("--steps", type=_positive_int, help="network evaluations per sample")
     g.add_argument("--eta", type=_fraction, help="DDIM stochasticity (0 deterministic, 1 DDPM-like)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (SADM)")
