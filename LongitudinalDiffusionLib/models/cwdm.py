@@ -619,7 +619,7 @@ def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = No
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and I/O errors all mean "cannot use this file"
-        raise InputError(path, f"not a readable weights-only PyTorch checkpoint ({exc})") from None
+        raise InputError(path, f"not a readable weights-only PyTorch checkpoint ({exc})") from exc
     nested = None
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):

@@ -720,7 +720,7 @@ def import_upstream_checkpoint(path: str | os.PathLike, config: dict | None = No
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle is a bad input file
-        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(exc).__name__}: {exc})") from None
+        raise InputError(path, f"cannot be read as a PyTorch state dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(path, "is not a state dict of tensors (expected upstream's *_gen_G.pth)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
