@@ -237,6 +237,11 @@ def method_case(method: str, config: dict, image_size=None, stage: str = "genera
 
     if image_size is not None:  # a grid of its own (SADM's attention is built for its grid)
         config = {**config, ("sr_image_size" if stage == "refiner" else "image_size"): list(image_size)}
+        if "sr_image_size" in config:  # Cas-DiffCom's cascade doubles the grid: keep both stages in step
+            if stage == "refiner":
+                config["image_size"] = [s // 2 for s in image_size]
+            else:
+                config["sr_image_size"] = [2 * s for s in image_size]
     model = untrained(method, config)
     size = list(config["image_size"])
     clip = tuple(config["intensity_range"]) if config.get("intensity_range") else None
