@@ -395,3 +395,25 @@ def test_contrast_regression_fits_on_training_sessions_and_ignores_gain():
     assert ev.image_metrics(predicted, test[Modality.FLAIR])["psnr"] > 30
     with pytest.raises(LongitudinalDiffusionError, match="lacks T2w"):
         model.predict(visit[:1])
+
+
+def test_separate_runs_merge_into_one_report(evaluated, tmp_path, capsys):
+    """Models (or groups of subjects) evaluated in separate processes give the report one run
+    would have given: the summaries are computed again from all the cases."""
+    rows, out, _ = evaluated
+    merged = tmp_path / "merged"
+    args = ["--merge", str(out), "--data", "cohort", "--name", "in-distribution", "--out", str(merged)]
+    assert ev.main(args) == 0
+    again = _read_csv(merged / "evaluation.csv")
+    assert [(r["method"], r["entry"], r["decision"], r["cases_won"]) for r in again] == [
+        (r["method"], r["entry"], r.get("decision") or "", str(r.get("cases_won", ""))) for r in rows
+    ]
+    for row, new in zip(rows, again):
+        for key in ("psnr_mean", "difference", "ci_low", "ci_high", "p_cases"):
+            if isinstance(row.get(key), float) and math.isfinite(row[key]):
+                assert float(new[key]) == pytest.approx(row[key], abs=1e-5)
+    assert len(_read_csv(merged / "comparisons.csv")) == len(_read_csv(out / "comparisons.csv"))
+    text = (merged / "evaluation.md").read_text(encoding="utf-8")
+    assert "subjects: sub-003; hearts: sub-heart02" in text and "evaluated as: **test**" in text
+    assert ev.main(args[:2] + [str(out)] + args[2:-1] + [str(tmp_path / "twice")]) == 2
+    assert "is in more than one part" in capsys.readouterr().err

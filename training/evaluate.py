@@ -494,6 +494,13 @@ def compare_entries(cases: list[Case], metric: str, baseline: str) -> stats.Comp
 
 
 def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """:func:`summarise_cases` for a loaded model."""
+    return summarise_cases(method, loaded.card.name, loaded.card.trained, cases)
+
+
+def summarise_cases(
+    method: str, name: str, trained: bool, cases: list[Case]
+) -> tuple[list[dict[str, Any]], list[dict]]:
     """Summary rows, one per entry (model first, then the baselines): means and sds over the
     cases and, on a baseline's row, the paired comparison of the model with it on the primary
     metric; on the model's row the same against the strongest baseline (``best_baseline``,
@@ -507,8 +514,8 @@ def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> tuple[list
         row: dict[str, Any] = {
             "method": method,
             "task": task,
-            "model": loaded.card.name,
-            "trained": loaded.card.trained,
+            "model": name,
+            "trained": trained,
             "entry": entry,
             "role": "model" if entry == "model" else "baseline",
             "cases": len(have),
@@ -527,7 +534,7 @@ def summarise(method: str, loaded: LoadedModel, cases: list[Case]) -> tuple[list
             result = compare_entries(cases, metric, row["entry"])
             if result is None:
                 continue
-            comparisons.append({"method": method, "model": loaded.card.name, "baseline": row["entry"]}
+            comparisons.append({"method": method, "model": name, "baseline": row["entry"]}
                                | {"metric": metric, **result.as_dict()})  # fmt: skip
             if metric == primary:
                 row.update(result.as_dict(), model_beats=result.beats)
@@ -896,6 +903,80 @@ def evaluate(
     return rows
 
 
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """A row read back from a CSV this module wrote: numbers as numbers, '' as NaN."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in ("trained", "model_beats"):
+            out[key] = None if value == "" else value == "True"
+        elif key in ("cases", "subjects", "cases_won", "subjects_won", "n_cases", "n_subjects"):
+            out[key] = int(value) if value else None
+        elif key in ("method", "task", "model", "entry", "role", "primary", "best_baseline", "baseline", "metric"):
+            out[key] = value or None
+        elif key in ("subject", "case"):
+            out[key] = value or None
+        elif key == "decision":
+            out[key] = value or None
+        else:
+            out[key] = float(value) if value else float("nan")
+    return out
+
+
+def merge(parts: Sequence[str | Path], out_dir: str | Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """One report from evaluations of the same cohort run separately (e.g. one process per
+    model or per group of subjects, in parallel): their ``cases.csv`` concatenated in method
+    order, and the summaries, comparisons and ``evaluation.md`` computed again from all the
+    cases (without the tissue trajectories, which need the age models and the segmenter in
+    one run). A case found in two parts is an error."""
+
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
+            raise InputError(path, "not found: give folders an evaluation wrote")
+        with open(path, encoding="utf-8", newline="") as fh:
+            return [_typed(r) for r in csv.DictReader(fh)]
+
+    models: dict[str, tuple[str, bool]] = {}
+    case_rows: list[dict[str, Any]] = []
+    for part in parts:
+        for row in read(Path(part) / "evaluation.csv"):
+            if row["role"] == "model":
+                if models.get(row["method"], (row["model"], row["trained"])) != (row["model"], row["trained"]):
+                    raise LongitudinalDiffusionError(f"{row['method']}: the parts evaluated different models")
+                models[row["method"]] = (row["model"], row["trained"])
+        case_rows += read(Path(part) / "cases.csv")
+    order = {m: i for i, m in enumerate(METHODS)}
+    case_rows.sort(key=lambda r: order.get(r["method"], 99))  # stable: each part's order within a method
+    rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    for method in sorted(models, key=lambda m: order.get(m, 99)):
+        by_case: dict[tuple[str, str], Case] = {}
+        for r in case_rows:
+            if r["method"] != method:
+                continue
+            key = (r["subject"], r["case"])
+            if key not in by_case:
+                by_case[key] = Case(r["subject"], r["case"])
+            elif r["entry"] in by_case[key].scores:
+                raise LongitudinalDiffusionError(f"{method}: case {key} is in more than one part")
+            by_case[key].scores[r["entry"]] = {m: r[m] for m in METRICS if not math.isnan(r[m])}
+        summary, compared = summarise_cases(method, *models[method], list(by_case.values()))
+        rows += summary
+        comparisons += compared
+    cases = case_rows
+    ids = sorted({c["subject"] for c in cases if c.get("subject")})
+    header = {"subjects": [i for i in ids if not i.startswith("sub-heart")]} | dict(header)
+    header.setdefault("hearts", [i for i in ids if i.startswith("sub-heart")])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "evaluation.csv", rows, SUMMARY_FIELDS)
+    _write_csv(out / "comparisons.csv", comparisons, COMPARISON_CSV_FIELDS)
+    _write_csv(out / "cases.csv", cases, CASE_FIELDS)
+    text = markdown(rows, comparisons, header)
+    text += "\n" + f"Merged from {len(parts)} separate runs of the same cohort and settings.\n"
+    atomic_write(out / "evaluation.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return rows
+
+
 def trajectories(
     cohort: Cohort,
     segmenter: LoadedModel,
@@ -1053,7 +1134,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         type=_model_arg,
-        required=True,
         metavar="METHOD=NAME",
         help="a model to evaluate: its method and catalog name or card path (repeat for several)",
     )
@@ -1079,6 +1159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--name", help="the name of this evaluation set in the report (e.g. in-distribution)")
     parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="instead of evaluating: merge the outputs of separate runs on the same --data into --out",
+    )
+    parser.add_argument(
         "--out", required=True, help="folder for evaluation.md, evaluation.csv, comparisons.csv and cases.csv"
     )
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: each card's)")
@@ -1094,7 +1180,20 @@ def _print_progress(event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge:
+        header = {"cohort": args.data, "split": args.split, "steps": args.steps, "n_samples": args.samples}
+        header |= {"seed": args.seed, "set": args.name, "reference": args.reference and f"`{args.reference}`"}
+        try:
+            merge(args.merge, args.out, header)
+        except LongitudinalDiffusionError as exc:
+            print(f"evaluate: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"merged {len(args.merge)} runs into {Path(args.out) / 'evaluation.md'}")
+        return 0
+    if not args.model:
+        parser.error("the following arguments are required: --model")
     methods = [m for m, _ in args.model]
     duplicated = sorted({m for m in methods if methods.count(m) > 1})
     if duplicated:
