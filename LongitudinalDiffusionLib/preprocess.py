@@ -17,8 +17,8 @@ Steps, each made of field-made parts:
   (most voxels exactly background and the brain mask covering the foreground) is left as
   it is. The brain mask also restricts the registration metric of a scan with skull.
 * **Alignment**: every visit of a subject rigidly to one reference visit (the first; scans
-  on the reference's very grid, such as the contrasts of one session, are taken as
-  co-registered), and the reference affinely or rigidly (as the card says) to the model's
+  on the reference's very grid, such as the contrasts of one session, start from the
+  identity instead of their centres of mass), and the reference affinely or rigidly (as the card says) to the model's
   atlas, its metric restricted to the brain mask: SimpleITK, Mattes mutual information,
   three resolution levels, moments initialisation.
 * **Intensities**: the card's grid (:class:`~.grid.ModelGrid`) already clips percentiles and
@@ -447,6 +447,7 @@ def register(
     iterations: int = 200,
     sampling: float = 0.05,
     seed: int = 1,
+    initial: str = "moments",
 ) -> np.ndarray:
     """Align ``moving`` to ``fixed``: Mattes mutual information, multi-resolution, SimpleITK.
 
@@ -455,6 +456,8 @@ def register(
     of about 8, 4 and 2 mm by default (shrink factors from the fixed image's voxel size: 4,
     2, 1 at 2 mm, 2, 1, 1 at 5 mm); ``sampling`` is the fraction of voxels the metric draws
     at each level, raised so that it draws at least 20000 (small images use them all).
+    ``initial="geometry"`` starts from the identity (images already roughly aligned, such as
+    two contrasts on one grid) instead of matching the centres of mass.
 
     Returns:
         The 4x4 matrix, in LPS mm, taking a point of ``fixed`` to the point of ``moving``
@@ -462,6 +465,8 @@ def register(
     """
     if kind not in ("rigid", "affine"):
         raise ValueError(f"kind must be 'rigid' or 'affine', got {kind!r}")
+    if initial not in ("moments", "geometry"):
+        raise ValueError(f"initial must be 'moments' or 'geometry', got {initial!r}")
     sitk = _sitk()
     f = sitk.Cast(to_sitk(fixed), sitk.sitkFloat32)
     m = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)
@@ -472,12 +477,17 @@ def register(
     sampling = float(min(1.0, max(sampling, 20000.0 / max(region, 1))))
     fm = None if fixed_mask is None else to_sitk(Image(np.asarray(fixed_mask, np.uint8), fixed.affine))
     mm = None if moving_mask is None else to_sitk(Image(np.asarray(moving_mask, np.uint8), moving.affine))
-    init = sitk.CenteredTransformInitializer(
-        f if fm is None else sitk.Mask(f, fm),
-        m if mm is None else sitk.Mask(m, mm),
-        sitk.Euler3DTransform(),
-        sitk.CenteredTransformInitializerFilter.MOMENTS,
-    )
+    if initial == "geometry":
+        init = sitk.Euler3DTransform()
+        centre = np.asarray(fixed.affine[:3, :3]) @ ((np.asarray(fixed.shape[:3]) - 1.0) / 2.0) + fixed.affine[:3, 3]
+        init.SetCenter([float(-centre[0]), float(-centre[1]), float(centre[2])])  # RAS -> LPS
+    else:
+        init = sitk.CenteredTransformInitializer(
+            f if fm is None else sitk.Mask(f, fm),
+            m if mm is None else sitk.Mask(m, mm),
+            sitk.Euler3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        )
     rigid = _run_registration(f, m, init, fm, mm, shrink, smoothing_mm, iterations, sampling, seed)
     if kind == "rigid":
         return transform_matrix(rigid)
@@ -847,12 +857,11 @@ def preprocess_for(
     for i in range(len(work)):
         if i == ref:
             continue
-        if work[i].same_geometry(work[ref]):  # one grid: co-registered (e.g. the contrasts of a session)
-            scans[i].steps.append({"step": f"same grid as {names[ref]}: taken as aligned"})
-            continue
         t = time.perf_counter()
-        # head to head: one subject's visits need no brain mask (and a mask per contrast would differ)
-        to_ref[i] = register(small[ref], small[i], kind="rigid")
+        # head to head: one subject's visits need no brain mask (and a mask per contrast would
+        # differ); scans on one grid (e.g. the contrasts of a session) start from where they are
+        init = "geometry" if work[i].same_geometry(work[ref]) else "moments"
+        to_ref[i] = register(small[ref], small[i], kind="rigid", initial=init)
         scans[i].steps.append({"step": f"rigid to {names[ref]}", "seconds": round(time.perf_counter() - t, 2)})
     t = time.perf_counter()
     atlas = atlas_image(spec.atlas, register_spacing_mm)
