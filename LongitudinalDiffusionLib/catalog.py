@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _read_card(path: Path) -> dict[str, Any]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"model card is not valid JSON ({exc})") from None
+        raise InputError(path, f"model card is not valid JSON ({exc})") from exc
     if not isinstance(card, dict) or not isinstance(card.get("method"), str):
         raise InputError(path, "model card has no 'method' field")
     return card
@@ -138,9 +138,7 @@ def find_model(name: str) -> ModelCard:
     for b in broken:
         if b.name == name:
             raise InputError(b.path, f"model '{name}' is broken: {b.reason}")
-    have = ", ".join(m.name for m in models) or "none"
-    where = ", ".join(str(p) for p in search_paths())
-    raise InputError(None, f"no model named '{name}' (installed models: {have}; searched {where})")
+    raise ModelNotFound(name, [m.name for m in models], [str(p) for p in search_paths()])
 
 
 # ----------------------------------------------------------------------------- weights
@@ -242,8 +240,8 @@ def check_model_target(folder: str | os.PathLike, name: str) -> None:
     if card_path.exists() or card_path.is_symlink():
         try:
             old = _read_card(card_path)
-        except InputError:
-            raise InputError(card_path, "exists and is not a model card longdiff wrote" + left_alone) from None
+        except InputError as exc:
+            raise InputError(card_path, "exists and is not a model card longdiff wrote" + left_alone) from exc
         entry = old.get("weights") or {}
         if "card_version" not in old or entry.get("file") != weights.name:
             raise InputError(card_path, "exists and is not a model card longdiff wrote" + left_alone)
@@ -275,7 +273,7 @@ def resolve_card(name_or_path: str | os.PathLike) -> ModelCard:
         try:
             card = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(path, f"model card is not valid JSON ({exc})") from None
+            raise InputError(path, f"model card is not valid JSON ({exc})") from exc
         if not isinstance(card, dict) or "method" not in card:
             raise InputError(path, "model card has no 'method' field")
         return ModelCard(path.stem, path, card)
@@ -321,12 +319,12 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: Any = "cpu")
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(weights, f"not a readable safetensors file ({exc})") from None
+        raise InputError(weights, f"not a readable safetensors file ({exc})") from exc
     config = card.get("config") or {}
     try:
         network = build(mc.method, config)
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(mc.path, f"cannot build a '{mc.method}' network from the card's config ({exc})") from None
+        raise InputError(mc.path, f"cannot build a '{mc.method}' network from the card's config ({exc})") from exc
     check_state_dict(network, state, weights)
     network.load_state_dict(state, strict=True)
     network.requires_grad_(False)

@@ -849,7 +849,7 @@ def _run_remote(args: argparse.Namespace, spec):
         try:
             token = args.token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise LongitudinalDiffusionError(f"{args.token_file}: cannot read the token ({exc.strerror})") from None
+            raise LongitudinalDiffusionError(f"{args.token_file}: cannot read the token ({exc.strerror})") from exc
     token = token or os.environ.get("LONGDIFF_WORKER_TOKEN", "").strip()
     if not token:
         raise LongitudinalDiffusionError(

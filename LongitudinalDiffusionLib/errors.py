@@ -21,3 +21,35 @@ class InputError(LongitudinalDiffusionError, ValueError):
         self.source = None if source is None else str(source)
         self.problem = problem
         super().__init__(problem if source is None else f"{self.source}: {problem}")
+
+
+class OutOfMemory(LongitudinalDiffusionError):
+    """A step ran out of device memory.
+
+    Args:
+        where: the step and what it was given (e.g. ``"generate: the CPU ran out of memory for a
+            batch of shape (2, 1, 8, 8, 8)"``), kept apart so a caller can quote it.
+        advice: what the user can do about it.
+    """
+
+    def __init__(self, where: str, advice: str):
+        self.where = where
+        self.advice = advice
+        super().__init__(f"{where}; {advice}")
+
+
+class ModelNotFound(InputError):
+    """No installed model has the name asked for.
+
+    Attributes:
+        name: the name asked for.
+        installed: the names of the models that are installed.
+        searched: the folders searched.
+    """
+
+    def __init__(self, name: str, installed: list[str], searched: list[str]):
+        self.name = name
+        self.installed = list(installed)
+        self.searched = list(searched)
+        have = ", ".join(self.installed) or "none"
+        super().__init__(None, f"no model named '{name}' (installed models: {have}; searched {', '.join(searched)})")

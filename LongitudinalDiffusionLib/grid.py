@@ -335,6 +335,7 @@ class GridRecord:
         try:
             np.dtype(self.dtype)
         except TypeError:
+            # numpy's "data type not understood" adds nothing to this message
             raise ValueError(f"dtype {self.dtype!r} is not a numpy type") from None
         self.dtype = np.dtype(self.dtype).name  # "int16", whatever the byte order
 
@@ -490,7 +491,7 @@ def resample_to(
     try:
         check_affine(target, "reference_affine")
     except InputError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(str(exc)) from exc
     target_shape = _positive_ints("reference_shape", reference_shape, 3)
     out = _resample(array, image.affine, target, target_shape, order=order, cval=cval)
     if order == 0:
@@ -680,8 +681,8 @@ def _axcodes(name: str, value: Any) -> str:
 def _affine_field(name: str, value: Any) -> np.ndarray:
     try:
         arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a 4x4 matrix of numbers") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 4x4 matrix of numbers") from exc
     if arr.shape != (4, 4) or not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be a finite 4x4 matrix, got shape {arr.shape}")
     return arr

@@ -108,6 +108,29 @@ def check_array(array: np.ndarray, source: str | os.PathLike, *, ndim: int = 3) 
     return arr
 
 
+def _short_by(img: Any, path: Path) -> tuple[int, int] | None:
+    """(bytes the header needs, bytes the file holds) when the file holds fewer, else None.
+
+    The bytes held are counted after decompression, so a .nii.gz cut short is measured the same
+    way as a plain .nii. None when the format has no single data file to measure.
+    """
+    header = img.header
+    try:
+        offset = int(header.get_data_offset())
+        voxels = int(np.prod(header.get_data_shape(), dtype=np.int64))
+        need = offset + voxels * header.get_data_dtype().itemsize
+        filename = img.file_map["image"].filename or str(path)
+        have = 0
+        with nib.openers.ImageOpener(filename) as stream:
+            chunk = stream.read(1 << 20)
+            while chunk:
+                have += len(chunk)
+                chunk = stream.read(1 << 20)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError, EOFError, zlib.error):
+        return None
+    return (need, have) if have < need else None
+
+
 def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float32) -> Image:
     """Read an image file and check that a model can use it.
 
@@ -128,22 +151,23 @@ def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float3
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        raise InputError(path, f"not a readable image (nibabel: {exc})") from None
+        raise InputError(path, f"not a readable image (nibabel: {exc})") from exc
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise InputError(path, f"corrupt gzip stream ({exc})") from None
+        raise InputError(path, f"corrupt gzip stream ({exc})") from exc
     except Exception as exc:  # nibabel raises bare ValueErrors/HeaderDataErrors for bad headers
-        raise InputError(path, f"invalid image header ({type(exc).__name__}: {exc})") from None
+        raise InputError(path, f"invalid image header ({type(exc).__name__}: {exc})") from exc
     try:
         data = np.asarray(img.dataobj)
     except (gzip.BadGzipFile, zlib.error) as exc:
-        raise InputError(path, f"corrupt gzip stream ({exc})") from None
-    except EOFError:
-        raise InputError(path, "file is truncated: the compressed stream ends before the voxel data does") from None
+        raise InputError(path, f"corrupt gzip stream ({exc})") from exc
+    except EOFError as exc:
+        raise InputError(path, "file is truncated: the compressed stream ends before the voxel data does") from exc
     except (OSError, ValueError) as exc:
-        msg = str(exc)
-        if "Expected" in msg and "bytes" in msg:
-            raise InputError(path, f"file is truncated ({msg})") from None
-        raise InputError(path, f"voxel data cannot be read ({type(exc).__name__}: {msg})") from None
+        short = _short_by(img, path)
+        if short is not None:
+            need, have = short
+            raise InputError(path, f"file is truncated (the header needs {need} bytes, the file holds {have})") from exc
+        raise InputError(path, f"voxel data cannot be read ({type(exc).__name__}: {exc})") from exc
     data = check_array(data, path, ndim=ndim)
     check_affine(img.affine, path)
     meta: dict[str, Any] = {"source": str(path)}

@@ -136,7 +136,7 @@ def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path
     except OSError as exc:
         raise InputError(
             probe_in, f"cannot write here ({exc.strerror or exc}), so the {what} {path} cannot be written"
-        ) from None
+        ) from exc
     return probe_in
 
 

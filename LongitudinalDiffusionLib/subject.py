@@ -283,6 +283,7 @@ def parse_age(value: Any, unit: str = "months", source: str | os.PathLike | None
                 hint = " (use a point as the decimal separator)"
             elif re.fullmatch(r"[-+]?[\d.]+\s*[A-Za-z]+", text):
                 hint = " (give the unit in the unit column or the column name, not in the cell)"
+            # float()'s own message only repeats the text: the cause is noise
             raise InputError(source, f"age '{text}' is not a number{hint}") from None
     if math.isnan(number):
         raise InputError(source, "age is NaN (not a number)")
@@ -513,7 +514,7 @@ def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(path, f"not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raise InputError(path, f"not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -790,7 +791,7 @@ def load_bids_subject(path: str | os.PathLike, *, subject: str | None = None) ->
         try:
             ages[session] = parse_age(cells[col[age_name]], unit, where)
         except InputError as exc:
-            raise InputError(where, f"session {session}: {exc.problem}") from None
+            raise InputError(where, f"session {session}: {exc.problem}") from exc
 
     folders = sorted(p for p in subdir.glob("ses-*") if p.is_dir())
     if not folders:
@@ -830,7 +831,7 @@ def _bids_age_unit(subdir: Path, root: Path, sub: str, name_unit: str | None, ag
         try:
             data = json.loads(sidecar.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(sidecar, f"not valid JSON ({exc})") from None
+            raise InputError(sidecar, f"not valid JSON ({exc})") from exc
         entry = data.get(age_name) if isinstance(data, dict) else None
         if isinstance(entry, dict):
             units = entry.get("Units", entry.get("units"))
@@ -1049,7 +1050,7 @@ def load_provenance(path: str | os.PathLike) -> Provenance:
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(sidecar, f"not valid JSON ({exc})") from None
+        raise InputError(sidecar, f"not valid JSON ({exc})") from exc
     return Provenance.from_dict(data, sidecar)
 
 

@@ -138,7 +138,7 @@ class Result:
         try:
             summary = json.loads(listing.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise InputError(listing, f"cannot read the result listing ({exc})") from None
+            raise InputError(listing, f"cannot read the result listing ({exc})") from exc
         if not isinstance(summary, dict) or "task" not in summary:
             raise InputError(listing, "not a result listing (no 'task')")
 
@@ -976,7 +976,7 @@ def _preprocessed(loaded: LoadedModel, timepoints: list[Timepoint], opts: RunOpt
     try:
         spec = pp.PreprocessSpec.from_card(loaded.card.card)
     except ValueError as exc:
-        raise InputError(loaded.card.path, f"model card: {exc}") from None
+        raise InputError(loaded.card.path, f"model card: {exc}") from exc
     if opts.preprocess is False:
         return None, timepoints, {"applied": False, "reason": "switched off (--no-preprocess)"}
     if not spec.active:

@@ -140,8 +140,8 @@ def _check_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise InputError("trajectory rows", f"row {i} lacks {', '.join(missing)}")
         try:
             age, ml = float(row["age_months"]), float(row["volume_ml"])
-        except (TypeError, ValueError):
-            raise InputError("trajectory rows", f"row {i}: age_months and volume_ml must be numbers") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError("trajectory rows", f"row {i}: age_months and volume_ml must be numbers") from exc
         if not (math.isfinite(age) and age >= 0):
             raise InputError(
                 "trajectory rows", f"row {i}: age_months must be a finite age >= 0, got {row['age_months']}"

@@ -153,10 +153,10 @@ def _download(
         if exc.code == 416 and have:  # the partial file is already whole (or bogus): check it below
             response = None
         else:
-            raise WeightsUnavailable(offline.format(reason=f"HTTP {exc.code} {exc.reason}")) from None
+            raise WeightsUnavailable(offline.format(reason=f"HTTP {exc.code} {exc.reason}")) from exc
     except (urllib.error.URLError, socket.timeout, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise WeightsUnavailable(offline.format(reason=str(reason))) from None
+        raise WeightsUnavailable(offline.format(reason=str(reason))) from exc
     if response is not None:
         with response:
             resumed = have > 0 and getattr(response, "status", 200) == 206
@@ -177,7 +177,7 @@ def _download(
                             progress(done, total)
             except (OSError, socket.timeout, http.client.HTTPException) as exc:
                 # keep the partial file: the next attempt resumes it
-                raise WeightsUnavailable(offline.format(reason=f"interrupted after {done} bytes: {exc}")) from None
+                raise WeightsUnavailable(offline.format(reason=f"interrupted after {done} bytes: {exc}")) from exc
             if end is not None and done < end:  # the connection closed early: resume next time
                 raise WeightsUnavailable(offline.format(reason=f"interrupted after {done} of {end} bytes"))
     actual = _sha256(partial)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LongitudinalDiffusionError
+from ..errors import LongitudinalDiffusionError, OutOfMemory
 from ..progress import CancelToken, ProgressCallback, Stage
 from .device import autocast, is_out_of_memory, memory_format, to_memory_format
 from .samplers import SAMPLERS, VARIANCES, make_sampler
@@ -254,9 +254,9 @@ def sample(
                 out = denoiser(xin, tt, cond_in)
         except Exception as exc:
             if is_out_of_memory(exc):
-                raise LongitudinalDiffusionError(
-                    f"{stage}: the {device.type.upper()} ran out of memory for a batch of shape {tuple(xin.shape)}; "
-                    "use a smaller grid, fewer samples at once, or the CPU"
+                raise OutOfMemory(
+                    f"{stage}: the {device.type.upper()} ran out of memory for a batch of shape {tuple(xin.shape)}",
+                    "use a smaller grid, fewer samples at once, or the CPU",
                 ) from exc
             raise
         out = out.float()

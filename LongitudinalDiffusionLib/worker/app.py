@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import InputError
+from ..errors import InputError, LongitudinalDiffusionError, ModelNotFound
 from ..jobs import FINAL_KINDS, JobExpired, JobSpec, UnknownJob
 from . import API_VERSION
 from .settings import Settings
@@ -572,13 +572,14 @@ def _submit(
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise WorkerError(400, f"job spec is not valid JSON ({exc})") from None
+        raise WorkerError(400, f"job spec is not valid JSON ({exc})") from exc
     except RecursionError:
+        # the cause is a traceback as deep as the nesting: noise in the worker's log
         raise WorkerError(400, "job spec is not valid JSON (nested too deeply)") from None
     try:
         spec = JobSpec.from_dict(data)
     except InputError as exc:
-        raise WorkerError(400, f"invalid job spec: {exc}") from None
+        raise WorkerError(400, f"invalid job spec: {exc}") from exc
     refs = [("path", i, item.path) for i, item in enumerate(spec.inputs)]
     refs += [("labels", i, item.labels) for i, item in enumerate(spec.inputs) if item.labels]
     if len(files) > settings.max_inputs:
@@ -631,7 +632,7 @@ def _submit(
         store.add(job_id, spec, user.name)
     except UploadRejected as exc:
         shutil.rmtree(folder, ignore_errors=True)
-        raise WorkerError(exc.status, f"rejected upload: {exc}") from None
+        raise WorkerError(exc.status, f"rejected upload: {exc}") from exc
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -648,12 +649,15 @@ def _check_model(spec: JobSpec) -> None:
         raise WorkerError(422, f"model {spec.model[:80]!r}: give the name of a model installed on this worker")
     try:
         card = find_model(spec.model)
+    except ModelNotFound as exc:  # the folders searched are the worker's own business
+        installed = ", ".join(exc.installed) or "none"
+        raise WorkerError(422, f"no model named '{exc.name}' on this worker (installed: {installed})") from exc
     except InputError as exc:
-        raise WorkerError(422, str(exc).split(" (installed models")[0] + _installed()) from None
+        raise WorkerError(422, str(exc) + _installed()) from exc
     try:
         task = method_task(card.method)
-    except Exception:
-        raise WorkerError(422, f"model {spec.model!r} has an unknown method {card.method!r}") from None
+    except LongitudinalDiffusionError as exc:
+        raise WorkerError(422, f"model {spec.model!r} has an unknown method {card.method!r}") from exc
     if task != spec.task:
         raise WorkerError(422, f"model {spec.model!r} is for '{task}', not for '{spec.task}'")
 
@@ -675,7 +679,10 @@ async def _stream(store: Store, hub: EventHub, job_id: str, after: int, owner: s
                 events = store.events(job_id, after)
                 if not events:
                     store.get(job_id, owner)  # deleted or expired meanwhile: end (a reconnect gets 404/410)
+            except (UnknownJob, JobExpired):
+                return
             except Exception:
+                log.exception("event stream of job %s ended on an error", job_id)
                 return
             for e in events:
                 after = e.seq

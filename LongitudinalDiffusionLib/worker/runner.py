@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, OutOfMemory
 from ..jobs import FINAL_KINDS, JobEvent, JobSpec, run_job
 from ..progress import Cancelled, CancelToken, ProgressEvent
 from .store import INTERRUPTED, Store, public_message, save_result
@@ -82,8 +82,10 @@ def out_of_memory(exc: BaseException) -> str:
 
 def oom_message(exc: BaseException) -> str:
     """What a client is told when its job ran out of GPU memory on the worker."""
-    where = str(exc).split(";")[0].strip()
-    where = f" ({where})" if where and len(where) < 300 and "\n" not in where else ""
+    found: BaseException | None = exc
+    while found is not None and not isinstance(found, OutOfMemory):
+        found = found.__cause__ or found.__context__
+    where = f" ({found.where})" if isinstance(found, OutOfMemory) and "\n" not in found.where else ""
     return (
         f"the worker's GPU ran out of memory{where}; try fewer samples (n_samples) or a smaller model, "
         "or submit again when the worker is less busy"
@@ -104,8 +106,8 @@ def _free_gpu_memory() -> None:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:  # best effort only
-        pass
+    except Exception as exc:  # best effort only: a job still runs without it
+        log.debug("cannot empty the CUDA cache (%s)", exc)
 
 
 def worker_devices() -> tuple[str, ...]:

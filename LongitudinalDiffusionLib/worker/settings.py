@@ -94,7 +94,7 @@ def resolve_token(
         try:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise InputError(path, f"cannot read the token file ({exc.strerror})") from None
+            raise InputError(path, f"cannot read the token file ({exc.strerror})") from exc
         _check_token(token, str(path))
         _warn_if_shared(path)
         return token, str(path)

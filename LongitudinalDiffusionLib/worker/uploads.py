@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +26,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..imaging import load_image
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -46,7 +49,8 @@ def _header(head: bytes, name: str) -> nib.Nifti1Header:
             continue
         try:
             hdr = cls.from_fileobj(io.BytesIO(head[: cls.template_dtype.itemsize]), check=True)
-        except Exception:  # nibabel raises several kinds of errors for a foreign header
+        except Exception as exc:  # nibabel raises several kinds of errors for a foreign header
+            log.debug("%s: not a %s (%s: %s)", name, cls.__name__, type(exc).__name__, exc)
             continue
         return hdr
     raise UploadRejected(name, "not a NIfTI image (no valid NIfTI-1 or NIfTI-2 header)")
@@ -120,7 +124,7 @@ def store_upload(
                         try:
                             data = inflater.decompress(pending, room())
                         except zlib.error as exc:
-                            raise UploadRejected(name, f"corrupt gzip stream ({exc})") from None
+                            raise UploadRejected(name, f"corrupt gzip stream ({exc})") from exc
                         pending = inflater.unconsumed_tail
                         if inflater.eof and inflater.unused_data:  # a gzip file of several members
                             pending = inflater.unused_data + pending
@@ -142,7 +146,7 @@ def store_upload(
         try:
             image = load_image(dest, dtype=np.int16 if labels else np.float32)
         except InputError as exc:  # the problem, without the server's path (nibabel may quote it)
-            raise UploadRejected(name, exc.problem.replace(str(dest), name)) from None
+            raise UploadRejected(name, exc.problem.replace(str(dest), name)) from exc
         del image
     except BaseException:
         dest.unlink(missing_ok=True)
@@ -166,7 +170,8 @@ def _limit(hdr: nib.Nifti1Header, name: str, max_voxels: int, max_dim: int, ndim
         raise UploadRejected(name, f"image of {nvox} voxels exceeds this worker's limit of {max_voxels}", 413)
     try:
         dtype = hdr.get_data_dtype()
-    except Exception:
+    except (KeyError, ValueError, nib.spatialimages.HeaderDataError):
+        # nibabel's KeyError names only the datatype code; the message says what it means
         raise UploadRejected(name, "unknown voxel type in the header") from None
     if dtype.kind not in "biuf" or dtype.itemsize > 8:
         raise UploadRejected(name, f"voxel type {dtype} is not supported (integers or floats of up to 8 bytes)")

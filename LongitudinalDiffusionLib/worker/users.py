@@ -61,7 +61,7 @@ def read_users(path: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise InputError(path, f"cannot read the users file ({exc.strerror})") from None
+        raise InputError(path, f"cannot read the users file ({exc.strerror})") from exc
     try:
         users = json.loads(text)["users"]
         if not isinstance(users, dict):
@@ -69,9 +69,9 @@ def read_users(path: Path) -> dict[str, dict[str, Any]]:
         for name, entry in users.items():
             if not USER_NAME.match(name) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", ""))):
                 raise ValueError(name)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         expected = '{"users": {NAME: {"sha256": HEX, "admin": BOOL}}}'
-        raise InputError(path, f"not a users file (expected {expected})") from None
+        raise InputError(path, f"not a users file (expected {expected})") from exc
     return users
 
 
