@@ -13,7 +13,8 @@ GIL go, as PySide6's event loop and the tests do), and spins in pure Python betw
 that way understates Slicer's case).
 
 The same job - one missing age completed with a bundled demo model (two-sided: two sampling
-stages of ``--steps`` steps) on the tests' small simulated subject - runs on:
+stages of ``--steps`` steps) on a simulated subject (80 x 96 x 80 voxels of 2 mm, as the
+Slicer module's sample subject; ``--quick``: the tests' 32 x 40 x 32 of 5 mm) - runs on:
 
 * **thread**: :class:`~LongitudinalDiffusionLib.backends.ThreadBackend`, the former local
   backend (``run_job`` on a thread of this process);
@@ -24,6 +25,9 @@ the child; its wall time is reported as the first run). Then one run per conditi
 reported: the sampling pace (steps per second of the first stage, from the job's own
 progress events), the wall time from submit to the end (a run still going after ``--cap``
 seconds is cancelled and shown as "> cap"), and the slowdown against the idle main thread.
+Then how long reading a result back takes in the parent: ``Result.load`` of its NIfTI
+folder against ``pickle.loads`` (what the job process hands over), on the main thread and
+on a thread while the main thread holds the GIL between 20 ms ticks.
 POSIX only (``usleep`` from the C library).
 """
 
@@ -104,7 +108,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": args.model, "steps": args.steps, "hold_ms": args.hold_ms, "cap": args.cap}
     with tempfile.TemporaryDirectory(prefix="gil-bench-") as tmp:
         cohort = Path(tmp) / "cohort"
-        write_cohort(cohort, CohortSpec(n_subjects=1, seed=3, shape=(32, 40, 32), spacing=(5.0, 5.0, 5.0)), jobs=1)
+        shape, spacing = (32, 40, 32), (5.0, 5.0, 5.0)  # the tests' subject
+        if not args.quick:
+            shape, spacing = (80, 96, 80), (2.0, 2.0, 2.0)  # the geometry of the Slicer module's sample subject
+        write_cohort(cohort, CohortSpec(n_subjects=1, seed=3, heart=False, shape=shape, spacing=spacing), jobs=1)
 
         def spec() -> Any:
             return ages_spec(cohort, args.model, steps=args.steps)
@@ -121,9 +128,43 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     row = drive(backend, job, hold_ms=args.hold_ms, mode=condition, cap=args.cap)
                     out[f"{name}/{condition}"] = row
                     print(f"{name:6s} {condition:4s} {json.dumps(row)}", file=sys.stderr, flush=True)
+            out["reading"] = reading_back(backends["child"].wait(backends["child"].submit(spec()), timeout=600))
         finally:
             for backend in backends.values():
                 backend.close()
+    return out
+
+
+def reading_back(result: Any, hold_ms: float = 20.0) -> dict[str, Any]:
+    """Reading a job's result back in the parent: ``Result.load`` of its NIfTI folder against
+    ``pickle.loads`` of its pickle; on the main thread (idle), and on a thread while the main
+    thread holds the GIL between ticks of ``hold_ms`` (the time until the thread is done)."""
+    import pickle
+    import threading
+
+    from LongitudinalDiffusionLib.tasks import Result
+
+    hold = gil_holder()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gil-bench-result-") as tmp:
+        folder = Path(tmp) / "result"
+        result.save(folder)
+        blob = Path(tmp) / "result.pickle"
+        blob.write_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        readers = {"Result.load": lambda: Result.load(folder), "pickle": lambda: pickle.loads(blob.read_bytes())}
+        for name, read in readers.items():
+            read()  # warm: imports, file cache
+            t0 = time.perf_counter()
+            read()
+            main = time.perf_counter() - t0
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (read(), done.set()))  # noqa: B023
+            t0 = time.perf_counter()
+            worker.start()
+            while not done.is_set():  # each check is a tick: the only moments the thread can run
+                hold(int(hold_ms * 1000))
+            out[name] = {"main_ms": 1000 * main, "starved_thread_ms": 1000 * (time.perf_counter() - t0)}
+            worker.join()
     return out
 
 
@@ -143,6 +184,10 @@ def table(r: dict[str, Any]) -> str:
                 slowdown = f"> {idle['pace'] * r['cap']:.0f}x (no step in {r['cap']:g} s)"
             wall = f"{row['wall']:.1f} s" if row["finished"] else f"> {r['cap']:g} s ({row['steps_seen']} steps)"
             lines.append(f"| {name} | {what[condition]} | {row['pace']:.2f} | {slowdown} | {wall} |")
+    lines += ["", "| reading the result back | on the main thread | on a thread, main thread holding the GIL |"]
+    lines.append("|---|---|---|")
+    for name, row in r["reading"].items():
+        lines.append(f"| {name} | {row['main_ms']:.0f} ms | {row['starved_thread_ms']:.0f} ms |")
     lines.append(
         f"\nFirst run of each backend (idle main thread; the child's includes starting the process, "
         f"its imports and loading the model): thread {r['thread/first']:.1f} s, child {r['child/first']:.1f} s."
