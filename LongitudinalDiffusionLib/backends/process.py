@@ -214,7 +214,7 @@ class _Child:
             except subprocess.TimeoutExpired:
                 self.signal_tree(kill=kill)
         try:
-            self.proc.wait(timeout=0.2)
+            self.proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
             log.warning("job process %s did not end", self.pid)
 
@@ -459,7 +459,7 @@ class ProcessBackend:
             self._queue.clear()
             child, self._child = self._child, None
         if child is not None:
-            child.end(timeout=0.8)
+            child.end(timeout=0.7)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> ProcessBackend:
