@@ -176,7 +176,12 @@ class Result:
                 )
             )
         prov = Provenance.from_dict(summary["provenance"], listing) if summary.get("provenance") else None
-        return cls(summary["task"], images, series, prov)
+        transforms = []
+        for rel in summary.get("transforms", []):  # the preprocessing's way back, as ITK files
+            from .preprocess import SavedTransform, read_transform
+
+            transforms.append(SavedTransform(Path(rel).name[: -len(".tfm")], read_transform(path(rel))))
+        return cls(summary["task"], images, series, prov, transforms=transforms)
 
     def _write(self, root: Path) -> list[str]:
         prov = self.provenance.to_dict() if self.provenance else {}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import slicer
@@ -257,3 +258,48 @@ def test_the_scripting_example_in_docs_slicer_md_runs(cohort, headless):
     assert placed.sequences[0].browser.GetSelectedItemNumber() == 3
     assert frame is placed.sequences[0].proxyVolume() and placed.uncertaintyNodes
     namespace["logic"].close()
+
+
+def test_the_preprocessing_transforms_come_back_with_the_result_and_become_transform_nodes(
+    headless, completed, tmp_path
+):
+    """A result saved with its preprocessing transforms (ITK files, LPS) reads back with them,
+    and each becomes a linear transform node that maps the input's points onto the model's
+    space: the inverse of the saved model-to-input matrix, in RAS."""
+    import dataclasses
+
+    from LongitudinalDiffusionLib.preprocess import SavedTransform
+    from LongitudinalDiffusionLib.tasks import Result
+
+    _subject, result = completed
+    angle = np.deg2rad(10.0)
+    model_to_input_lps = np.eye(4)
+    model_to_input_lps[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    model_to_input_lps[:3, 3] = [15.0, -4.0, 2.5]
+    saved = dataclasses.replace(result, transforms=[SavedTransform("sub-001_ses-03_T1w", model_to_input_lps)])
+    folder = tmp_path / "with-transforms"
+    saved.save(folder)
+    assert (folder / "transforms" / "sub-001_ses-03_T1w.tfm").is_file()
+    loaded = Result.load(folder)
+    assert [t.name for t in loaded.transforms] == ["sub-001_ses-03_T1w"]
+    assert np.allclose(loaded.transforms[0].matrix_lps, model_to_input_lps, atol=1e-9)
+
+    placed = results.placeResult(loaded, headless.scene)
+    (node,) = placed.transformNodes
+    assert node.GetName() == "sub-001_ses-03_T1w (preprocessing)"
+    to_parent = vtk_matrix_to_numpy(node)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    input_point_ras = np.array([10.0, 20.0, 30.0, 1.0])
+    # the input point, moved to the model's space, comes back through the saved matrix
+    model_point_ras = to_parent @ input_point_ras
+    assert np.allclose(flip @ model_to_input_lps @ flip @ model_point_ras, input_point_ras, atol=1e-6)
+    placed.remove(headless.scene)
+    assert headless.scene.GetNodeByID(node.GetID()) is None
+
+
+def vtk_matrix_to_numpy(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformToParent(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])

@@ -210,6 +210,8 @@ class PlacedResult:
         tableNodes: ``"real"``/``"generated"`` -> tissue volume table.
         chartNode: the tissue volume plot chart (None without a segmenter or labels).
         plotSeriesNodes: the chart's series.
+        transformNodes: the preprocessing's transforms (one linear transform node per input:
+            set as an input volume's parent, it moves the input onto the model's atlas space).
         messages: notices for the user (what was resampled, skipped, ...).
     """
 
@@ -222,11 +224,13 @@ class PlacedResult:
     tableNodes: dict[str, Any] = field(default_factory=dict)
     chartNode: Any = None
     plotSeriesNodes: list[Any] = field(default_factory=list)
+    transformNodes: list[Any] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
     def nodes(self) -> list[Any]:
-        """Every data node made (volumes, segmentations, sequences, browsers, proxies, tables, chart)."""
-        found = [*self.volumeNodes, *self.uncertaintyNodes, *self.segmentationNodes.values()]
+        """Every data node made (volumes, segmentations, sequences, browsers, proxies, tables,
+        chart, transforms)."""
+        found = [*self.volumeNodes, *self.uncertaintyNodes, *self.segmentationNodes.values(), *self.transformNodes]
         for series in self.sequences:
             found.extend(series.nodes())
         found.extend(self.tableNodes.values())
@@ -247,6 +251,23 @@ class PlacedResult:
             mrml._removeNodes(scene, [*_displayNodes(node), _storageNode(node), node])
         if shNode.GetItemName(self.folderItemId):
             shNode.RemoveItem(self.folderItemId, True, True)
+
+
+def transformNode(transform: Any, scene: Any = None) -> Any:
+    """A linear transform node of a preprocessing transform (``preprocess.SavedTransform``:
+    a 4x4 LPS matrix from the model's space to the input, ITK's convention), as Slicer would
+    load its ``.tfm`` file: the matrix, in RAS, is the node's transform from parent, so a
+    volume placed under it moves from its own space onto the model's."""
+    scene = mrml._scene(scene)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    ras = flip @ np.asarray(transform.matrix_lps, dtype=np.float64) @ flip
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(ras[r, c]))
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", f"{transform.name} (preprocessing)")
+    node.SetMatrixTransformFromParent(matrix)
+    return node
 
 
 def _displayNodes(node: Any) -> list[Any]:
@@ -1009,6 +1030,12 @@ def placeResultSteps(
                     mrml._placeInHierarchy(shNode, node, folderItem)
                 for node in seriesNodes:
                     mrml._setAttributes(node, attributes)
+        for transform in getattr(result, "transforms", None) or []:
+            check()
+            node = transformNode(transform, scene)
+            mrml._setAttributes(node, attributes)
+            mrml._placeInHierarchy(shNode, node, folderItem)
+            placed.transformNodes.append(node)
         missing = [i for i in inputIds if scene.GetNodeByID(i) is None]
         if missing:
             placed.messages.append(
