@@ -12,8 +12,6 @@ import ast
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "LongitudinalDiffusionLib"
 _spec = importlib.util.spec_from_file_location("draw_imports", ROOT / "scripts" / "draw_imports.py")
@@ -69,11 +67,6 @@ def test_no_import_circle_between_library_modules():
     assert _cycles(inside_worker=False) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/runner.py and worker/celery_app.py import each other (issue 18); "
-    "remove this mark once the worker's circle is broken",
-)
 def test_no_import_circle_inside_the_worker():
     assert _cycles(inside_worker=True) == []
 

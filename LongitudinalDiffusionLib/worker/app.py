@@ -28,18 +28,18 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InputError, LongitudinalDiffusionError, ModelNotFound
-from ..jobs import FINAL_KINDS, JobExpired, JobSpec, UnknownJob
+from ..jobs import FINAL_KINDS, JobExpired, JobInput, JobSpec, UnknownJob
 from . import API_VERSION
 from .settings import Settings
 from .store import Store
@@ -56,6 +56,56 @@ KEEPALIVE_SECONDS = 15.0
 #: errors of a data folder the worker cannot write
 STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
 USER_KEY = "longdiff.user"
+
+
+class InputForm(BaseModel):
+    """One input of a submitted job spec, as sent (types checked strictly: no "3" for 3)."""
+
+    # Optional: pydantic evaluates these annotations, and Python 3.9 has no "X | None"
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: str
+    age_months: float
+    modality: str
+    session: Optional[str] = None
+    labels: Optional[str] = None
+
+
+class SpecForm(BaseModel):
+    """The ``spec`` form field of ``POST /v1/jobs``: the shape of a job spec. The values
+    (task names, ranges, the task's parameters) are checked by :meth:`JobSpec.validate`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: str
+    model: str
+    subject_id: str = "subject"
+    inputs: list[InputForm]
+    params: Optional[dict[str, Any]] = None
+    options: Optional[dict[str, Any]] = None
+
+    def to_spec(self) -> JobSpec:
+        inputs = [JobInput(**item.model_dump()) for item in self.inputs]
+        params, options = dict(self.params or {}), dict(self.options or {})
+        return JobSpec(self.task, self.model, self.subject_id, inputs, params, options).validate()
+
+
+def spec_problem(exc: ValidationError) -> str:
+    """The first problem of a spec's shape as one line: 'where: what' (and how many more)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
+    kind = first["type"]
+    if kind == "model_type" and not loc:
+        what = "job spec", "must be a JSON object"
+    elif kind == "missing":
+        what = loc.rpartition(".")[0] or "job spec", f"missing '{loc.rpartition('.')[2]}'"
+    elif kind == "extra_forbidden":
+        what = loc.rpartition(".")[0] or "job spec", f"unknown field '{loc.rpartition('.')[2]}'"
+    else:
+        what = loc or "job spec", str(first["msg"]).splitlines()[0]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{what[0]}: {what[1]}{more}"
 
 
 class Problem(BaseModel):
@@ -577,7 +627,9 @@ def _submit(
         # the cause is a traceback as deep as the nesting: noise in the worker's log
         raise WorkerError(400, "job spec is not valid JSON (nested too deeply)") from None
     try:
-        spec = JobSpec.from_dict(data)
+        spec = SpecForm.model_validate(data).to_spec()
+    except ValidationError as exc:
+        raise WorkerError(400, f"invalid job spec: {spec_problem(exc)}") from exc
     except InputError as exc:
         raise WorkerError(400, f"invalid job spec: {exc}") from exc
     refs = [("path", i, item.path) for i, item in enumerate(spec.inputs)]

@@ -81,7 +81,7 @@ class _Cancel(CancelToken):
 def gpu_worker(broker: str, data: Path, device: str = "auto", name: str | None = None) -> int:
     """Consume jobs from the queue until stopped (the ``gpu`` command)."""
     from ..diffusion.device import resolve_device
-    from .runner import execute
+    from .execution import execute
     from .store import Store
 
     data = Path(data)
