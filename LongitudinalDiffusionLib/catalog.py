@@ -49,8 +49,14 @@ class ModelCard:
 
     @property
     def trained(self) -> bool:
-        """False for a model with random weights (``trained_on`` is null)."""
-        return self.card.get("trained_on", {}) is not None
+        """Whether the card says what its weights learnt from (a non-empty ``trained_on``).
+
+        A card with random weights (``trained_on`` null) is untrained; so is one without
+        ``trained_on`` or with an empty one: weights of unknown origin are not presented as
+        trained (the console lists them as UNTRAINED, the worker as ``"trained": false``).
+        """
+        trained_on = self.card.get("trained_on")
+        return isinstance(trained_on, dict) and bool(trained_on)
 
     @property
     def what(self) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -524,14 +524,3 @@ class Backend(Protocol):
     def wait(self, job_id: str, timeout: float | None = None) -> Result: ...
 
     def close(self) -> None: ...
-
-
-def last_state(events: Sequence[JobEvent]) -> str:
-    """The state events leave a job in: queued, running, done, failed or cancelled."""
-    state = "queued"
-    for e in events:
-        if e.kind == "started":
-            state = "running"
-        elif e.kind in FINAL_KINDS:
-            state = e.kind
-    return state

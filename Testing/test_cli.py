@@ -175,6 +175,23 @@ def test_models_lists_cards_from_the_environment(tmp_path, capsys, monkeypatch):
     assert "FLAIR from T1w,T1ce,T2w" in out  # what cwdm-demo generates
 
 
+@pytest.mark.parametrize("trained_on", ["absent", None, {}], ids=["no-trained_on", "null", "empty"])
+def test_a_card_that_does_not_say_what_it_learnt_from_is_listed_as_untrained(tmp_path, capsys, monkeypatch, trained_on):
+    """Weights of unknown origin are never presented as trained: `longdiff models` says
+    UNTRAINED, the card's ``trained`` (the worker's "trained" flag) is False."""
+    from LongitudinalDiffusionLib.catalog import find_model
+
+    monkeypatch.setenv("LONGDIFF_MODELS", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    card = {"method": "ddm"} if trained_on == "absent" else {"method": "ddm", "trained_on": trained_on}
+    (tmp_path / "mystery.json").write_text(json.dumps(card))
+    (tmp_path / "known.json").write_text(json.dumps({"method": "ddm", "trained_on": {"simulated": False}}))
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "UNTRAINED" in rows["mystery"] and "UNTRAINED" not in rows["known"]
+    assert find_model("mystery").trained is False and find_model("known").trained is True
+
+
 # ----------------------------------------------------------------------------- tasks end to end
 
 

@@ -34,7 +34,6 @@ Example (Slicer Python console)::
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -827,22 +826,6 @@ def syntheticAttributes(result: Any) -> dict[str, str]:
 def _runName(result: Any) -> str:
     model = result.provenance.model if result.provenance is not None else "?"
     return f"{result.task} ({model})"
-
-
-def _reference(nodeIds: Sequence[str], scene: Any, age: float | None) -> Any:
-    """The input volume nearest ``age`` among ``nodeIds`` still in the scene (or None)."""
-    nodes = [scene.GetNodeByID(i) for i in nodeIds]
-    nodes = [n for n in nodes if n is not None]
-    if not nodes:
-        return None
-    if age is None:
-        return nodes[0]
-
-    def distance(node: Any) -> float:
-        value = mrml._ageOrNone(node)
-        return math.inf if value is None else abs(value - age)
-
-    return min(nodes, key=distance)
 
 
 def placeResult(
