@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LongitudinalDiffusion"))  # as in Slicer: the module's folder is on the path
 
-from LongitudinalDiffusionSlicer import dependencies, sampledata  # noqa: E402
+from LongitudinalDiffusionSlicer import dependencies, sampledata
 
 
 def test_the_module_requirements_are_met_in_a_full_environment():

@@ -19,8 +19,9 @@ import functools
 import types
 
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import qt_shim

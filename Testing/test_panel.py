@@ -34,7 +34,7 @@ DOCS_IMAGES = os.environ.get("LONGDIFF_DOCS_IMAGES")
 
 # In Slicer the module's folder is on sys.path, so its helper package imports by name.
 sys.path.insert(0, str(ROOT / "LongitudinalDiffusion"))
-from LongitudinalDiffusionSlicer.panel import (  # noqa: E402
+from LongitudinalDiffusionSlicer.panel import (
     COMPLETE_AGES,
     INTERPOLATE,
     SYNTHESIZE_MODALITY,

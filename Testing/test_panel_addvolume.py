@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import qt_shim

@@ -28,8 +28,8 @@ from LongitudinalDiffusionLib.subject import load_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LongitudinalDiffusion"))
-from LongitudinalDiffusionSlicer import dependencies  # noqa: E402
-from LongitudinalDiffusionSlicer.panel import Panel  # noqa: E402
+from LongitudinalDiffusionSlicer import dependencies
+from LongitudinalDiffusionSlicer.panel import Panel
 
 DOCS_IMAGES = os.environ.get("LONGDIFF_DOCS_IMAGES")
 

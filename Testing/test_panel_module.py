@@ -24,8 +24,9 @@ import types
 from pathlib import Path
 
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import slicer

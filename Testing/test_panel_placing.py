@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import slicer

@@ -17,8 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import httpx
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import torch

@@ -12,8 +12,9 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import zipfile
 
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 import qt_shim

@@ -15,8 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
+import requires
 
-pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+requires.slicer()
 
 import mrml_harness
 from LongitudinalDiffusionSlicer import results, sliceviews
@@ -24,8 +25,8 @@ from LongitudinalDiffusionSlicer import results, sliceviews
 from LongitudinalDiffusionLib.imaging import Image
 from LongitudinalDiffusionLib.tasks import FrameSeries
 
-if sliceviews.unavailableReason():
-    pytest.skip(sliceviews.unavailableReason(), allow_module_level=True)
+if sliceviews.unavailableReason():  # trame-slicer's slice views
+    requires.missing(sliceviews.unavailableReason())
 
 
 def ball(shape, spacing, origin, radius_mm):

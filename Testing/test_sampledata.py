@@ -17,10 +17,10 @@ from PySide6 import QtCore
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LongitudinalDiffusion"))
-import qt_shim  # noqa: E402
-from LongitudinalDiffusionSlicer import sampledata  # noqa: E402
+import qt_shim
+from LongitudinalDiffusionSlicer import sampledata
 
-from LongitudinalDiffusionLib.subject import load_subject  # noqa: E402
+from LongitudinalDiffusionLib.subject import load_subject
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requires
 
 from LongitudinalDiffusionLib.cli import main
 from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
@@ -105,7 +106,7 @@ def test_save_result_marks_by_what_the_model_learnt_from(tmp_path, trained_on, t
 
 
 def test_slicer_nodes_read_as_synthetic(run):
-    pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+    requires.slicer()
     import mrml_harness
     from LongitudinalDiffusionSlicer import mrml, results
 
@@ -152,7 +153,7 @@ def test_slicer_nodes_read_as_synthetic(run):
 
 
 def test_an_mrb_longdiff_did_not_write_is_never_replaced(run, tmp_path):
-    pytest.importorskip("slicer", reason="needs PyPI slicer-core (real MRML)")
+    requires.slicer()
     import mrml_harness
     from LongitudinalDiffusionSlicer import mrml
 

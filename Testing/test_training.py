@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the training package sits next to the library, not inside it
     sys.path.insert(0, str(ROOT))
 
-from LongitudinalDiffusionLib import catalog  # noqa: E402
-from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort  # noqa: E402
-from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError  # noqa: E402
-from LongitudinalDiffusionLib.models import METHODS, default_config, default_grid  # noqa: E402
-from training import train as tt  # noqa: E402
+from LongitudinalDiffusionLib import catalog
+from LongitudinalDiffusionLib.demo.cohort import CohortSpec, write_cohort
+from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
+from LongitudinalDiffusionLib.models import METHODS, default_config, default_grid
+from training import train as tt
 
 torch.set_num_threads(1)
 
