@@ -301,8 +301,8 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=_positive_int,
         metavar="N",
-        help="CPU threads of the network (default: $OMP_NUM_THREADS if set, else the cores the load average "
-        "says are free; docs/performance.md)",
+        help="CPU threads of the network (default: $LONGDIFF_THREADS or $OMP_NUM_THREADS if set, else the cores "
+        "other processes leave free; docs/performance.md)",
     )
     r = p.add_argument_group("remote worker (the inputs are uploaded to it: giving --remote is your consent)")
     r.add_argument("--remote", metavar="URL", help="run on a longdiff-worker, e.g. https://gpu.example.org:8765")
