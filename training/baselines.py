@@ -1,19 +1,26 @@
-"""The simple baselines every model is measured against (see ``training/evaluate.py``).
+"""The classical baselines every model is measured against (see ``training/evaluate.py``).
 
 A model earns its place only if it beats what a user could do without it, on the same
 cases. Each baseline sees exactly what the model sees - never the ground-truth image or
 labels of the case it predicts:
 
 * **missing age** - :func:`nearest_timepoint` (a copy of the subject's real scan nearest
-  in age) and :func:`linear_interpolation` (the age-weighted average of the real scans just
-  before and just after the missing age);
+  in age), :func:`linear_interpolation` (the age-weighted average of the real scans just
+  before and just after the missing age) and :func:`registered_interpolation` (the two
+  registered to each other with SimpleITK demons, each warped toward the missing age by its
+  fraction of the field, then blended by age);
 * **missing modality** - :func:`nearest_contrast` (a fixed map to the most similar
   available contrast, :data:`NEAREST_CONTRAST`) passed through :func:`match_histogram`
   (quantile mapping onto a reference intensity distribution of the target contrast built by
   :func:`reference_quantiles` from *other* images, e.g. the training subjects), and the
   nearest contrast unchanged;
-* **frames** - :func:`linear_blend` ((1 - gamma) source + gamma target, voxel by voxel) and
-  :func:`identity_warp` (the source itself with its labels: "nothing moves").
+* **missing modality**, fitted - :class:`ContrastRegression` (a quadratic per-voxel
+  regression of the target from the session's other contrasts, least squares on training
+  sessions only);
+* **frames** - :func:`linear_blend` ((1 - gamma) source + gamma target, voxel by voxel),
+  :func:`identity_warp` (the source itself with its labels: "nothing moves") and
+  :func:`registered_frame` (demons from source to target, the field scaled by gamma, the
+  labels warped with nearest neighbour).
 
 Images are :class:`~LongitudinalDiffusionLib.imaging.Image` objects; a baseline output is
 resampled (trilinear) onto the geometry it is evaluated on when its inputs lie elsewhere.

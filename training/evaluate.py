@@ -1,16 +1,21 @@
-"""Each model against simple baselines on held-out subjects: does it beat them, and by how much?
+"""Each model against classical baselines on test subjects: does it beat them, and how sure is that?
 
 ``python -m training.evaluate --data COHORT --model cwdm=NAME --model ddm=NAME --out DIR``
-runs every given model on the held-out subjects (or hearts) of a
-cohort - a BIDS dataset plus ``cardiac/sub-*/cine`` folders, as ``longdiff demo-data cohort``
-writes it - and the baselines of ``training/baselines.py`` on exactly the same cases:
+runs every given model on the test subjects (or hearts) of a cohort - a BIDS dataset plus
+``cardiac/sub-*/cine`` folders, as ``longdiff demo-data cohort`` and
+``python -m training.test_sets`` write it - and the baselines of ``training/baselines.py``
+on exactly the same cases. The subjects are the model cards' ``splits.test`` that the
+cohort holds (or ``--held-out``); a subject a card puts in its train or validation split is
+refused (``--split validation`` scores the validation split and says it is no test).
+``--reference`` names the cohort of the training subjects the fitted baselines learn from:
 
 * **missing age** (Cas-DiffCom, SADM, the time-interval model): each interior scan of the
   model's modality (one with real scans before and after it) is hidden in turn - its whole
   session is taken out - and the model completes the subject at that age
   (:func:`~LongitudinalDiffusionLib.tasks.complete_ages`). Baselines: a copy of the real
-  scan nearest in age, and the age-weighted linear interpolation of the two neighbouring
-  real scans.
+  scan nearest in age, the age-weighted linear interpolation of the two neighbouring real
+  scans, and registration interpolation (the two neighbours registered to each other with
+  demons, each warped toward the missing age: :func:`baselines.registered_interpolation`).
 * **missing modality** (cWDM): in each held-out session the model's target contrast is
   hidden (every contrast in turn for an any-missing model) and the model synthesises it
   from the session's other contrasts
@@ -22,14 +27,19 @@ writes it - and the baselines of ``training/baselines.py`` on exactly the same c
   subjects left, the held-out subject's own other session nearest in age - and the same
   contrast unchanged (on data whose contrasts share a similar intensity scale, such as the
   simulated cohort, the plain copy can score as well as the matched one, so it is kept
-  as a baseline too). The hidden image is never read by any baseline.
+  as a baseline too) - and a quadratic per-voxel regression of the target from the
+  session's other contrasts fitted on the training subjects' sessions nearest in age
+  (:class:`baselines.ContrastRegression`), plain and histogram-matched. The hidden image is
+  never read by any baseline.
 * **frames** (DDM): for each held-out heart, source = the first frame (end-diastole), target
   = the last (end-systole); the model makes all ``n`` frames at ``gamma = k / (n - 1)``
   (:func:`~LongitudinalDiffusionLib.tasks.interpolate_frames`, the source labels carried
   along) and frame ``k`` is compared with real frame ``k`` (the cine's frames are equally
   spaced in time; a warning is logged when they are not). Baselines: the linear intensity
-  blend ``(1 - gamma) source + gamma target`` and the identity warp (the source and its
-  labels). The two ends (gamma 0 and 1, the inputs) are left out.
+  blend ``(1 - gamma) source + gamma target``, the identity warp (the source and its
+  labels) and demons registration of the source to the target with the field scaled by
+  gamma, labels warped with nearest neighbour. The two ends (gamma 0 and 1, the inputs)
+  are left out.
 
 Metrics, per case, on the truth's geometry:
 
@@ -42,15 +52,20 @@ Metrics, per case, on the truth's geometry:
 * **Dice** (frames): for each label class present in the truth or the prediction (background
   excluded) 2|P and T| / (|P| + |T|), then the mean over those classes.
 
-Primary metric: PSNR for missing age, PSNR for missing modality, Dice for frames. A model
-"beats" the baselines when its mean primary metric over the cases exceeds that of the best
-baseline (the one with the highest mean) on the same cases; the table gives the paired
-mean difference, its standard error and the number of cases won - and the same numbers
-for the model against every other baseline.
+Primary metric: PSNR for missing age, PSNR for missing modality, Dice for frames and
+segmentation. Every baseline is compared with the model on every metric of
+:data:`COMPARED`, paired over the cases (:mod:`training.stats`): the mean difference with a
+95 % interval from a subject-level cluster bootstrap, the Wilcoxon signed-rank p over cases
+and over subject means, cases and subjects won. The model **beats** a baseline only when
+the interval lies above zero, is **worse than** it when the interval lies below zero, and is
+**no better than** it otherwise; the sentence under each table is about the strongest
+baseline (the highest mean primary metric).
 
-Outputs in ``--out``: ``evaluation.md`` (the table with these notes), ``evaluation.csv``
-(one row per method and entry: mean and sample standard deviation of each metric) and
-``cases.csv`` (every case's numbers).
+Outputs in ``--out``: ``evaluation.md`` (the tables with these notes), ``evaluation.csv``
+(one row per method and entry: mean and sample standard deviation of each metric, and the
+comparison on the primary metric), ``comparisons.csv`` (every comparison) and
+``cases.csv`` (every case's numbers). ``--merge DIR...`` joins the outputs of separate runs
+on one cohort (one process per model or per group of subjects) into one report.
 """
 
 from __future__ import annotations
