@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -424,7 +424,7 @@ def complete_ages(
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
-        loaded, real, targets, mod, opts, device, subject.subject_id, grids
+        _AgeRun(loaded, real, targets, mod, opts, device, subject.subject_id, grids)
     )
     if prep is not None:  # each output onto its nearest scan's own grid, series onto the first's
         images, series = _back_to_inputs(prep, images, series, lambda age: real.index(_nearest(real, age)))
@@ -533,103 +533,145 @@ def _denoising_series(name: str, grid: ModelGrid, record: GridRecord, intermedia
     return FrameSeries(name, frames, [float(it.t) for it in intermediates], "step")
 
 
-def _complete_cascade(loaded, real, targets, mod, opts, device, sid, grids):
-    mod_cas = method_module("cas-diffcom")
-    grid, sr_grid = grids["grid"], grids["sr_grid"]
-    settings = opts.settings(loaded)
-    refine_settings = opts.settings(loaded, "refine_sampler")
-    images, series, used = [], [], []
-    for age in targets:
-        sources = _sources(real, age, opts.two_sided)
+@dataclass
+class _AgeRun:
+    """What a missing-age run works on: the model, the subject's real scans of the modality
+    (age order), the ages to generate, the options and the model's grids (``"grid"``, and
+    Cas-DiffCom's ``"sr_grid"``)."""
+
+    loaded: LoadedModel
+    real: list[Timepoint]
+    targets: list[float]
+    modality: Modality
+    opts: RunOptions
+    device: torch.device
+    subject_id: str
+    grids: dict[str, ModelGrid]
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        on_grid: np.ndarray,
+        ages: list[list[float]],
+        settings: SamplerSettings,
+        seed: int | None,
+        progress: ProgressCallback | None,
+        **extra: Any,
+    ) -> Any:
+        """``fn(network, image, *ages, ...)``: a model's sampling function on one scan, with
+        the run's network, device and cancel token, and ``settings`` at ``seed``."""
+        return fn(
+            self.loaded.network,
+            _tensor(on_grid, self.device),
+            *(torch.tensor(a, dtype=torch.float32) for a in ages),
+            config=self.loaded.config,
+            settings=settings.merged(seed=seed),
+            device=self.device,
+            progress=progress,
+            cancel=self.opts.cancel,
+            **extra,
+        )
+
+
+class _FromScan(Protocol):
+    """How a single-source model makes one target from one scan: the output on the output
+    grid, and the captured intermediates by stage."""
+
+    def __call__(
+        self, tp: Timepoint, on_grid: np.ndarray, age: float, seed: int | None, progress: ProgressCallback | None
+    ) -> tuple[np.ndarray, dict[str, list]]: ...
+
+
+def _complete_from_sources(
+    run: _AgeRun, from_scan: _FromScan, out_key: str, stages: Sequence[tuple[str, str, str]], ages_key: str
+) -> tuple[list[ResultImage], list[FrameSeries], dict[str, Any]]:
+    """Each target from its nearest scan, or blended from the scans on both sides
+    (:func:`_sources`), by a single-source model (Cas-DiffCom, the time-interval model).
+
+    ``out_key`` names the grid the outputs come on; ``stages`` the denoising series to keep:
+    (stage of the intermediates, series name with ``{age}``, grid key); ``ages_key`` the
+    provenance entry listing each target's source ages.
+    """
+    grid, out_grid = run.grids["grid"], run.grids[out_key]
+    images: list[ResultImage] = []
+    series: list[FrameSeries] = []
+    used = []
+    for age in run.targets:
+        sources = _sources(run.real, age, run.opts.two_sided)
         used.append([tp.age for tp, _ in sources])
         near = sources[0][0]
-        low_ref = grid.forward(_image(near))
-        high_ref = sr_grid.forward(_image(near))
-        lows = [low_ref] + [grid.forward(_image(tp), reference=low_ref.record) for tp, _ in sources[1:]]
+        ref = grid.forward(_image(near))
+        out_ref = ref if out_key == "grid" else out_grid.forward(_image(near))
+        fwds = [ref] + [grid.forward(_image(tp), reference=ref.record) for tp, _ in sources[1:]]
         captured: dict[str, list] = {}
 
-        def run(seed, progress, age=age, sources=sources, lows=lows, captured=captured):
-            def one(tp: Timepoint, low, first: bool) -> np.ndarray:
-                out = mod_cas.complete(
-                    loaded.network,
-                    _tensor(low.array, device),
-                    torch.tensor([tp.age], dtype=torch.float32),
-                    torch.tensor([age], dtype=torch.float32),
-                    config=loaded.config,
-                    settings=settings.merged(seed=seed),
-                    refine_settings=refine_settings.merged(seed=None if seed is None else seed + 1),
-                    device=device,
-                    progress=_prefixed(progress, _source_prefix(age, tp, len(sources))),
-                    cancel=opts.cancel,
-                )
+        def sample(seed, progress, age=age, sources=sources, fwds=fwds, captured=captured):
+            def one(tp: Timepoint, fwd: Any, first: bool) -> np.ndarray:
+                prefixed = _prefixed(progress, _source_prefix(age, tp, len(sources)))
+                out, intermediates = from_scan(tp, fwd.array, age, seed, prefixed)
                 if first:
-                    captured.update(out.intermediates)
-                return out.high_res[0, 0].numpy()
+                    captured.update(intermediates)
+                return out
 
-            return [_blend([(w, partial(one, tp, low, i == 0)) for i, ((tp, w), low) in enumerate(zip(sources, lows))])]
+            return [_blend([(w, partial(one, tp, fwd, i == 0)) for i, ((tp, w), fwd) in enumerate(zip(sources, fwds))])]
 
-        mean, std = _samples(opts, run)
-        image = sr_grid.inverse(mean[0], high_ref.record)
-        spread = sr_grid.inverse(std[0], _units_only(high_ref.record)) if std else None
-        images += _age_outputs(sid, mod, age, image, spread)
-        for stage, g, rec in (("generate", grid, low_ref.record), ("refine", sr_grid, high_ref.record)):
-            s = _denoising_series(f"denoising-{stage}-{age:g}mo", g, rec, captured.get(stage, []))
+        mean, std = _samples(run.opts, sample)
+        image = out_grid.inverse(mean[0], out_ref.record)
+        spread = out_grid.inverse(std[0], _units_only(out_ref.record)) if std else None
+        images += _age_outputs(run.subject_id, run.modality, age, image, spread)
+        records = {"grid": ref.record, out_key: out_ref.record}
+        for stage, name, key in stages:
+            s = _denoising_series(name.format(age=age), run.grids[key], records[key], captured.get(stage, []))
             if s:
                 series.append(s)
-    series.insert(0, _timeline(real, images))
-    return images, series, settings, {"guidance_ages": used, "two_sided": opts.two_sided}
+    series.insert(0, _timeline(run.real, images))
+    return images, series, {ages_key: used, "two_sided": run.opts.two_sided}
+
+
+def _complete_cascade(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], SamplerSettings, dict[str, Any]]:
+    mod_cas = method_module("cas-diffcom")
+    settings = run.opts.settings(run.loaded)
+    refine_settings = run.opts.settings(run.loaded, "refine_sampler")
+
+    def from_scan(
+        tp: Timepoint, on_grid: np.ndarray, age: float, seed: int | None, progress: ProgressCallback | None
+    ) -> tuple[np.ndarray, dict[str, list]]:
+        refine = refine_settings.merged(seed=None if seed is None else seed + 1)
+        ages = [[tp.age], [age]]  # the source's age, the target's
+        out = run.call(mod_cas.complete, on_grid, ages, settings, seed, progress, refine_settings=refine)
+        return out.high_res[0, 0].numpy(), out.intermediates
+
+    stages = [("generate", "denoising-generate-{age:g}mo", "grid"), ("refine", "denoising-refine-{age:g}mo", "sr_grid")]
+    images, series, extra = _complete_from_sources(run, from_scan, "sr_grid", stages, "guidance_ages")
+    return images, series, settings, extra
 
 
 def _source_prefix(age: float, source: Timepoint, n_sources: int) -> str:
     return f"{age:g} mo from {source.age:g} mo: " if n_sources > 1 else f"{age:g} mo: "
 
 
-def _complete_interval(loaded, real, targets, mod, opts, device, sid, grids):
+def _complete_interval(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], SamplerSettings, dict[str, Any]]:
     mod_int = method_module("interval")
-    grid = grids["grid"]
-    settings = opts.settings(loaded)
-    images, series, used = [], [], []
-    for age in targets:
-        sources = _sources(real, age, opts.two_sided)
-        used.append([tp.age for tp, _ in sources])
-        ref = grid.forward(_image(sources[0][0]))
-        fwds = [ref] + [grid.forward(_image(tp), reference=ref.record) for tp, _ in sources[1:]]
-        captured: list = []
+    settings = run.opts.settings(run.loaded)
 
-        def run(seed, progress, age=age, sources=sources, fwds=fwds, captured=captured):
-            def one(tp: Timepoint, fwd, first: bool) -> np.ndarray:
-                out = mod_int.generate(
-                    loaded.network,
-                    _tensor(fwd.array, device),
-                    torch.tensor([age - tp.age], dtype=torch.float32),
-                    config=loaded.config,
-                    settings=settings.merged(seed=seed),
-                    device=device,
-                    progress=_prefixed(progress, _source_prefix(age, tp, len(sources))),
-                    cancel=opts.cancel,
-                )
-                if first:
-                    captured[:] = out.intermediates
-                return out.sample[0, 0].numpy()
+    def from_scan(
+        tp: Timepoint, on_grid: np.ndarray, age: float, seed: int | None, progress: ProgressCallback | None
+    ) -> tuple[np.ndarray, dict[str, list]]:
+        out = run.call(mod_int.generate, on_grid, [[age - tp.age]], settings, seed, progress)
+        return out.sample[0, 0].numpy(), {"sample": out.intermediates}
 
-            return [_blend([(w, partial(one, tp, fwd, i == 0)) for i, ((tp, w), fwd) in enumerate(zip(sources, fwds))])]
-
-        mean, std = _samples(opts, run)
-        image = grid.inverse(mean[0], ref.record)
-        spread = grid.inverse(std[0], _units_only(ref.record)) if std else None
-        images += _age_outputs(sid, mod, age, image, spread)
-        s = _denoising_series(f"denoising-{age:g}mo", grid, ref.record, captured)
-        if s:
-            series.append(s)
-    series.insert(0, _timeline(real, images))
-    return images, series, settings, {"source_ages": used, "two_sided": opts.two_sided}
+    stages = [("sample", "denoising-{age:g}mo", "grid")]
+    images, series, extra = _complete_from_sources(run, from_scan, "grid", stages, "source_ages")
+    return images, series, settings, extra
 
 
-def _complete_sadm(loaded, real, targets, mod, opts, device, sid, grids):
+def _complete_sadm(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], SamplerSettings, dict[str, Any]]:
     """SADM reads the timeline around each missing age and generates it (paper Alg. 2, with
     context on both sides). A model holds ``max_frames`` slots, so each target sees the
     ``max_frames - 1`` timepoints nearest in age (:func:`_window`), real or generated earlier
     in this run."""
+    loaded, real, targets, mod, opts = run.loaded, run.real, run.targets, run.modality, run.opts
+    device, sid, grids = run.device, run.subject_id, run.grids
     mod_sadm = method_module("sadm")
     grid = grids["grid"]
     settings = opts.settings(loaded)
