@@ -57,7 +57,8 @@ class Image:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along i, j, k (norms of the affine's columns)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        sx, sy, sz = (float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return sx, sy, sz
 
     @property
     def orientation(self) -> str:
@@ -149,7 +150,7 @@ def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float3
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a spatial image: it has dataobj and affine
     except nib.filebasedimages.ImageFileError as exc:
         raise InputError(path, f"not a readable image (nibabel: {exc})") from exc
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:

@@ -551,7 +551,7 @@ def _unquote(cell: str) -> str:
 
 def _age_column(header: list[str], path: Path) -> tuple[str, str | None] | None:
     """Find the age column: ``("age", None)`` or ``("age_days", "days")``; None if absent."""
-    candidates = []
+    candidates: list[tuple[str, str | None]] = []
     for name in header:
         if name == "age":
             candidates.append((name, None))
@@ -607,7 +607,7 @@ def load_manifest(path: str | os.PathLike, *, subject_id: str | None = None) -> 
     missing = [c for c in ("file", "modality") if c not in header]
     if age_col is None:
         missing.insert(1, "age")
-    if missing:
+    if missing or age_col is None:
         raise InputError(
             path,
             f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "

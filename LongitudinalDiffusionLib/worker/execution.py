@@ -67,11 +67,12 @@ def out_of_memory(exc: BaseException) -> str:
     report of one (the sampler re-raises it with the stage and batch shape), else ""."""
     from ..diffusion.device import is_out_of_memory
 
+    found: BaseException | None = exc
     seen = 0
-    while exc is not None and seen < 5:
-        if is_out_of_memory(exc):
+    while found is not None and seen < 5:
+        if is_out_of_memory(found):
             return "OutOfMemoryError"
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        found, seen = found.__cause__ or found.__context__, seen + 1
     return ""
 
 
