@@ -452,10 +452,18 @@ def load_subject(spec: JobSpec):
     """The spec's inputs as a :class:`~LongitudinalDiffusionLib.subject.Subject` (images read
     and checked)."""
     from .imaging import load_image
-    from .subject import Subject, Timepoint
+    from .subject import Subject, Timepoint, parse_modality
 
     timepoints = [
-        Timepoint(i.age_months, i.modality, load_image(i.path), Path(i.path), i.session, i.labels) for i in spec.inputs
+        Timepoint(
+            i.age_months,
+            parse_modality(i.modality, i.path),
+            load_image(i.path),
+            Path(i.path),
+            i.session,
+            None if i.labels is None else Path(i.labels),
+        )
+        for i in spec.inputs
     ]
     return Subject(spec.subject_id, timepoints)
 

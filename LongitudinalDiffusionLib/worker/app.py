@@ -444,7 +444,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     public = APIRouter(prefix="/v1", tags=["health"])
 
-    unwritable = {503: {"model": Problem, "description": "the worker cannot write its data folder"}}
+    unwritable: dict[int | str, dict[str, Any]] = {
+        503: {"model": Problem, "description": "the worker cannot write its data folder"}
+    }
 
     @public.get("/health", summary="Liveness and versions (no token needed)", responses=unwritable)
     async def health() -> JSONResponse:
@@ -637,11 +639,12 @@ def _submit(
     if len(files) > settings.max_inputs:
         raise WorkerError(413, f"{len(files)} files; this worker takes at most {settings.max_inputs} per job")
     used: dict[int, str] = {}
+    numbers: dict[str, int] = {}  # the file number each checked 'upload:N' reference names
     for key, i, ref in refs:
         m = UPLOAD_REF.match(ref)
         if not m:
             raise WorkerError(400, f"invalid job spec: inputs[{i}].{key} must name an uploaded file ('upload:N')")
-        n = int(m.group(1))
+        n = numbers[ref] = int(m.group(1))
         if n >= len(files):
             raise WorkerError(400, f"invalid job spec: inputs[{i}].{key} refers to file {n}; {len(files)} were sent")
         used[n] = key
@@ -678,9 +681,9 @@ def _submit(
             )
         rel = f"jobs/{job_id}"
         for item in spec.inputs:
-            item.path = f"{rel}/input-{int(UPLOAD_REF.match(item.path).group(1)):03d}.nii.gz"
+            item.path = f"{rel}/input-{numbers[item.path]:03d}.nii.gz"
             if item.labels:
-                item.labels = f"{rel}/input-{int(UPLOAD_REF.match(item.labels).group(1)):03d}.nii.gz"
+                item.labels = f"{rel}/input-{numbers[item.labels]:03d}.nii.gz"
         store.add(job_id, spec, user.name)
     except UploadRejected as exc:
         shutil.rmtree(folder, ignore_errors=True)

@@ -21,6 +21,7 @@ never resurrect a cancelled job.
 
 from __future__ import annotations
 
+import builtins  # Store.list shadows list in the class's annotations
 import json
 import logging
 import os
@@ -181,7 +182,7 @@ class Store:
             "result_available": row["state"] == "done" and self.result_zip(job_id).is_file(),
         }
 
-    def list(self, limit: int = 1000, owner: str | None = None) -> list[dict[str, Any]]:
+    def list(self, limit: int = 1000, owner: str | None = None) -> builtins.list[dict[str, Any]]:
         """The newest jobs (with ``owner``: that user's only)."""
         with self._lock:
             if owner is None:
@@ -259,7 +260,7 @@ class Store:
             except Exception:  # a listener must never break the store
                 log.exception("event listener failed")
 
-    def events(self, job_id: str, after: int = -1) -> list[JobEvent]:
+    def events(self, job_id: str, after: int = -1) -> builtins.list[JobEvent]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
@@ -272,7 +273,7 @@ class Store:
 
     # ------------------------------------------------------------------ life cycle
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """At start-up: jobs that were running when the process died are failed (their partial
         output is removed); queued jobs stay queued. Returns the interrupted jobs' ids."""
         with self._lock:
@@ -304,7 +305,7 @@ class Store:
         self.discard_partial(job_id)
         self._tell(job_id)
 
-    def expire(self, hours: float) -> list[str]:
+    def expire(self, hours: float) -> builtins.list[str]:
         """Delete jobs (record, events, inputs, result) that ended more than ``hours`` ago
         (0: never), leaving a tombstone each; returns their ids."""
         now = time.time()
