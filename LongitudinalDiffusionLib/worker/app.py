@@ -287,14 +287,26 @@ class CountedStream(StreamingResponse):
 # ----------------------------------------------------------------------------- errors
 
 
+#: SQLite's primary result codes of a data folder that cannot be written (read-only, full, I/O)
+SQLITE_STORAGE_CODES = {
+    getattr(sqlite3, name, value)
+    for name, value in (("SQLITE_READONLY", 8), ("SQLITE_IOERR", 10), ("SQLITE_FULL", 13), ("SQLITE_CANTOPEN", 14))
+}
+
+
 def storage_problem(exc: BaseException) -> str | None:
     """The one-line message for an error of the data folder (read-only, full...), else None."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         reason = exc.strerror or os.strerror(exc.errno)
         return f"the worker cannot write its data folder ({reason}); tell its administrator"
     if isinstance(exc, sqlite3.OperationalError):
-        text = str(exc).lower()
-        if any(k in text for k in ("readonly", "read-only", "disk", "full", "unable to open")):
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; extended codes carry the primary in the low byte
+        if code is not None:
+            storage = (code & 0xFF) in SQLITE_STORAGE_CODES
+        else:  # older Pythons give only the message
+            text = str(exc).lower()
+            storage = any(k in text for k in ("readonly", "read-only", "disk", "full", "unable to open"))
+        if storage:
             return f"the worker cannot write its job database ({exc}); tell its administrator"
     return None
 
