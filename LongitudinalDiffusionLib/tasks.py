@@ -690,7 +690,7 @@ def _complete_sadm(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], 
     on_grid = {age: torch.as_tensor(f.array) for age, f in forwards.items()}
     captured: dict[float, list] = {}
 
-    def run(seed, progress):
+    def sample(seed, progress):
         timeline = dict(on_grid)
         generator = None
         outputs = []
@@ -721,7 +721,7 @@ def _complete_sadm(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], 
             outputs.append(timeline[age].numpy())
         return outputs
 
-    mean, std = _samples(opts, run)
+    mean, std = _samples(opts, sample)
     images, series = [], []
     for i, age in enumerate(targets):
         near = forwards[_nearest(real, age).age].record
