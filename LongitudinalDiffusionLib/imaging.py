@@ -117,7 +117,8 @@ def _short_by(img: Any, path: Path) -> tuple[int, int] | None:
     """
     header = img.header
     try:
-        offset = int(header.get_data_offset())
+        # the loaded image's header says 0; its array proxy knows where the voxels start
+        offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
         voxels = int(np.prod(header.get_data_shape(), dtype=np.int64))
         need = offset + voxels * header.get_data_dtype().itemsize
         filename = img.file_map["image"].filename or str(path)
@@ -167,7 +168,7 @@ def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float3
         short = _short_by(img, path)
         if short is not None:
             need, have = short
-            raise InputError(path, f"file is truncated (the header needs {need} bytes, the file holds {have})") from exc
+            raise InputError(path, f"file is truncated (its header makes it {need} bytes, it holds {have})") from exc
         raise InputError(path, f"voxel data cannot be read ({type(exc).__name__}: {exc})") from exc
     data = check_array(data, path, ndim=ndim)
     check_affine(img.affine, path)

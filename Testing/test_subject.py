@@ -349,6 +349,19 @@ def _truncated_gzip(tmp: Path) -> str:
     return "cut.nii.gz"
 
 
+def test_a_truncated_image_says_how_short_it_is(tmp_path):
+    """Measured, not read from nibabel's message: a plain file cut short and a whole gzip
+    stream of too few bytes both give the size the header makes and the size there is."""
+    raw = write_volume(tmp_path / "full.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[:-100])
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[:-100]))
+    for name in ("cut.nii", "cut.nii.gz"):
+        expected = rf"file is truncated \(its header makes it {len(raw)} bytes, it holds {len(raw) - 100}\)"
+        with pytest.raises(InputError, match=expected) as err:
+            load_image(tmp_path / name)
+        assert err.value.__cause__ is not None  # nibabel's own error kept as the cause
+
+
 def _four_d(tmp: Path) -> str:
     write_volume(tmp / "four.nii.gz", np.zeros(SHAPE + (3,), np.float32))
     return "four.nii.gz"
