@@ -33,7 +33,13 @@ METHODS = ("cas-diffcom", "sadm", "interval", "cwdm", "ddm")
 
 
 def _size(config: dict, key: str, shrink: int) -> list[int]:
-    return [max(8, int(s) // shrink) for s in config[key]]
+    """The grid ``shrink`` times smaller per side, in multiples of 16 (the U-Nets halve it
+    up to four times)."""
+    return [max(16, 16 * round(int(s) / shrink / 16)) for s in config[key]]
+
+
+def _voxels(size: list[int]) -> float:
+    return float(math.prod(size))
 
 
 def _scaled_config(method: str, shrink: int) -> dict:
@@ -115,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["counted"] = "at the paper grid"
             except Exception:  # a loss that reads values (SADM checks its masks) cannot run on "meta"
                 # count on the CPU at 1/4 and 1/2 of the grid per side and extend the power law in voxels
-                (f4, _), (f2, _) = (step(method, _scaled_config(method, k), stage, "cpu") for k in (4, 2))
-                exponent = math.log(f2 / f4) / math.log(8.0)
-                flops_full = f2 * 8.0**exponent
+                c4, c2 = _scaled_config(method, 4), _scaled_config(method, 2)
+                (f4, _), (f2, _) = step(method, c4, stage, "cpu"), step(method, c2, stage, "cpu")
+                v4, v2, vf = (_voxels(c["image_size"]) for c in (c4, c2, full))
+                exponent = math.log(f2 / f4) / math.log(v2 / v4)
+                flops_full = f2 * (vf / v2) ** exponent
                 row["counted"] = f"extrapolated from 1/4 and 1/2 per side (FLOPs ~ voxels^{exponent:.3f})"
             row["paper_step_tflop"] = round(flops_full / 1e12, 3)
             if not args.no_measure:
