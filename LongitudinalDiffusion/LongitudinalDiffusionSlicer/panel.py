@@ -407,7 +407,9 @@ class Panel:
         self._run: Any = None
         self._placing: Any = None  # the result placer's steps while they run
         self._results: Any = None
-        self._timer = qt.QTimer()
+        # Parented to the progress bar it drives: when the panel's widgets go, the timer goes
+        # with them (a timer of its own would go on calling pollRun on deleted widgets).
+        self._timer = qt.QTimer(ui.progressBar)
         self._timer.setInterval(int(pollIntervalMs))
         self._timer.timeout.connect(self.pollRun)
 
