@@ -103,6 +103,15 @@ class DomainReport:
 
     model: str
     findings: list[Finding] = field(default_factory=list)
+    #: id(image) -> (image, its foreground): the checks read each scan's foreground several times
+    _foregrounds: dict[int, tuple[Image, Foreground]] = field(default_factory=dict, repr=False)
+
+    def foreground(self, image: Image) -> Foreground:
+        """:func:`foreground` of ``image``, computed once for this report's checks."""
+        kept = self._foregrounds.get(id(image))
+        if kept is None or kept[0] is not image:  # the image itself is kept, so its id stays its own
+            kept = self._foregrounds[id(image)] = (image, foreground(image))
+        return kept[1]
 
     def add(self, level: str, code: str, message: str) -> None:
         finding = Finding(level, code, message)
@@ -208,7 +217,7 @@ def fit_grid(
     when not ``strict``: a card that states no ``domain``, such as an imported checkpoint or
     a tiny test model, gets the figure but is not stopped)."""
     names = list(names) if names is not None else [f"input {i + 1}" for i in range(len(images))]
-    fgs = [foreground(img) for img in images]
+    fgs = [report.foreground(img) for img in images]
     fractions = [cropped_fraction(grid, img, fg) for img, fg in zip(images, fgs)]
     if max(fractions, default=0.0) <= MAX_CROPPED:
         return grid
@@ -253,7 +262,7 @@ def check_aligned_box(
     is not what the model expects)."""
     box = " x ".join(f"{e:.0f}" for e in extent_mm)
     for name, img, support in zip(names, originals, supports):
-        fg = foreground(img)
+        fg = report.foreground(img)
         if fg.volume_ml == 0:
             continue
         cut = float(1.0 - (fg.mask & support).sum() / fg.mask.sum())
@@ -338,7 +347,7 @@ def check_images(
     model_spacing = np.asarray(grid.get("spacing") or card.get("config", {}).get("spacing_mm") or [1, 1, 1], float)
     fgs: list[Foreground | None] = []
     for name, img in zip(names, images):
-        fg = _check_content(card, img, name, report) if content else foreground(img)
+        fg = _check_content(card, img, name, report) if content else report.foreground(img)
         fgs.append(fg)
         if fg is None:
             continue
@@ -378,7 +387,7 @@ def _check_content(card: Mapping[str, Any], img: Image, name: str, report: Domai
     if lowest == highest:
         report.add("refuse", "constant", f"{name} is constant (every voxel {lowest:g}): there is nothing to start from")
         return None
-    fg = foreground(img)
+    fg = report.foreground(img)
     if not fg.hi > fg.lo or fg.volume_ml < MIN_FOREGROUND_ML or fg.fraction < MIN_FOREGROUND_FRACTION:
         report.add(
             "refuse",
