@@ -173,13 +173,13 @@ def load_image(path: str | os.PathLike, *, ndim: int = 3, dtype: Any = np.float3
     data = check_array(data, path, ndim=ndim)
     check_affine(img.affine, path)
     meta: dict[str, Any] = {"source": str(path)}
-    descrip = _description(img)
+    descrip = header_description(img)
     if descrip:
         meta["description"] = descrip  # e.g. "SIMULATED data ...", "SYNTHETIC ...": what the file says it is
     return Image(np.asarray(data, dtype=dtype), np.asarray(img.affine, dtype=np.float64), meta)
 
 
-def _description(img: Any) -> str:
+def header_description(img: Any) -> str:
     """The NIfTI header's ``descrip`` text ('' for other formats or an unreadable field)."""
     header = getattr(img, "header", None)
     try:

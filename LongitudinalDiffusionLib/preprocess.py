@@ -52,6 +52,7 @@ import functools
 import logging
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -738,12 +739,15 @@ def in_model_space(image: Image, source: str | Path | None = None) -> bool:
     if "SIMULATED" in str(image.meta.get("description", "")) or image.meta.get("simulated") is True:
         return True
     path = source if source is not None else image.meta.get("source")
-    if path is not None and Path(str(path)).is_file():
-        try:
-            import nibabel as nib
+    if path is not None and Path(str(path)).is_file():  # an image not read by load_image: its file's mark
+        import nibabel as nib
 
-            descrip = bytes(nib.load(str(path)).header.get("descrip", b"")).decode("ascii", "replace")
-        except Exception:  # not a NIfTI (or unreadable): no mark to read
+        from .imaging import header_description
+
+        try:
+            descrip = header_description(nib.load(str(path)))
+        except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:  # no mark
+            log.debug("no header description in %s: %s", path, exc)
             descrip = ""
         if "SIMULATED" in descrip:
             return True
