@@ -157,3 +157,41 @@ def test_validation_subjects_may_be_scored_as_validation_only(tmp_path, demo_mod
     text = ev.markdown([], [], {"cohort": "c", "subjects": ["sub-015"], "hearts": [], "split": "validation"}
                        | {"steps": None, "n_samples": 1, "seed": 0})  # fmt: skip
     assert "**validation** split" in text and "not a test" in text
+
+
+def test_a_trained_model_records_its_split_and_evaluation_enforces_it(tmp_path):
+    """A model trained from the command line's config writes train, validation and the named
+    test subjects into its card; evaluating it on one of its training subjects as a test is
+    refused; a test id that is also a training id stops the run before training."""
+    from training import train as tt
+
+    spec = CohortSpec(n_subjects=3, seed=5, shape=(16, 20, 16), spacing=(10.0, 10.0, 10.0), lesion_probability=0.0)
+    root = write_cohort(tmp_path / "cohort", spec)
+    raw = {
+        "method": "tissue-seg",
+        "scale": "tiny",
+        "data": {"root": str(root), "n_val": 1, "test": ["sub-009"]},
+        "train": {"steps": 1, "val_every": 1, "ckpt_every": 1, "val_cases": 1},
+    }
+    result = tt.Trainer(tt.resolve_config(raw), tmp_path / "run", device="cpu", progress=False).run()
+    loaded = load_model(result.export)
+    splits = loaded.card.card["splits"]
+    assert (splits["train"], splits["validation"], splits["test"]) == (["sub-001", "sub-002"], ["sub-003"], ["sub-009"])
+    assert splits["simulator_seed"] == 5
+    cohort = open_cohort(root)
+    with pytest.raises(InputError, match=r"sub-001 in the train split"):
+        ev.check_split(cohort, ["sub-001"], {"tissue-seg": loaded}, "test")
+    with pytest.raises(InputError, match=r"sub-003 in the validation split"):
+        ev.check_split(cohort, ["sub-003"], {"tissue-seg": loaded}, "test")
+
+    # fine-tuning starts from the exported weights (same method and architecture)
+    tuned = {**raw, "train": {**raw["train"], "init_from": str(result.export), "lr": 0.0}}
+    tuned["export"] = {"name": "tuned"}
+    second = tt.Trainer(tt.resolve_config(tuned), tmp_path / "run2", device="cpu", progress=False)
+    start = {k: v.clone() for k, v in second.model.state_dict().items()}
+    assert all(torch.equal(start[k], v) for k, v in loaded.network.state_dict().items())
+
+    clash = {**raw, "data": {**raw["data"], "test": ["sub-002"]}}
+    with pytest.raises(InputError, match="data.test names subjects the model trains or validates on: sub-002"):
+        tt.Trainer(tt.resolve_config(clash), tmp_path / "run3", device="cpu", progress=False).run()
+    assert not (tmp_path / "run3" / "model").exists()

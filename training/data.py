@@ -138,6 +138,32 @@ def simulation_seed(root: str | Path) -> int | None:
     return int(seed) if isinstance(seed, int) else None
 
 
+SPLIT_RULE = (
+    "train: the subjects the weights learnt from; validation: the last ones in sorted order "
+    "(training.data.split), used for validation during training and for every design choice; test: "
+    "subjects that neither training nor validation used, scored once (docs/evaluation)"
+)
+
+
+def card_splits(
+    cohort: Cohort, train: list[str], validation: list[str], test: list[str] | None, *, dataset: str
+) -> dict[str, Any]:
+    """The ``"splits"`` entry of a trained model's card. Test ids may not repeat a train or
+    validation id; for a simulated cohort they are new subjects of the same seed."""
+    test = sorted(test or [])
+    clash = sorted(set(test) & (set(train) | set(validation)))
+    if clash:
+        raise InputError(cohort.root, f"data.test names subjects the model trains or validates on: {', '.join(clash)}")
+    return {
+        "dataset": dataset,
+        "simulator_seed": simulation_seed(cohort.root),
+        "rule": SPLIT_RULE,
+        "train": list(train),
+        "validation": list(validation),
+        "test": test,
+    }
+
+
 def split_conflicts(
     ids: list[str], splits: dict[str, Any], cohort_seed: int | None, *, evaluated_as: str = "test"
 ) -> dict[str, list[str]]:

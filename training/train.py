@@ -109,11 +109,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "time_budget_s": None,
     "stages": None,  # None: the method's STAGES with "steps" each; or ["generator", {"name": ..., "steps": ...}]
+    # a catalog model (name or card path) of the same method and architecture whose weights
+    # start the run (fine-tuning); None: random initial weights
+    "init_from": None,
 }
 DATA_DEFAULTS: dict[str, Any] = {
     "root": None,  # the dataset folder (relative paths: from the working directory)
     "n_val": None,  # held-out subjects (hearts for DDM); None: 2 subjects / 1 heart
     "workers": 0,  # DataLoader worker processes
+    # the untouched test subjects (and hearts) recorded in the card's "splits", e.g. those
+    # `python -m training.test_sets` writes; evaluation scores a model on them only
+    "test": None,
 }
 EXPORT_DEFAULTS: dict[str, Any] = {
     "enabled": True,
@@ -229,6 +235,10 @@ def resolve_config(raw: dict[str, Any], source: Any = "config", *, method: str |
     if data["n_val"] is not None:
         data["n_val"] = _number(data["n_val"], "data.n_val", source, minimum=1, integer=True)
     data["workers"] = _number(data["workers"], "data.workers", source, minimum=0, integer=True)
+    if data["test"] is not None and not (
+        isinstance(data["test"], list) and all(isinstance(i, str) and i.startswith("sub-") for i in data["test"])
+    ):
+        raise InputError(source, f"data.test must be a list of subject ids ('sub-...'), got {data['test']!r}")
     export = _merge(EXPORT_DEFAULTS, raw.get("export", {}))
     export["name"] = export["name"] or f"{name}-{scale}"
     return {
@@ -680,6 +690,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as exc:
             problem = f"cannot build a {self.method} network from the model config ({exc})"
             raise InputError(config_file or "config", problem) from None
+        if self.tcfg["init_from"] and not existing:
+            self._init_from(self.tcfg["init_from"])
         self.ema = EMA(self.method, self.mcfg, self.model, self.tcfg["ema_decay"])
         self.loss_fn = models.method_module(self.method).loss
         torch.manual_seed(_seed(seed, rank, 1))
@@ -711,6 +723,18 @@ class Trainer:
         if existing:
             self._restore(read_checkpoint(existing[-1]), existing[-1])
 
+    def _init_from(self, name: str) -> None:
+        """Start from the weights of catalog model ``name`` (loaded like any model: sha256,
+        safetensors, architecture checked against this run's config)."""
+        loaded = catalog.load_model(name, device="cpu")
+        if loaded.method != self.method:
+            raise InputError(name, f"train.init_from is a {loaded.method} model, not {self.method}")
+        try:
+            self.model.load_state_dict(loaded.network.state_dict())
+        except RuntimeError as exc:
+            raise InputError(name, f"train.init_from does not fit this run's network ({exc})") from exc
+        log.info("initial weights from %s (sha256 %s)", name, loaded.card.card["weights"]["sha256"][:12])
+
     def _agreed_checkpoints(self) -> list[Path]:
         """The main process's list of checkpoints, which every process must be able to read
         (the run folder has to be on storage all machines share)."""
@@ -734,6 +758,8 @@ class Trainer:
         self.hearts = set(ids) <= set(self.cohort.hearts)  # DDM and a heart segmentation model
         n_val = self.config["data"]["n_val"] or (1 if self.hearts else 2)
         self.train_ids, self.val_ids = tdata.split(ids, n_val)
+        # a test id that the run trains or validates on stops it here, before any training
+        tdata.card_splits(self.cohort, self.train_ids, self.val_ids, self.config["data"]["test"], dataset="")
         self.grid = models.default_grid(self.method, self.mcfg)
 
     def dataset(self, stage: Stage | None = None, *, train: bool = True):
@@ -1120,6 +1146,9 @@ class Trainer:
                                 metrics=metrics)  # fmt: skip
         if "sr_image_size" in cfg:
             card["sr_grid"] = models.default_grid(method, cfg, "sr_image_size")
+        card["splits"] = tdata.card_splits(
+            self.cohort, self.train_ids, self.val_ids, self.config["data"]["test"], dataset=trained_on["dataset"]
+        )
         card["training"] = {
             "steps": self.step,
             "stages": [
