@@ -195,3 +195,22 @@ def test_a_trained_model_records_its_split_and_evaluation_enforces_it(tmp_path):
     with pytest.raises(InputError, match="data.test names subjects the model trains or validates on: sub-002"):
         tt.Trainer(tt.resolve_config(clash), tmp_path / "run3", device="cpu", progress=False).run()
     assert not (tmp_path / "run3" / "model").exists()
+
+
+def test_the_variety_test_set_holds_the_same_people_further_from_the_template():
+    """Variety 2.5 keeps each subject's visits and sex but moves the anatomy about three times
+    as far from the template, without folding; variety 1 is exactly the default subject."""
+    from LongitudinalDiffusionLib.demo import brain
+
+    for k in (16, 17):
+        plain = brain.draw_subject(np.random.default_rng([11, k]), "x", seed=(11, k))
+        same = brain.draw_subject(np.random.default_rng([11, k]), "x", seed=(11, k), variety=1.0)
+        hard = brain.draw_subject(np.random.default_rng([11, k]), "x", seed=(11, k), variety=2.5)
+        assert np.array_equal(plain.warp, same.warp) and np.array_equal(plain.pose, same.pose)
+        assert (hard.ages, hard.sex) == (plain.ages, plain.sex)
+        a, b = brain.deformation_stats(plain), brain.deformation_stats(hard)
+        assert b["rms_mm"] > 1.8 * a["rms_mm"] and b["rms_mm"] > 3.0 and b["max_mm"] > 6.0
+        assert b["min_jacobian"] > 0.3  # still a diffeomorphism: no tissue folds over itself
+    with pytest.raises(ValueError, match="variety must lie in"):
+        CohortSpec(variety=0.5)
+    assert test_sets.SETS["variety"][3] == 2.5

@@ -11,6 +11,11 @@
   ``[seed, 1_000_000 + k]``);
 * ``4mm``: the same subjects scanned at 4 mm isotropic (the hearts too);
 * ``aniso``: scanned at 1 x 1 x 4 mm (thick slices along the last axis; hearts likewise);
+* ``variety``: the same subjects at 5 mm, each further from the template (``variety`` 2.5 of
+  :func:`LongitudinalDiffusionLib.demo.brain.draw_subject`: head size, ventricle, pose and
+  relaxation deviations x 2.5 and a coarse 24 mm-scale deformation added; the displacement
+  from the template grows from 1.25 to 3.5 mm RMS, 3.3 to 8.2 mm at most, with no folding);
+  no hearts;
 * ``site-b``: the same subjects at 5 mm on another "site": other repetition, echo and
   inversion times (T1w/T1ce TR 450 ms TE 20 ms, T2w TR 3500 ms TE 90 ms, FLAIR TR 7000 ms
   TE 90 ms, TI nulling CSF) through the same signal equations, and half the SNR (more
@@ -40,12 +45,14 @@ from LongitudinalDiffusionLib.imaging import Image, write_json
 FOV_MM = (160.0, 200.0, 160.0)  # the demo cohort's brain field of view
 HEART_FOV_MM = (128.0, 128.0, 120.0)  # the cine phantom's default field of view
 
-#: name -> (brain spacing, heart spacing or None for the phantom's default, site)
+#: name -> (brain spacing, heart spacing or None for the phantom's default / False for none,
+#: site, anatomical variety)
 SETS = {
-    "in-distribution": ((5.0, 5.0, 5.0), None, "A"),
-    "4mm": ((4.0, 4.0, 4.0), (4.0, 4.0, 4.0), "A"),
-    "aniso": ((1.0, 1.0, 4.0), (1.0, 1.0, 4.0), "A"),
-    "site-b": ((5.0, 5.0, 5.0), False, "B"),
+    "in-distribution": ((5.0, 5.0, 5.0), None, "A", 1.0),
+    "4mm": ((4.0, 4.0, 4.0), (4.0, 4.0, 4.0), "A", 1.0),
+    "aniso": ((1.0, 1.0, 4.0), (1.0, 1.0, 4.0), "A", 1.0),
+    "site-b": ((5.0, 5.0, 5.0), False, "B", 1.0),
+    "variety": ((5.0, 5.0, 5.0), False, "A", 2.5),
 }
 
 SITE_B = {
@@ -89,13 +96,16 @@ def write_test_set(
     heart_spacing: tuple[float, float, float] | None | bool,
     site: str,
     heart_frames: int = 10,
+    variety: float = 1.0,
 ) -> Path:
     """Subjects ``first`` .. ``first + n_subjects - 1`` of ``seed`` (and hearts likewise) at
     ``spacing`` on ``site``, as one cohort folder at ``out`` (must not exist)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another folder")
-    spec = sim.CohortSpec(n_subjects=first + n_subjects, seed=seed, shape=_shape(FOV_MM, spacing), spacing=spacing)
+    spec = sim.CohortSpec(
+        n_subjects=first + n_subjects, seed=seed, shape=_shape(FOV_MM, spacing), spacing=spacing, variety=variety
+    )
     spec = replace(spec, n_hearts=max(1, first_heart + n_hearts))
     subjects = [sim._draw(spec, i) for i in range(first, first + n_subjects)]
     work = out.with_name(f".{out.name}.partial")
@@ -112,6 +122,10 @@ def write_test_set(
         "heart_indices": list(range(first_heart, first_heart + n_hearts)) if heart_spacing is not False else [],
     }
     meta["SimulationParameters"]["site"] = site
+    meta["SimulationParameters"]["variety"] = variety
+    meta["SimulationParameters"]["deformation_from_template"] = {
+        f"sub-{s.subject_id}": {k: round(v, 3) for k, v in brain.deformation_stats(s).items()} for s in subjects
+    }
     write_json(description, meta)
     with _site(site):
         for subj in subjects:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets (default all)")
     args = parser.parse_args(argv)
     for name in args.sets:
-        spacing, heart_spacing, site = SETS[name]
+        spacing, heart_spacing, site, variety = SETS[name]
         path = write_test_set(
             Path(args.out) / name,
             seed=args.seed,
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             spacing=spacing,
             heart_spacing=heart_spacing,
             site=site,
+            variety=variety,
         )
         print(f"{name}: {path}", file=sys.stderr)
     return 0

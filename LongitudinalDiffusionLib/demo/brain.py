@@ -40,6 +40,9 @@ VISITS = (0.5, 3.0, 6.0, 9.0, 12.0, 18.0, 24.0)
 DEFAULT_SHAPE = (80, 96, 80)
 DEFAULT_SPACING = (2.0, 2.0, 2.0)
 _WARP_SPACING_MM = 8.0
+#: the coarse deformation's peak (mm) per unit of ``variety`` above 1 (:func:`draw_subject`)
+COARSE_WARP_MM = 4.0
+MAX_VARIETY = 4.0
 
 
 @dataclass(frozen=True)
@@ -107,14 +110,34 @@ def draw_subject(
     lesion_probability: float = 0.3,
     missing_visit_probability: float = 0.0,
     seed: tuple[int, ...] = (),
+    variety: float = 1.0,
 ) -> BrainSubject:
-    """Draw one subject. The same generator state always gives the same subject."""
+    """Draw one subject. The same generator state always gives the same subject.
+
+    ``variety`` > 1 makes the same person further from the template (a harder cohort): the
+    head size, ventricle, pose and relaxation-time deviations are multiplied by it, and a
+    coarse deformation of peak ``COARSE_WARP_MM * (variety - 1)`` mm, drawn from its own
+    generator, joins the fine one (multiplied by ``sqrt(variety)``). The draws from ``rng``
+    are the same as at 1, which gives exactly the default cohort's subject.
+    """
+    if not 1.0 <= variety <= MAX_VARIETY:
+        raise ValueError(f"variety must lie in [1, {MAX_VARIETY:g}], got {variety}")
+
+    def wider(value: float, centre: float, lo: float, hi: float) -> float:
+        # the deviation from ``centre`` times ``variety``, inside [lo, hi] widened by the same factor
+        if variety == 1.0:
+            return float(np.clip(value, lo, hi))
+        return float(np.clip(centre + (value - centre) * variety, centre + (lo - centre) * variety,
+                             centre + (hi - centre) * variety))  # fmt: skip
+
     tpl = load_template()
     sex = str(rng.choice(["F", "M"]))
-    size = float(np.clip(rng.normal(1.0, 0.035), 0.9, 1.1)) * (1.015 if sex == "M" else 0.985)
+    size = wider(rng.normal(1.0, 0.035), 1.0, 0.9, 1.1) * (1.015 if sex == "M" else 0.985)
     rate = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2))
-    vent = float(np.clip(rng.normal(0.0, 0.35), -0.6, 0.9))
-    pose = _rotation(rng.normal(0.0, 3.0, 3)) @ np.diag(np.clip(rng.normal(1.0, 0.03, 3), 0.92, 1.08))
+    vent = wider(rng.normal(0.0, 0.35), 0.0, -0.6, 0.9)
+    angles, stretch = rng.normal(0.0, 3.0, 3), rng.normal(1.0, 0.03, 3)
+    stretch = np.clip(stretch, 0.92, 1.08) if variety == 1.0 else [wider(v, 1.0, 0.92, 1.08) for v in stretch]
+    pose = _rotation(angles * variety) @ np.diag(stretch)
 
     # Smooth random anatomy: Gaussian-filtered noise on an 8 mm grid, peak about 3.5 mm.
     lo = tpl.affine[:3, 3]
@@ -122,8 +145,13 @@ def draw_subject(
     n = np.ceil((hi - lo) / _WARP_SPACING_MM).astype(int) + 1
     warp = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, n), 1.5, mode="wrap") for _ in range(3)])
     warp *= float(rng.uniform(2.5, 4.5)) / max(float(np.abs(warp).max()), 1e-6)
+    if variety > 1.0:
+        warp = warp * np.sqrt(variety) + _coarse_warp(np.random.default_rng([*seed, 17]), n, variety)
 
-    jitter = {t: (float(rng.normal(1, 0.03)), float(rng.normal(1, 0.03))) for t in ("gm", "wm", "csf")}
+    jitter = {
+        t: (wider(rng.normal(1, 0.03), 1.0, 0.0, 2.0), wider(rng.normal(1, 0.03), 1.0, 0.0, 2.0))
+        for t in ("gm", "wm", "csf")
+    }
 
     ages = []
     for i, visit in enumerate(VISITS):
@@ -151,6 +179,33 @@ def draw_subject(
         ages=sorted(keep),
         lesion=lesion,
     )
+
+
+def _coarse_warp(rng: np.random.Generator, n: np.ndarray, variety: float) -> np.ndarray:
+    """A smooth deformation on the warp grid at the scale of lobes (sigma 3 grid cells, 24 mm),
+    peak ``COARSE_WARP_MM * (variety - 1)`` mm: shape variety a smooth small warp cannot give."""
+    field = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, n), 3.0, mode="wrap") for _ in range(3)])
+    return field * (COARSE_WARP_MM * (variety - 1.0) / max(float(np.abs(field).max()), 1e-6))
+
+
+def deformation_stats(subject: BrainSubject) -> dict[str, float]:
+    """How far ``subject``'s anatomy is from the template, inside the template brain: the RMS
+    and largest displacement (mm) and the smallest Jacobian determinant of the deformation
+    (above 0: no folding)."""
+    tpl = load_template()
+    inside = np.argwhere(tpl.brain > 0.5)[::7].T.astype(np.float64)
+    q = tpl.affine[:3, :3] @ inside + tpl.affine[:3, 3:4]
+    wv = (q - subject.warp_origin_mm[:, None]) / _WARP_SPACING_MM
+    disp = np.stack([_sample(subject.warp[c].astype(np.float64), wv) for c in range(3)])
+    grads = [np.gradient(subject.warp[c].astype(np.float64), _WARP_SPACING_MM) for c in range(3)]
+    jac = np.eye(3)[:, :, None, None, None] + np.array(grads)
+    det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    norm = np.sqrt((disp**2).sum(0))
+    return {
+        "rms_mm": float(np.sqrt((norm**2).mean())),
+        "max_mm": float(norm.max()),
+        "min_jacobian": float(det.min()),
+    }
 
 
 def _draw_lesion(rng: np.random.Generator, tpl: Template) -> Lesion:

@@ -53,6 +53,8 @@ class CohortSpec:
     heart: bool = True
     heart_frames: int = 10
     n_hearts: int = 1
+    # anatomical variety (1: the default population; see brain.draw_subject)
+    variety: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_subjects < 1:
@@ -63,6 +65,8 @@ class CohortSpec:
             raise ValueError(f"spacing must be three positive sizes in mm, got {self.spacing}")
         if self.n_hearts < 1:
             raise ValueError(f"n_hearts must be at least 1, got {self.n_hearts}")
+        if not 1.0 <= self.variety <= brain.MAX_VARIETY:
+            raise ValueError(f"variety must lie in [1, {brain.MAX_VARIETY:g}], got {self.variety}")
         for name in ("lesion_probability", "missing_visit_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -119,6 +123,7 @@ def _draw(spec: CohortSpec, index: int) -> brain.BrainSubject:
         lesion_probability=spec.lesion_probability,
         missing_visit_probability=spec.missing_visit_probability,
         seed=(spec.seed, index),
+        variety=spec.variety,
     )
 
 
