@@ -171,7 +171,8 @@ def ensureDependencies(
         logger.exception("installing the module's Python packages failed")
         try:
             still = neededRequirements(requirementsPath, torchRequirement)
-        except Exception:
+        except Exception:  # the report must still be returned (this function never raises): logged
+            logger.exception("listing the packages still missing failed")
             still = []
         return DependencyReport(
             False, [], still, f"The installation of the Python packages failed: {type(exc).__name__}: {exc}"

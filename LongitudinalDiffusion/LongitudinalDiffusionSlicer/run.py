@@ -309,7 +309,8 @@ class Run:
             return
         try:
             self.results = [self.backend.result(jobId) for jobId in self.jobIds]
-        except Exception as exc:  # a backend that lost a result; report it like a failure
+        except Exception as exc:  # a backend that lost a result; report it like a failure (and log it)
+            logger.exception("collecting the run's results failed")
             self._end(FAILED, f"the results could not be collected: {exc}")
             return
         if self._prepare is not None:

@@ -26,6 +26,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         folder = sampleSubjectFolder(args.cache_dir, progress=progress, coarse=args.coarse)
-    except Exception as exc:  # the parent shows the last line
+    except Exception as exc:  # the parent shows the last line; the traceback goes to the log before it
+        traceback.print_exc(file=sys.stdout)
         print(f"The demo subject could not be simulated: {type(exc).__name__}: {exc}", flush=True)
         return 1
     print(folder, flush=True)
