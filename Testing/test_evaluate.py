@@ -57,7 +57,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_evaluation_tables_compare_each_model_with_every_baseline(evaluated):
     rows, out, events = evaluated
-    expected_entries = {m: ["model", *ev.BASELINES[ev.method_task(m)]] for m in METHODS}
+    expected_entries = {m: ["model", *ev.BASELINES[ev.method_task(m)], ev.GRID_CEILING] for m in METHODS}
     assert expected_entries["cwdm"] == [
         "model",
         "nearest contrast, histogram-matched",
@@ -65,9 +65,10 @@ def test_evaluation_tables_compare_each_model_with_every_baseline(evaluated):
     ] + [
         "quadratic regression",
         "quadratic regression, histogram-matched",
+        "model grid ceiling",
     ]
-    assert expected_entries["ddm"] == ["model", "linear blend", "identity warp", "demons registration"]
-    assert expected_entries["sadm"][-1] == "registration interpolation"
+    assert expected_entries["ddm"] == ["model", "linear blend", "identity warp", "demons registration", ev.GRID_CEILING]
+    assert expected_entries["sadm"][-2] == "registration interpolation"
     assert [r["method"] for r in rows] == [m for m in METHODS for _ in expected_entries[m]]
     # 7 visits per subject: 5 interior ages to hide; 7 sessions with the target contrast to synthesise;
     # 5 frames per heart: 3 between the two ends.
@@ -79,12 +80,15 @@ def test_evaluation_tables_compare_each_model_with_every_baseline(evaluated):
         for r in group:
             assert math.isfinite(r["psnr_mean"]) and math.isfinite(r["psnr_sd"]) and 0 < r["psnr_mean"] < 100
             assert -1 <= r["ssim_mean"] <= 1
-        model = group[0]
+        model, bound = group[0], group[-1]
         primary = model["primary"]
-        scored = [r for r in group[1:] if math.isfinite(r[f"{primary}_mean"])]
+        # the bound (the truth through the tiny models' coarser grid and back) is shown, never compared with
+        assert bound["role"] == "bound" and bound.get("decision") is None and model["best_baseline"] != bound["entry"]
+        assert 0 < bound[f"{primary}_mean"] < (1 if primary == "dice" else 100)
+        scored = [r for r in group[1:-1] if math.isfinite(r[f"{primary}_mean"])]
         best = max(scored, key=lambda r: r[f"{primary}_mean"])
         assert model["best_baseline"] == best["entry"] and model["difference"] == best["difference"]
-        for baseline in group[1:]:
+        for baseline in group[1:-1]:
             if not math.isfinite(baseline[f"{primary}_mean"]):
                 assert baseline.get("decision") is None
                 continue
@@ -115,9 +119,10 @@ def test_evaluation_tables_compare_each_model_with_every_baseline(evaluated):
     # every baseline in every comparison table - DDM's linear blend on PSNR too
     compared = {(r["method"], r["baseline"], r["metric"]) for r in _read_csv(out / "comparisons.csv")}
     for method, entries in expected_entries.items():
-        for entry in entries[1:]:
+        for entry in entries[1:-1]:
             assert (method, entry, "psnr" if method != "ddm" or entry == "linear blend" else "dice") in compared
     assert ("ddm", "linear blend", "dice") not in compared
+    assert not any(baseline == ev.GRID_CEILING for _, baseline, _ in compared)
 
     text = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "Primary metric: PSNR for missing age and missing modality, Dice for frames" in text
@@ -278,8 +283,10 @@ def test_segmentation_cases_score_the_model_and_the_mixture_in_the_true_brain_ma
     loaded = load_model(create_untrained("tissue-seg", tmp_path, scale="tiny"), device="cpu")
     tp = next(t for t in load_bids_subject(cohort, subject="003").timepoints if t.labels and t.modality.value == "T1w")
     case = ev.run_segmentation_case(tp, loaded, ev.Run(None, 1, 0, torch.device("cpu")))
-    assert set(case.scores) == {"model", "gaussian mixture"}
+    assert set(case.scores) == {"model", "gaussian mixture", ev.GRID_CEILING}
     assert 0.3 < case.scores["gaussian mixture"]["dice"] <= 1.0  # a real segmentation, not an empty mask
+    # the true labels through the tiny model's coarser grid lose detail, but most survive
+    assert 0.5 < case.scores[ev.GRID_CEILING]["dice"] < 1.0
     assert 0.0 <= case.scores["model"]["dice"] <= 1.0
 
 
@@ -417,3 +424,20 @@ def test_separate_runs_merge_into_one_report(evaluated, tmp_path, capsys):
     assert "subjects: sub-003; hearts: sub-heart02" in text and "evaluated as: **test**" in text
     assert ev.main(args[:2] + [str(out)] + args[2:-1] + [str(tmp_path / "twice")]) == 2
     assert "is in more than one part" in capsys.readouterr().err
+
+
+def test_the_grid_ceiling_is_exact_on_the_grid_and_shows_what_a_coarser_grid_loses(cohort):
+    """The bound every table shows: a scan on the model's own grid comes back unchanged
+    (PSNR infinite, shown as "exact"); through a grid twice as coarse it loses detail."""
+    from LongitudinalDiffusionLib.subject import load_bids_subject
+
+    tp = next(t for t in load_bids_subject(cohort, subject="003").timepoints if t.modality.value == "T1w")
+    truth = bl.image_of(tp)
+    same = {"shape": list(truth.shape), "spacing": [7.0, 7.0, 7.0]}
+    coarse = {"shape": [s // 2 for s in truth.shape], "spacing": [14.0, 14.0, 14.0]}
+    on_grid, through_coarse = ev.Case("003", "a"), ev.Case("003", "b")
+    on_grid.add_ceiling(same, truth)
+    through_coarse.add_ceiling(coarse, truth)
+    assert on_grid.scores[ev.GRID_CEILING]["psnr"] == math.inf
+    assert 10 < through_coarse.scores[ev.GRID_CEILING]["psnr"] < 40
+    assert ev._cell(math.inf, math.nan, 2) == "exact"

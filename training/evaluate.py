@@ -88,6 +88,7 @@ from LongitudinalDiffusionLib import __version__
 from LongitudinalDiffusionLib.catalog import LoadedModel, load_model
 from LongitudinalDiffusionLib.diffusion import resolve_device
 from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
+from LongitudinalDiffusionLib.grid import ModelGrid
 from LongitudinalDiffusionLib.imaging import Image, atomic_write, load_image
 from LongitudinalDiffusionLib.models import METHODS, method_task, paper_name
 from LongitudinalDiffusionLib.progress import ProgressCallback, Stage
@@ -119,6 +120,10 @@ REGISTRATION_INTERPOLATION = "registration interpolation"
 REGRESSION = "quadratic regression"
 REGRESSION_MATCHED = "quadratic regression, histogram-matched"
 DEMONS = "demons registration"
+#: not a baseline but a bound: the hidden truth itself taken onto the model's grid and back
+#: (labels with nearest neighbour). It is what a perfect model on that grid would score; on
+#: scans finer than the grid it lies below 100 % and no model of that grid can beat it.
+GRID_CEILING = "model grid ceiling"
 BASELINES = {
     "complete-ages": ("nearest timepoint", "linear interpolation", REGISTRATION_INTERPOLATION),
     "synthesize-modality": (
@@ -267,6 +272,26 @@ class Case:
             scores["dice"] = dice(pred_labels.array, labels[1].array)
         self.scores[entry] = scores
 
+    def add_ceiling(self, grid: dict[str, Any] | None, truth: Image, truth_labels: Image | None = None) -> None:
+        """Score :data:`GRID_CEILING`: ``truth`` (and its labels, for Dice) through ``grid``, the
+        grid the model's output comes from, and back onto the truth's own voxels."""
+        if not grid:
+            return
+        model_grid = ModelGrid.from_dict(grid)
+        sample = model_grid.forward(truth)
+        back = model_grid.inverse(sample.array, sample.record)
+        labels = None
+        if truth_labels is not None:
+            on_grid = model_grid.forward(truth_labels, labels=True, reference=sample.record)
+            labels = (model_grid.inverse(on_grid.array, on_grid.record, labels=True), truth_labels)
+        self.add(GRID_CEILING, back, truth, labels)
+
+
+def output_grid(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The grid a model's output is made on: Cas-DiffCom's second stage, else the card's grid."""
+    card = loaded.card.card
+    return card.get("sr_grid") or card.get("grid")
+
 
 @dataclass
 class Run:
@@ -322,6 +347,7 @@ def run_age_case(subject: Subject, hidden: Timepoint, loaded: LoadedModel, run: 
         if key not in cache:
             cache[key] = make(real, age, truth.affine, truth.shape)
         case.add(entry, cache[key], truth)
+    case.add_ceiling(output_grid(loaded), truth)
     return case
 
 
@@ -449,6 +475,7 @@ def run_modality_case(
         regressed = regression.predict(rest)
         case.add(REGRESSION, regressed, truth)
         case.add(REGRESSION_MATCHED, Image(bl.match_histogram(regressed.array, reference), regressed.affine), truth)
+    case.add_ceiling(output_grid(loaded), truth)
     return case
 
 
@@ -485,6 +512,7 @@ def run_heart(cohort: Cohort, hid: str, loaded: LoadedModel, run: Run) -> list[C
         registered, registered_labels = bl.registered_frame(source, target, gamma, source_labels, field=field)
         pair = (registered_labels, truth_labels) if truth_labels is not None and registered_labels is not None else None
         case.add(DEMONS, registered, truth, pair)
+        case.add_ceiling(output_grid(loaded), truth, truth_labels)
         cases.append(case)
     return cases
 
@@ -524,7 +552,8 @@ def summarise_cases(
     task = method_task(method)
     primary = PRIMARY[task]
     rows = []
-    for entry in ("model", *BASELINES[task]):
+    bound = [GRID_CEILING] if any(GRID_CEILING in c.scores for c in cases) else []
+    for entry in ("model", *BASELINES[task], *bound):
         have = [c for c in cases if entry in c.scores]
         row: dict[str, Any] = {
             "method": method,
@@ -532,7 +561,7 @@ def summarise_cases(
             "model": name,
             "trained": trained,
             "entry": entry,
-            "role": "model" if entry == "model" else "baseline",
+            "role": "model" if entry == "model" else "bound" if entry == GRID_CEILING else "baseline",
             "cases": len(have),
             "subjects": len({c.subject for c in have}),
             "primary": primary,
@@ -543,7 +572,7 @@ def summarise_cases(
         rows.append(row)
     comparisons = []
     for row in rows[1:]:
-        if row["cases"] == 0:
+        if row["cases"] == 0 or row["role"] != "baseline":  # a bound is shown, never compared with
             continue
         for metric in COMPARED[task]:
             result = compare_entries(cases, metric, row["entry"])
@@ -569,6 +598,8 @@ def _fmt(value: Any, digits: int) -> str:
 def _cell(mean: float, sd: float, digits: int) -> str:
     if math.isnan(mean):
         return "-"
+    if mean == math.inf:  # PSNR of an exact copy: the scans are on the model's grid
+        return "exact"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
 
 
@@ -677,6 +708,10 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], head
         "the ends left out. Baselines: linear intensity blend (no labels, so no Dice), identity warp (the "
         "source and its labels), and demons registration (source to target, the field scaled by gamma, "
         "the labels warped with nearest neighbour).",
+        f"- Bound, not a baseline: the {GRID_CEILING} is the hidden truth itself taken onto the model's grid "
+        "(the grid its output is made on) and back onto the scan's voxels, labels with nearest neighbour: what a "
+        "perfect model of that grid would score. On scans as fine as the grid it is exact (PSNR infinite, Dice 1); "
+        "on finer scans it shows how much the grid alone loses. It is never compared with.",
         "- Tissue segmentation: every evaluated scan with ground-truth labels (mapped to CSF, grey matter, white "
         "matter); baseline: a Gaussian mixture on the intensities inside the ground-truth brain mask "
         "(the strongest form of this baseline), with a bias-field correction, its classes ordered by the "
@@ -696,7 +731,9 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], head
         lines += ["", "| entry | cases | " + " | ".join(METRIC_TITLE[m] for m in used) + " |"]
         lines.append("|---|---:|" + "---:|" * len(used))
         for row in group:
-            name = f"model `{row['model']}`" if row["role"] == "model" else f"baseline: {row['entry']}"
+            name = {"model": f"model `{row['model']}`", "bound": f"bound: {row['entry']}"}.get(
+                row["role"], f"baseline: {row['entry']}"
+            )
             cells = [_cell(row[f"{m}_mean"], row[f"{m}_sd"], DIGITS[m]) for m in used]
             lines.append(f"| {name} | {row['cases']} | " + " | ".join(cells) + " |")
         mine = [c for c in comparisons if c["method"] == method]
@@ -1126,6 +1163,13 @@ def run_segmentation_case(tp: Timepoint, loaded: LoadedModel, run: Run) -> Case:
     case.scores["model"] = {"dice": dice(predicted.array, truth)}
     baseline = gmm_segment(image, mask=truth > 0, age_months=tp.age, contrast=tp.modality.value)
     case.scores["gaussian mixture"] = {"dice": dice(baseline.array, truth)}
+    if grid:  # the true labels through the model's grid (nearest neighbour) and back
+        labels = Image(truth.astype(np.int16), image.affine)
+        model_grid = ModelGrid.from_dict(grid)
+        sample = model_grid.forward(image)
+        on_grid = model_grid.forward(labels, labels=True, reference=sample.record)
+        back = model_grid.inverse(on_grid.array, on_grid.record, labels=True)
+        case.scores[GRID_CEILING] = {"dice": dice(back.array, truth)}
     return case
 
 
