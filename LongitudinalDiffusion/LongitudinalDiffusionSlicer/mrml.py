@@ -613,45 +613,9 @@ def loadSubjectIntoScene(subject: Subject, scene: Any = None, closedSurfaces: bo
         shNode.SetItemAttribute(subjectItem, SUBJECT_ATTRIBUTE, subject.subject_id)
         loaded = SceneSubject(subject.subject_id, subjectItem)
         for age in subject.ages():
-            timepoints = [tp for tp in subject.timepoints if abs(tp.age - age) <= Subject.AGE_TOL]
-            studyItem = shNode.CreateStudyItem(subjectItem, _studyName(timepoints))
-            createdItems.append(studyItem)
-            shNode.SetItemAttribute(studyItem, AGE_ATTRIBUTE, repr(float(age)))
-            if timepoints[0].session:
-                shNode.SetItemAttribute(studyItem, SESSION_ATTRIBUTE, timepoints[0].session)
-            loaded.studyItemIds[age] = studyItem
-            ageVolumes = []
-            for tp in timepoints:
-                name = f"{subject.subject_id} {tp.modality.value} {tp.age_label}"
-                node = volumeNodeFromImage(_timepointImage(tp), name, scene)
-                _setAttributes(
-                    node,
-                    {
-                        SUBJECT_ATTRIBUTE: subject.subject_id,
-                        AGE_ATTRIBUTE: repr(float(tp.age)),
-                        MODALITY_ATTRIBUTE: tp.modality.value,
-                        SESSION_ATTRIBUTE: tp.session,
-                        SOURCE_ATTRIBUTE: tp.source,
-                        LABELS_ATTRIBUTE: tp.labels,
-                    },
-                )
-                _placeInHierarchy(shNode, node, studyItem)
-                ageVolumes.append(node)
-            loaded.volumeNodes.extend(ageVolumes)
-            if any(tp.labels is not None for tp in timepoints):
-                segmentation = _addSegmentation(scene, subject, timepoints, ageVolumes[0], closedSurfaces)
-                _placeInHierarchy(shNode, segmentation, studyItem)
-                loaded.segmentationNodes[age] = segmentation
+            _loadAge(scene, shNode, subject, age, loaded, createdItems, closedSurfaces)
     except BaseException:
-        removed = _removeNewNodes(scene, beforeIds)
-        shNode = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
-        if shNode is not None:
-            remaining = vtk.vtkIdList()
-            shNode.GetItemChildren(shNode.GetSceneItemID(), remaining, True)
-            present = {remaining.GetId(i) for i in range(remaining.GetNumberOfIds())}
-            for itemId in reversed(createdItems):
-                if itemId in present:
-                    shNode.RemoveItem(itemId, False, True)
+        removed = _undoLoad(scene, beforeIds, createdItems)
         logger.info("loading %s failed; removed the %d nodes it had made", subject.subject_id, removed)
         raise
     logger.info(
@@ -662,6 +626,62 @@ def loadSubjectIntoScene(subject: Subject, scene: Any = None, closedSurfaces: bo
         len(loaded.studyItemIds),
     )
     return loaded
+
+
+def _loadAge(
+    scene: Any,
+    shNode: Any,
+    subject: Subject,
+    age: float,
+    loaded: SceneSubject,
+    createdItems: list[int],
+    closedSurfaces: bool,
+) -> None:
+    """One age of :func:`loadSubjectIntoScene`: its study item, a volume per timepoint and the
+    segmentation of its label map, recorded in ``loaded`` (items also in ``createdItems``)."""
+    timepoints = [tp for tp in subject.timepoints if abs(tp.age - age) <= Subject.AGE_TOL]
+    studyItem = shNode.CreateStudyItem(loaded.subjectItemId, _studyName(timepoints))
+    createdItems.append(studyItem)
+    shNode.SetItemAttribute(studyItem, AGE_ATTRIBUTE, repr(float(age)))
+    if timepoints[0].session:
+        shNode.SetItemAttribute(studyItem, SESSION_ATTRIBUTE, timepoints[0].session)
+    loaded.studyItemIds[age] = studyItem
+    ageVolumes = []
+    for tp in timepoints:
+        name = f"{subject.subject_id} {tp.modality.value} {tp.age_label}"
+        node = volumeNodeFromImage(_timepointImage(tp), name, scene)
+        _setAttributes(
+            node,
+            {
+                SUBJECT_ATTRIBUTE: subject.subject_id,
+                AGE_ATTRIBUTE: repr(float(tp.age)),
+                MODALITY_ATTRIBUTE: tp.modality.value,
+                SESSION_ATTRIBUTE: tp.session,
+                SOURCE_ATTRIBUTE: tp.source,
+                LABELS_ATTRIBUTE: tp.labels,
+            },
+        )
+        _placeInHierarchy(shNode, node, studyItem)
+        ageVolumes.append(node)
+    loaded.volumeNodes.extend(ageVolumes)
+    if any(tp.labels is not None for tp in timepoints):
+        segmentation = _addSegmentation(scene, subject, timepoints, ageVolumes[0], closedSurfaces)
+        _placeInHierarchy(shNode, segmentation, studyItem)
+        loaded.segmentationNodes[age] = segmentation
+
+
+def _undoLoad(scene: Any, beforeIds: set[str], createdItems: list[int]) -> int:
+    """Remove the nodes and subject hierarchy items a failed load made; the number of nodes removed."""
+    removed = _removeNewNodes(scene, beforeIds)
+    shNode = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
+    if shNode is not None:
+        remaining = vtk.vtkIdList()
+        shNode.GetItemChildren(shNode.GetSceneItemID(), remaining, True)
+        present = {remaining.GetId(i) for i in range(remaining.GetNumberOfIds())}
+        for itemId in reversed(createdItems):
+            if itemId in present:
+                shNode.RemoveItem(itemId, False, True)
+    return removed
 
 
 # ------------------------------------------------------------------------ subject out
