@@ -4,12 +4,13 @@ so that placing the results in the scene only looks them up. Touches no MRML."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from LongitudinalDiffusionLib.imaging import Image
+from LongitudinalDiffusionLib.imaging import Image, load_image
 
 from . import mrml
 from .tissueplot import tissueVolumeRows
@@ -114,8 +115,12 @@ class PreparedSegmentations:
     def prepare(self, image: Image) -> Image:
         """Segment ``image`` now and keep its labels (the image is kept too, so its id stays its own)."""
         labels = self(image)
-        self._labels[id(image)] = (image, labels)
+        self.keep(image, labels)
         return labels
+
+    def keep(self, image: Image, labels: Image) -> None:
+        """Keep ``labels`` as ``image``'s (segmented elsewhere, e.g. in a batch)."""
+        self._labels[id(image)] = (image, labels)
 
     def keepTissueRows(self, result: Any, rows: list[dict[str, Any]]) -> None:
         """Keep the tissue volume rows of ``result`` (see :func:`tissueVolumeRows`)."""
@@ -140,12 +145,17 @@ def prepareSegmentations(
     volume rows (the real scans of ``subject`` included, each segmented once). Touches no
     MRML, so it can run on a background thread while the GUI stays responsive.
 
+    A segmenter that labels several images in one call (``segment_many(images)``, e.g. the
+    job process's ``ChildSegmenter``) gets them :data:`SEGMENT_BATCH` at a time, the real
+    scans too: one round trip per batch instead of one per image.
+
     Args:
         results: ``tasks.Result`` objects, as they will be placed.
         subject: the library ``Subject`` they were made for (as given to :func:`placeResult`).
         segmenter: e.g. :class:`TissueSegmenter`.
-        progress: receives a ``ProgressEvent`` per image (stage "segmenting the results").
-        cancel: a ``CancelToken``, checked between images.
+        progress: receives a ``ProgressEvent`` per image, or per batch (stage "segmenting the
+            results").
+        cancel: a ``CancelToken``, checked between images (between batches).
 
     Raises:
         Cancelled: ``cancel`` was set.
@@ -153,24 +163,61 @@ def prepareSegmentations(
     from LongitudinalDiffusionLib.progress import Stage
 
     prepared = PreparedSegmentations(segmenter)
-    images, scans = [], set()
-    for result in results:
-        generated = _generatedImages(result)
-        images += [r.image for r in generated if _generatedLabels(result, r, None, None)[0] is None]
-        images += [f for s in result.series if s.unit != "step" and s.labels is None for f in s.frames]
-        modality = next((r.modality for r in generated if r.modality), None)
-        scans |= {id(tp) for tp in getattr(subject, "timepoints", None) or [] if modality in (None, tp.modality.value)}
-    images = list({id(image): image for image in images}.values())  # a generated volume is a frame too
+    images, scans = _toSegment(results, subject)
     stage = Stage("segmenting the results", len(images) + len(scans), progress, cancel).start()
-    for image in images:
-        prepared.prepare(image)
-        stage.advance()
+    for image, labels in _segmentAll(segmenter, images, stage):
+        prepared.keep(image, labels)
     realScans = _ScanLabels(segmenter, stage)
+    if callable(getattr(segmenter, "segment_many", None)):  # the scans in batches too, before the rows ask
+        scanImages = (tp.image if tp.image is not None else load_image(tp.source) for tp in scans)
+        for image, labels in _segmentAll(segmenter, scanImages, stage):
+            realScans.keep(image, labels)
     for result in results:
         labelsOf = {id(r): _generatedLabels(result, r, prepared, None)[0] for r in _generatedImages(result)}
         rows = tissueVolumeRows(subject, result, realScans, segmentations=labelsOf)
         prepared.keepTissueRows(result, rows)
     return prepared
+
+
+#: Images per call of a segmenter's ``segment_many`` in :func:`prepareSegmentations`: each
+#: call is one job of the job process (a round trip, the arrays written to files), and the
+#: progress bar moves and a cancel is honoured between two calls.
+SEGMENT_BATCH = 4
+
+
+def _toSegment(results: Sequence[Any], subject: Any) -> tuple[list[Image], list[Any]]:
+    """The images :func:`prepareSegmentations` segments (each once) and the subject's real
+    scans the tissue rows need (the results' modality)."""
+    images: list[Image] = []
+    scans: dict[int, Any] = {}
+    for result in results:
+        generated = _generatedImages(result)
+        images += [r.image for r in generated if _generatedLabels(result, r, None, None)[0] is None]
+        images += [f for s in result.series if s.unit != "step" and s.labels is None for f in s.frames]
+        modality = next((r.modality for r in generated if r.modality), None)
+        for tp in getattr(subject, "timepoints", None) or []:
+            if modality in (None, tp.modality.value):
+                scans.setdefault(id(tp), tp)
+    images = list({id(image): image for image in images}.values())  # a generated volume is a frame too
+    return images, list(scans.values())
+
+
+def _segmentAll(segmenter: Segmenter, images: Iterable[Image], stage: Any) -> Iterator[tuple[Image, Image]]:
+    """``(image, labels)`` of every image: by ``segment_many`` in batches of
+    :data:`SEGMENT_BATCH` when the segmenter has it, else one call per image; ``stage``
+    advances after each call (and checks for a cancel before the next)."""
+    many = getattr(segmenter, "segment_many", None)
+    size = SEGMENT_BATCH if callable(many) else 1
+    pending = iter(images)
+    while True:
+        batch = list(itertools.islice(pending, size))
+        if not batch:
+            return
+        labels = many(batch) if callable(many) else [segmenter(batch[0])]
+        if len(labels) != len(batch):
+            raise RuntimeError(f"the segmenter returned {len(labels)} label maps for {len(batch)} images")
+        yield from zip(batch, labels)
+        stage.advance(len(batch))
 
 
 def _generatedImages(result: Any) -> list[Any]:
@@ -190,14 +237,23 @@ class _ScanLabels:
     def classes(self) -> dict[int, str]:
         return dict(getattr(self.segmenter, "classes", {}) or {})
 
+    @staticmethod
+    def _key(image: Image) -> tuple[Any, bool]:
+        """The file a scan was read from (read again for each result), else the scan's own image."""
+        source = (image.meta or {}).get("source")
+        return (source, True) if source is not None else (id(image), False)
+
     def __call__(self, image: Image) -> Image:
-        source = (image.meta or {}).get("source")  # a scan read from its file for each result
-        key = source if source is not None else id(image)  # else the scan's own image, kept
+        key, fromFile = self._key(image)
         done = self._done.get(key)
-        if done is not None and (source is not None or done[0] is image):
+        if done is not None and (fromFile or done[0] is image):
             return done[1]
         self.stage.check()
         labels = self.segmenter(image)
         self.stage.advance()
         self._done[key] = (image, labels)
         return labels
+
+    def keep(self, image: Image, labels: Image) -> None:
+        """Keep ``labels`` as the scan ``image``'s (segmented in a batch; the stage already counted it)."""
+        self._done[self._key(image)[0]] = (image, labels)
