@@ -16,8 +16,6 @@ It keeps to what PythonQt and PySide6 share:
   arguments (overloaded Qt5 signals may call them with either signature).
 * The panel's own events (Apply, load sample, ...) are plain-Python :class:`Signal` objects:
   Qt signals declared in Python crash under PythonQt.
-* Enums are ``qt.Qt.X``; class enums go through :func:`_enum` (``qt.QLineEdit.Password`` in
-  PythonQt, ``qt.QLineEdit.EchoMode.Password`` in strict PySide6).
 * Enums are ``qt.Qt.X``; class enums go through :func:`~.panelkit._enum` (``qt.QLineEdit.Password``
   in PythonQt, ``qt.QLineEdit.EchoMode.Password`` in strict PySide6).
 
