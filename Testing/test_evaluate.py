@@ -441,3 +441,23 @@ def test_the_grid_ceiling_is_exact_on_the_grid_and_shows_what_a_coarser_grid_los
     assert on_grid.scores[ev.GRID_CEILING]["psnr"] == math.inf
     assert 10 < through_coarse.scores[ev.GRID_CEILING]["psnr"] < 40
     assert ev._cell(math.inf, math.nan, 2) == "exact"
+
+
+def test_the_grid_ceiling_command_reports_the_evaluations_bound_without_a_model(evaluated, models, cohort, capsys):
+    """`python -m training.grid_ceiling` gives, from the cohort and the cards alone, the bound the
+    evaluation printed beside each model (the same cases, the same numbers)."""
+    from training import grid_ceiling
+
+    rows, _, _ = evaluated
+    args = ["--data", str(cohort), "--held-out", *HELD_OUT]
+    for method in ("sadm", "cwdm", "ddm"):
+        args += ["--model", f"{method}={models[method]}"]
+    assert grid_ceiling.main(args) == 0
+    printed = {line.split("|")[2].strip(): line.split("|")[4:7] for line in capsys.readouterr().out.splitlines()[2:]}
+    for method in ("sadm", "cwdm", "ddm"):
+        bound = next(r for r in rows if r["method"] == method and r["entry"] == ev.GRID_CEILING)
+        cases, psnr, dice = (cell.strip() for cell in printed[method])
+        assert int(cases) == bound["cases"]
+        assert float(psnr) == pytest.approx(bound["psnr_mean"], abs=0.006)
+        if method == "ddm":
+            assert float(dice) == pytest.approx(bound["dice_mean"], abs=0.0006)
