@@ -12,7 +12,12 @@ the two, exactly:
   per age > a volume per timepoint and a segmentation per labelled age), all or nothing;
 * :func:`subjectVolumes` / :func:`subjectFromVolumes`: the way back, from nodes (and the
   ages and modalities the module panel's table gives) to a library ``Subject``;
-* :func:`sceneToMrb` / :func:`mrbToScene`: the scene as a Medical Reality Bundle.
+* :func:`sceneToMrb` / :func:`mrbToScene`: the scene as a Medical Reality Bundle
+  (:mod:`.bundles`).
+
+The scene helpers and module logics are in :mod:`.scenetools`, the label tables
+(``dseg.tsv``, segment colours) in :mod:`.labeltables`, the bundles in :mod:`.bundles`; their
+public names are importable from here too.
 
 Every function takes the scene explicitly (default ``slicer.mrmlScene``) and uses only
 MRML API that exists both in the Slicer application and in PyPI ``slicer-core`` (no
@@ -30,16 +35,10 @@ Example (Slicer Python console)::
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
-import shutil
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,29 @@ import vtk
 from LongitudinalDiffusionLib.errors import InputError
 from LongitudinalDiffusionLib.imaging import Image, check_affine, check_array, load_image
 from LongitudinalDiffusionLib.subject import Modality, Subject, Timepoint, parse_age, parse_modality
+
+# The scene helpers, label tables and bundles live in modules of their own; their names stay
+# importable from here (other modules and scripts use ``mrml.<name>``).
+from .bundles import _messages, _mrbMarker, _mrbWrittenByLongdiff, mrbToScene, sceneToMrb  # noqa: F401
+from .labeltables import (  # noqa: F401
+    _NAMED_COLOURS,
+    _PALETTE,
+    _colourFor,
+    _labelTableFor,
+    _parseColour,
+    findLabelTable,
+    readLabelTable,
+)
+from .scenetools import (
+    _describeNode,
+    _nodeIds,
+    _nodesByClass,
+    _removeNewNodes,
+    _removeNodes,
+    _scene,
+    moduleLogic,
+    setModuleLogicResolver,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,118 +107,6 @@ LABELS_ATTRIBUTE = "LongitudinalDiffusion.Labels"
 LABEL_NAMES_ATTRIBUTE = "LongitudinalDiffusion.LabelNames"
 
 _MODALITY_ORDER = {m: i for i, m in enumerate(Modality)}
-
-# Segment colours by (lower-case) label name; other labels take the palette in turn.
-_NAMED_COLOURS = {
-    "csf": (0.40, 0.65, 1.00),
-    "grey matter": (0.85, 0.55, 0.45),
-    "gray matter": (0.85, 0.55, 0.45),
-    "white matter": (0.95, 0.93, 0.80),
-    "lesion: necrotic core": (0.45, 0.20, 0.55),
-    "lesion: enhancing rim": (1.00, 0.25, 0.20),
-    "lesion: oedema": (1.00, 0.80, 0.20),
-}
-_PALETTE = (
-    (0.50, 0.68, 0.50),
-    (0.94, 0.71, 0.63),
-    (0.69, 0.48, 0.40),
-    (0.44, 0.72, 0.88),
-    (0.86, 0.96, 0.08),
-    (0.56, 0.24, 0.63),
-    (0.98, 0.50, 0.45),
-    (0.30, 0.45, 0.80),
-)
-
-
-# ------------------------------------------------------------------------ scene, logics
-
-_moduleLogicResolver: Callable[[str, Any], Any] | None = None
-
-
-def setModuleLogicResolver(resolver: Callable[[str, Any], Any] | None) -> Callable[[str, Any], Any] | None:
-    """Install how :func:`moduleLogic` finds module logics; returns the previous resolver.
-
-    ``resolver(moduleName, scene)`` returns the logic of module ``moduleName`` (Slicer's
-    lower-case module name: ``"segmentations"``, ``"volumes"``, ...) working on ``scene``,
-    or None when it has none. Pass None to go back to ``slicer.modules`` (the default, and
-    what the Slicer application provides). Tests running on ``slicer-core`` install one
-    (see ``Testing/mrml_harness.py``).
-    """
-    global _moduleLogicResolver
-    previous = _moduleLogicResolver
-    _moduleLogicResolver = resolver
-    return previous
-
-
-def moduleLogic(moduleName: str, scene: Any = None) -> Any:
-    """The logic of a Slicer module, e.g. ``moduleLogic("segmentations")``.
-
-    Taken from the resolver installed by :func:`setModuleLogicResolver` when there is one,
-    else from ``slicer.modules.<moduleName>.logic()`` (inside the Slicer application, where
-    the logics work on ``slicer.mrmlScene``).
-
-    Raises:
-        RuntimeError: the logic is not available.
-    """
-    name = moduleName.lower()
-    if _moduleLogicResolver is not None:
-        logic = _moduleLogicResolver(name, _scene(scene))
-        if logic is None:
-            raise RuntimeError(f"no '{name}' module logic is registered for this scene")
-        return logic
-    modules = getattr(slicer, "modules", None)
-    module = getattr(modules, name, None) if modules is not None else None
-    if module is None:
-        raise RuntimeError(
-            f"module logic '{name}' is not available: there is no slicer.modules.{name} "
-            "(outside the Slicer application, install a resolver with setModuleLogicResolver)"
-        )
-    return module.logic()
-
-
-def _scene(scene: Any = None) -> Any:
-    """``scene``, or ``slicer.mrmlScene`` when None."""
-    if scene is not None:
-        return scene
-    scene = getattr(slicer, "mrmlScene", None)
-    if scene is None:
-        raise RuntimeError("no MRML scene: pass scene= or set slicer.mrmlScene")
-    return scene
-
-
-def _nodeIds(scene: Any) -> set[str]:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
-def _nodesByClass(scene: Any, className: str) -> list[Any]:
-    collection = scene.GetNodesByClass(className)
-    collection.UnRegister(scene)  # the C++ method returns a new reference; Python keeps its own
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-
-
-def _removeNewNodes(scene: Any, beforeIds: set[str]) -> int:
-    """Remove every node whose ID is not in ``beforeIds`` (newest first); returns how many."""
-    new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-    new = [node for node in new if node.GetID() not in beforeIds]
-    # Newest first; a new subject hierarchy node last (removing it drops all its items).
-    new.sort(key=lambda node: not node.IsA("vtkMRMLSubjectHierarchyNode"))
-    for node in reversed(new):
-        if scene.IsNodePresent(node):
-            scene.RemoveNode(node)
-    return len(new)
-
-
-def _removeNodes(scene: Any, nodes: Iterable[Any]) -> None:
-    for node in nodes:
-        if node is not None and scene.IsNodePresent(node):
-            scene.RemoveNode(node)
-
-
-def _describeNode(node: Any) -> str:
-    """How an error message names a node: ``volume 'name' (vtkMRMLScalarVolumeNode1)``."""
-    if node is None:
-        return "volume (none given)"
-    return f"volume '{node.GetName()}' ({node.GetID()})"
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -336,102 +246,6 @@ def imageFromVolumeNode(node: Any) -> Image:
         if value is not None:
             meta[key] = value
     return Image(array, affine, meta)
-
-
-# ------------------------------------------------------------------------------- labels
-
-
-def findLabelTable(labelsPath: str | os.PathLike) -> Path | None:
-    """The BIDS ``dseg.tsv`` naming the values of a ``_dseg`` label map, if there is one.
-
-    Looks for ``<name>.tsv`` beside the label file (``sub-01_ses-01_dseg.tsv``), then walks
-    up from its folder to the first folder holding ``dseg.tsv``, stopping at the dataset
-    root (the first folder with a ``dataset_description.json``).
-    """
-    labelsPath = Path(labelsPath)
-    name = labelsPath.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            sibling = labelsPath.with_name(name[: -len(ext)] + ".tsv")
-            if sibling.is_file():
-                return sibling
-    for folder in labelsPath.parents:
-        if (folder / "dseg.tsv").is_file():
-            return folder / "dseg.tsv"
-        if (folder / "dataset_description.json").is_file():
-            break
-    return None
-
-
-def _parseColour(text: str, where: str) -> tuple[float, float, float] | None:
-    text = (text or "").strip()
-    if not text or text.lower() == "n/a":
-        return None
-    hexDigits = text.lstrip("#")
-    if len(hexDigits) != 6:
-        raise InputError(where, f"colour '{text}' is not of the form #RRGGBB")
-    try:
-        return tuple(int(hexDigits[i : i + 2], 16) / 255.0 for i in (0, 2, 4))
-    except ValueError:
-        raise InputError(where, f"colour '{text}' is not of the form #RRGGBB") from None
-
-
-def readLabelTable(path: str | os.PathLike) -> dict[int, tuple[str, tuple[float, float, float] | None]]:
-    """Read a BIDS ``dseg.tsv``: label value -> (name, colour or None).
-
-    Columns ``index`` and ``name`` are required; an optional ``color`` column holds
-    ``#RRGGBB`` colours.
-
-    Raises:
-        InputError: unreadable file, missing columns, a non-integer or repeated index, or an
-            empty name; the message names the file and row.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh, delimiter="\t"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read the label table ({exc})") from None
-    if not rows:
-        raise InputError(path, "the label table is empty")
-    header = [cell.strip() for cell in rows[0]]
-    missing = [column for column in ("index", "name") if column not in header]
-    if missing:
-        raise InputError(path, f"no {' or '.join(missing)} column (columns found: {', '.join(header)})")
-    col = {name: i for i, name in enumerate(header)}
-    table: dict[int, tuple[str, tuple[float, float, float] | None]] = {}
-    for number, cells in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in cells):
-            continue
-        where = f"{path}, row {number}"
-        cells = cells + [""] * (len(header) - len(cells))
-        try:
-            value = int(cells[col["index"]].strip())
-        except ValueError:
-            raise InputError(where, f"index '{cells[col['index']]}' is not a whole number") from None
-        name = cells[col["name"]].strip()
-        if not name:
-            raise InputError(where, f"label {value} has no name")
-        if value in table:
-            raise InputError(where, f"label {value} is listed twice")
-        colour = _parseColour(cells[col["color"]], where) if "color" in col else None
-        table[value] = (name, colour)
-    return table
-
-
-def _labelTableFor(labelsPath: Path) -> tuple[dict[int, tuple[str, Any]], str]:
-    """Names (and colours) of a label file's values, and where they came from."""
-    tablePath = findLabelTable(labelsPath)
-    if tablePath is not None:
-        return readLabelTable(tablePath), str(tablePath)
-    from LongitudinalDiffusionLib.demo.brain import BRAIN_LABELS  # scipy: import only when needed
-
-    logger.info("%s: no dseg.tsv found; naming labels with the demo brain labels", labelsPath)
-    return {value: (name, None) for value, name in BRAIN_LABELS.items()}, "LongitudinalDiffusionLib.demo.brain"
-
-
-def _colourFor(name: str, value: int) -> tuple[float, float, float]:
-    return _NAMED_COLOURS.get(name.lower(), _PALETTE[value % len(_PALETTE)])
 
 
 # ------------------------------------------------------------------------- subject in
@@ -786,108 +600,3 @@ def subjectFromVolumes(nodesOrRows: Iterable[Any], subjectId: str, scene: Any = 
     if not timepoints:
         raise InputError(f"subject {subjectId}", "no volumes given")
     return Subject(str(subjectId), timepoints, None, {"scene_nodes": nodeIds})
-
-
-# ---------------------------------------------------------------------------- bundles
-
-
-def _messages(collection: Any) -> str:
-    text = collection.GetAllMessagesAsString() if collection is not None else ""
-    return text.strip() or "no details reported"
-
-
-def sceneToMrb(scene: Any, path: str | os.PathLike) -> Path:
-    """Save the scene and its data as a Medical Reality Bundle (``.mrb``), atomically.
-
-    Storable nodes without a storage node get their default one (volumes ``.nrrd``,
-    segmentations ``.seg.nrrd``). The bundle is written in a temporary folder beside
-    ``path`` and renamed onto it: a failed save leaves any earlier file untouched. The
-    bundle holds longdiff's marker (``.longdiff-result.json``); an existing file is replaced
-    only when it holds one (a bundle longdiff wrote), any other file is left alone.
-
-    Args:
-        scene: the scene (None for ``slicer.mrmlScene``).
-        path: target ``.mrb`` file.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        InputError: the name does not end in ``.mrb``; the file exists and longdiff did not
-            write it; the folder cannot be written.
-        RuntimeError: MRML could not write the bundle (its messages are included).
-    """
-    from LongitudinalDiffusionLib import outputs
-
-    scene = _scene(scene)
-    path = Path(path)
-    if path.suffix.lower() != ".mrb":
-        raise InputError(path, "a Medical Reality Bundle file name must end in .mrb")
-    if (path.exists() or path.is_symlink()) and not _mrbWrittenByLongdiff(path):
-        raise InputError(path, "exists and was not written by longdiff; it is left alone (choose another file name)")
-    outputs.check_writable(path.parent, "scene file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
-    try:
-        # The bundle's inner folder and .mrml file take the file's stem: write under the final name.
-        temporary = work / path.name
-        messages = slicer.vtkMRMLMessageCollection()
-        if not scene.WriteToMRB(str(temporary), None, messages) or not temporary.is_file():
-            raise RuntimeError(f"{path}: the scene could not be saved as a bundle ({_messages(messages)})")
-        with zipfile.ZipFile(temporary, "a") as bundle:
-            bundle.writestr(outputs.MARKER, _mrbMarker())
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    logger.info("saved the scene to %s", path)
-    return path
-
-
-def _mrbMarker() -> str:
-    import json
-
-    from LongitudinalDiffusionLib import __version__
-
-    return json.dumps({"tool": "longdiff", "version": __version__, "kind": "scene", "files": []})
-
-
-def _mrbWrittenByLongdiff(path: Path) -> bool:
-    """True when ``path`` is a bundle holding longdiff's marker (see :func:`sceneToMrb`)."""
-    from LongitudinalDiffusionLib.outputs import archive_written_by_tool
-
-    return archive_written_by_tool(path)
-
-
-def mrbToScene(path: str | os.PathLike, scene: Any = None, clear: bool = False) -> Any:
-    """Read a Medical Reality Bundle into a scene and return the scene.
-
-    The scene needs a data I/O manager: the Slicer application's scene has one; on
-    ``slicer-core`` add it with ``vtkMRMLRemoteIOLogic`` (a cache folder, then
-    ``AddDataIOToScene()``). If the read fails, the nodes it had added are removed.
-
-    Args:
-        path: the ``.mrb`` file.
-        scene: where to read it (default ``slicer.mrmlScene``).
-        clear: empty the scene first (like opening a scene); otherwise the bundle's nodes
-            are added to what is there.
-
-    Raises:
-        InputError: no such file, not a zip archive, or MRML could not read it.
-    """
-    scene = _scene(scene)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found" if not path.exists() else "not a regular file")
-    if not zipfile.is_zipfile(path):
-        raise InputError(path, "not a Medical Reality Bundle (.mrb files are zip archives)")
-    if scene.GetDataIOManager() is None:
-        logger.warning("%s: the scene has no data I/O manager; data files may not load", path)
-    if clear:
-        scene.Clear(False)
-    beforeIds = _nodeIds(scene)
-    messages = slicer.vtkMRMLMessageCollection()
-    if not scene.ReadFromMRB(str(path), False, messages):
-        _removeNewNodes(scene, beforeIds)
-        raise InputError(path, f"the bundle could not be read ({_messages(messages)})")
-    logger.info("read %s into the scene", path)
-    return scene
