@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             cases = ceiling_cases(root, method, card, ids)
             means = summary(cases)
             psnr = means.get("psnr")
-            # above 100 dB the difference is float round-off of an exact copy
-            cells = ["exact" if psnr is not None and psnr > 100 else "-" if psnr is None else f"{psnr:.2f}"]
+            cells = ["exact" if psnr == math.inf else "-" if psnr is None else f"{psnr:.2f}"]
             cells.append(f"{means['dice']:.3f}" if "dice" in means else "-")
             print(f"| {root.name} | {method} | `{name}` | {len(cases)} | " + " | ".join(cells) + " |", flush=True)
     return 0
