@@ -135,8 +135,8 @@ def draw_subject(
     size = wider(rng.normal(1.0, 0.035), 1.0, 0.9, 1.1) * (1.015 if sex == "M" else 0.985)
     rate = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2))
     vent = wider(rng.normal(0.0, 0.35), 0.0, -0.6, 0.9)
-    angles, stretch = rng.normal(0.0, 3.0, 3), rng.normal(1.0, 0.03, 3)
-    stretch = np.clip(stretch, 0.92, 1.08) if variety == 1.0 else [wider(v, 1.0, 0.92, 1.08) for v in stretch]
+    angles, drawn = rng.normal(0.0, 3.0, 3), rng.normal(1.0, 0.03, 3)
+    stretch = np.clip(drawn, 0.92, 1.08) if variety == 1.0 else np.array([wider(v, 1.0, 0.92, 1.08) for v in drawn])
     pose = _rotation(angles * variety) @ np.diag(stretch)
 
     # Smooth random anatomy: Gaussian-filtered noise on an 8 mm grid, peak about 3.5 mm.
@@ -215,12 +215,12 @@ def _draw_lesion(rng: np.random.Generator, tpl: Template) -> Lesion:
     dirs = rng.normal(0, 1, (4, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     return Lesion(
-        centre_mm=tuple(float(c) for c in centre),
+        centre_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
         radius_mm=float(rng.uniform(9.0, 15.0)),
         onset_months=float(rng.uniform(0.0, 10.0)),
         growth_months=float(rng.uniform(4.0, 10.0)),
         oedema_extent=float(rng.uniform(0.5, 1.1)),
-        shape_dirs=tuple(tuple(float(v) for v in d) for d in dirs),
+        shape_dirs=tuple((float(d[0]), float(d[1]), float(d[2])) for d in dirs),
         shape_amps=tuple(float(a) for a in rng.uniform(0.05, 0.18, 4)),
     )
 

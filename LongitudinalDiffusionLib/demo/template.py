@@ -77,8 +77,8 @@ class Template:
 
 
 def _read(name: str) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(DATA / f"icbm2009a_{name}.nii.gz"))
-    return np.asarray(img.dataobj), img.affine.astype(np.float64)
+    img = nib.Nifti1Image.from_filename(str(DATA / f"icbm2009a_{name}.nii.gz"))
+    return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
 
 
 def _voxel_mm(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
