@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import LongitudinalDiffusionError
@@ -126,9 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         target.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
+    for group in (_demo_commands, _subject_commands, _task_commands, _model_commands):
+        group(add)
+    return parser
+
+
+#: adds one sub-command: ``add(name, help=..., description=...)`` -> its parser
+_AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _demo_commands(add: _AddCommand) -> None:
+    """demo, demo-data: the simulated cohort and the demo run on it."""
     p = add(
         "demo",
         help="run the demo on the embedded simulated data (the main job)",
@@ -158,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--montage", type=Path, metavar="PNG", help="also draw the first subject to this PNG")
     p.set_defaults(func=cmd_demo_data)
 
+
+def _subject_commands(add: _AddCommand) -> None:
+    """info, models: what a subject holds and which models are installed."""
     p = add(
         "info",
         help="list a subject's timepoints",
@@ -173,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
+
+def _task_commands(add: _AddCommand) -> None:
+    """complete-ages, synthesize-modality, interpolate: the three tasks."""
     p = add(
         "complete-ages",
         help="generate a subject's missing timepoints",
@@ -228,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _task_arguments(p)
     p.set_defaults(func=cmd_interpolate)
 
+
+def _model_commands(add: _AddCommand) -> None:
+    """evaluate (moved), init-model, import-model: making and checking models."""
     from .models import METHODS, SCALES
 
     p = add(
@@ -264,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name")
     p.add_argument("--out", type=Path, default=Path("~/.longdiff/models").expanduser(), help="catalog folder")
     p.set_defaults(func=cmd_import_model)
-    return parser
 
 
 def _subject_arguments(p: argparse.ArgumentParser) -> None:
@@ -330,7 +350,7 @@ SCENE_MOVED = (
 )
 
 
-def _write_scene(args: argparse.Namespace, results: list, subjects: list = ()) -> Path:
+def _write_scene(args: argparse.Namespace, results: list, subjects: Sequence[Any] = ()) -> Path:
     """Hand the results to the scene exporter the caller passed to :func:`main` (the Slicer
     module's ``longdiff_scene.py`` passes its ``exportScene``; the library never imports slicer)."""
     return args.scene_exporter(args.scene, results, subjects)
@@ -359,11 +379,11 @@ def _cohort_spec(args: argparse.Namespace):
     from .demo.cohort import CohortSpec
 
     spacing = float(args.spacing)
-    shape = tuple(max(8, int(round(f / spacing))) for f in args.fov)
+    nx, ny, nz = (max(8, int(round(f / spacing))) for f in args.fov)  # --fov takes three numbers
     return CohortSpec(
         n_subjects=args.subjects,
         seed=args.seed,
-        shape=shape,
+        shape=(nx, ny, nz),
         spacing=(spacing,) * 3,
         lesion_probability=args.lesions,
         missing_visit_probability=args.missing_visits,
@@ -407,7 +427,8 @@ def _is_simulated(subject) -> bool:
     desc = Path(root) / "dataset_description.json"
     try:
         return bool(json.loads(desc.read_text(encoding="utf-8")).get("Simulated", False))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError) as exc:  # no readable description: not marked simulated
+        log.debug("%s: not read (%s); the data is not taken as simulated", desc, exc)
         return False
 
 
@@ -773,7 +794,7 @@ def _check_out(args: argparse.Namespace, inputs: Sequence = ()) -> None:
 def _stage_bars(args: argparse.Namespace):
     """A progress callback drawing one tqdm bar per stage (stage, step/total, ETA) on stderr,
     and a function that closes the open bar."""
-    bars: dict[str, object] = {}
+    bars: dict[str, Any] = {}  # tqdm bars (tqdm has no type information)
 
     def progress(event) -> None:
         if args.quiet or event.message == "done" or event.stage == "warning":
