@@ -462,3 +462,20 @@ def test_the_grid_ceiling_command_reports_the_evaluations_bound_without_a_model(
         assert float(psnr) == pytest.approx(bound["psnr_mean"], abs=0.006)
         if method == "ddm":
             assert float(dice) == pytest.approx(bound["dice_mean"], abs=0.0006)
+
+
+def test_shift_diagnosis_separates_the_inputs_from_the_output_grid(cohort, models, capsys):
+    """With the same scans as 'shifted' and 'native' input, the model given either scores the
+    same on every hidden scan (the inputs are the only difference the diagnosis measures); the
+    ceiling of the tiny model's coarser grid and the baseline are scored beside it."""
+    from training import shift_diagnosis as sd
+
+    rows = sd.diagnose(str(models["sadm"]), cohort, cohort, ["sub-003"])
+    assert len(rows) == 5
+    for row in rows:
+        assert row["model"] == row[sd.NATIVE]
+        assert 0 < row[ev.GRID_CEILING] < 100 and 0 < row[ev.REGISTRATION_INTERPOLATION] < 100
+    assert sd.main(["--model", str(models["sadm"]), "--shifted", str(cohort), "--native", str(cohort),
+                    "--held-out", "sub-003"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "(5 hidden scans)" in table and f"| {sd.NATIVE} |" in table
