@@ -3,8 +3,9 @@ modality, interpolate the frames between two scans.
 
 Each task takes images on their own geometry, puts them on the model's grid (the card's
 :class:`~.grid.ModelGrid`), runs the method, and brings every output back onto the input's
-exact geometry and intensity units. It returns a :class:`Result` and never touches a GUI
-or the disk; :meth:`Result.save` writes it (atomically: a finished folder or nothing).
+exact geometry and intensity units. It returns a :class:`~.result.Result` (its own module,
+:mod:`.result`, also importable from here) and never touches a GUI or the disk;
+:meth:`Result.save` writes it (atomically: a finished folder or nothing).
 
 ``n_samples=K`` draws K samples (seeds ``seed`` .. ``seed+K-1``) and returns their mean as
 the result plus a voxel-wise standard-deviation map, so a user sees where a generated
@@ -16,11 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,222 +28,35 @@ import numpy as np
 import torch
 
 from . import __version__
+from .ages import parse_age
 from .catalog import LoadedModel, load_model
 from .diffusion import SamplerSettings, resolve_device
 from .domain import DomainReport, check_aligned_box, check_images, check_request, fit_grid
 from .errors import InputError, LongitudinalDiffusionError
 from .grid import GridRecord, ModelGrid, resample_to
-from .imaging import Image, check_array, load_image, save_image, write_json
+from .imaging import Image, load_image
+from .modality import Modality, parse_modality
 from .models import method_module, method_task, paper_name
 from .progress import CancelToken, ProgressCallback, ProgressEvent
-from .subject import Modality, Provenance, Subject, Timepoint, parse_age, parse_modality
+from .provenance import Provenance
+from .result import SAME_AGE, FrameSeries, Result, ResultImage
+from .timepoints import Subject, Timepoint
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # Result and its parts live in .result; imported from here too
+    "SAME_AGE",
+    "TASKS",
+    "FrameSeries",
+    "Result",
+    "ResultImage",
+    "RunOptions",
+    "complete_ages",
+    "interpolate_frames",
+    "synthesize_modality",
+]
+
 TASKS = ("complete-ages", "synthesize-modality", "interpolate")
-#: two ages closer than this (months, ~1.5 days) are the same visit
-SAME_AGE = 0.05
-
-
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class ResultImage:
-    """One output volume on the input's geometry."""
-
-    name: str
-    image: Image
-    kind: str = "generated"  # generated | mean | std | labels
-    age: float | None = None
-    modality: str | None = None
-
-
-@dataclass
-class FrameSeries:
-    """Frames to scrub through: DDM frames (gamma), a completed timeline (months) or the
-    denoising intermediates (sampler step). ``fields`` holds each frame's displacement in
-    mm along R, A, S (shape (I, J, K, 3)) when the method has one."""
-
-    name: str
-    frames: list[Image]
-    times: list[float]
-    unit: str
-    labels: list[Image] | None = None
-    generated: list[bool] | None = None
-    fields: list[Image] | None = None
-
-
-@dataclass
-class Result:
-    task: str
-    images: list[ResultImage]
-    series: list[FrameSeries] = field(default_factory=list)
-    provenance: Provenance | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    #: input -> model space transforms (preprocess.SavedTransform), saved as transforms/<name>.tfm
-    transforms: list[Any] = field(default_factory=list)
-
-    @property
-    def warnings(self) -> list[str]:
-        """The domain checks' warnings (:mod:`.domain`), as the provenance records them."""
-        extra = self.provenance.extra if self.provenance is not None else None
-        return list((extra or {}).get("warnings") or [])
-
-    def image(self, kind: str = "generated", age: float | None = None) -> Image:
-        """The first output of ``kind`` (and at ``age`` months, if given)."""
-        for r in self.images:
-            if r.kind == kind and (age is None or (r.age is not None and abs(r.age - age) < SAME_AGE)):
-                return r.image
-        raise KeyError(f"no {kind} image" + (f" at {age} months" if age is not None else ""))
-
-    def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
-        """Write every output as NIfTI with a provenance sidecar, frames under
-        ``frames/<series>/``, and ``result.json`` listing it all.
-
-        The files are written into a temporary folder next to ``folder`` and moved into
-        place at the end: a failure or a cancel leaves no partial result. The folder gets
-        the tool's marker (:mod:`.outputs`); ``overwrite`` replaces only a folder holding
-        nothing but an earlier result of the tool, and a folder that holds (or is) one of
-        the result's input files is refused (:func:`.outputs.check_output`).
-        """
-        from . import outputs
-
-        folder = Path(folder)
-        inputs = [e.get("file") for e in (self.provenance.inputs if self.provenance else []) if isinstance(e, dict)]
-        outputs.check_output(folder, inputs=inputs, overwrite=overwrite)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            listing = self._write(tmp)
-            outputs.write_marker(
-                tmp, "result", task=self.task, model=self.provenance.model if self.provenance else None
-            )
-            outputs.install(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return [folder / p for p in listing]
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> Result:
-        """Read back a folder written by :meth:`save` (e.g. a result downloaded from a worker)."""
-        import json
-
-        import nibabel as nib
-
-        folder = Path(folder)
-        listing = folder / "result.json"
-        try:
-            summary = json.loads(listing.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(listing, f"cannot read the result listing ({exc})") from exc
-        if not isinstance(summary, dict) or "task" not in summary:
-            raise InputError(listing, "not a result listing (no 'task')")
-
-        def path(rel: str) -> Path:
-            p = (folder / rel).resolve()
-            if folder.resolve() not in p.parents:
-                raise InputError(listing, f"file '{rel}' lies outside the result folder")
-            return p
-
-        def read(rel: str, labels: bool = False) -> Image:
-            return load_image(path(rel), dtype=np.int16 if labels else np.float32)
-
-        def vector(rel: str) -> Image:  # (I, J, K, 1, 3) on disk, see _save_vector
-            img = nib.load(str(path(rel)))
-            return Image(np.asarray(img.dataobj, dtype=np.float32)[:, :, :, 0, :], img.affine)
-
-        images = []
-        for e in summary.get("images", []):
-            name = e["file"][: -len(".nii.gz")]
-            images.append(ResultImage(name, read(e["file"], e["kind"] == "labels"), e["kind"], e.get("age_months"),
-                                      e.get("modality")))  # fmt: skip
-        series = []
-        for s in summary.get("series", []):
-            entries = s.get("frames", [])
-            has = set(entries[0]) if entries else set()
-            series.append(
-                FrameSeries(
-                    s["name"],
-                    [read(e["file"]) for e in entries],
-                    [float(e["time"]) for e in entries],
-                    s.get("unit", ""),
-                    [read(e["labels"], True) for e in entries] if "labels" in has else None,
-                    [bool(e["generated"]) for e in entries] if "generated" in has else None,
-                    [vector(e["displacement"]) for e in entries] if "displacement" in has else None,
-                )
-            )
-        prov = Provenance.from_dict(summary["provenance"], listing) if summary.get("provenance") else None
-        transforms = []
-        for rel in summary.get("transforms", []):  # the preprocessing's way back, as ITK files
-            from .preprocess import SavedTransform, read_transform
-
-            transforms.append(SavedTransform(Path(rel).name[: -len(".tfm")], read_transform(path(rel))))
-        return cls(summary["task"], images, series, prov, transforms=transforms)
-
-    def _write(self, root: Path) -> list[str]:
-        prov = self.provenance.to_dict() if self.provenance else {}
-        # Every generated image says so, in its sidecar and in its header's descrip (which
-        # travels with the file); real scans in a timeline stay unmarked.
-        marks = self.provenance.synthetic_marks() if self.provenance else {"synthetic": True}
-        descrip = self.provenance.synthetic_description() if self.provenance else "SYNTHETIC longdiff"
-        files: list[str] = []
-        summary: dict[str, Any] = {"task": self.task, **marks, "images": [], "series": [], "provenance": prov}
-        for r in self.images:
-            rel = f"{r.name}.nii.gz"
-            if r.name.startswith(".") or any(c in r.name for c in "/\\\0"):  # the name comes from a subject id
-                raise InputError(rel, "an output name may not start with '.' nor hold '/', '\\' or NUL")
-            check_array(r.image.array, rel)
-            dtype = np.int16 if r.kind == "labels" else np.float32
-            sidecar = {**marks, **prov, "kind": r.kind, "age_months": r.age}
-            save_image(r.image, root / rel, dtype=dtype, sidecar=sidecar, description=descrip)
-            files.append(rel)
-            summary["images"].append({"file": rel, "kind": r.kind, "age_months": r.age, "modality": r.modality})
-        for s in self.series:
-            entries = []
-            for i, frame in enumerate(s.frames):
-                entry: dict[str, Any] = {"index": i, "time": s.times[i], "unit": s.unit}
-                rel = f"frames/{s.name}/frame-{i:03d}.nii.gz"
-                check_array(frame.array, rel)
-                synthetic = s.generated is None or bool(s.generated[i])
-                save_image(frame, root / rel, dtype=np.float32, description=descrip if synthetic else None)
-                entry["file"] = rel
-                entry["synthetic"] = synthetic
-                if s.generated is not None:
-                    entry["generated"] = bool(s.generated[i])
-                if s.labels is not None:
-                    entry["labels"] = f"frames/{s.name}/labels-{i:03d}.nii.gz"
-                    save_image(
-                        s.labels[i], root / entry["labels"], dtype=np.int16, description=descrip if synthetic else None
-                    )
-                if s.fields is not None:
-                    entry["displacement"] = f"frames/{s.name}/displacement-{i:03d}.nii.gz"
-                    _save_vector(s.fields[i], root / entry["displacement"], descrip)
-                entries.append(entry)
-                files.extend(v for k, v in entry.items() if k in ("file", "labels", "displacement"))
-            summary["series"].append({"name": s.name, "unit": s.unit, "frames": entries})
-        for t in self.transforms:  # ITK files Slicer loads as transform nodes (preprocess.py)
-            rel = f"transforms/{t.name}.tfm"
-            t.write(root / rel)
-            files.append(rel)
-            summary.setdefault("transforms", []).append(rel)
-        write_json(root / "result.json", summary)
-        files.append("result.json")
-        return files
-
-
-def _save_vector(image: Image, path: Path, description: str | None = None) -> None:
-    """A displacement field (I, J, K, 3) as a NIfTI vector image (intent VECTOR, mm)."""
-    import nibabel as nib
-
-    data = np.asarray(image.array, dtype=np.float32)[:, :, :, None, :]
-    img = nib.Nifti1Image(data, image.affine)
-    img.header.set_intent("vector")
-    img.header.set_xyzt_units("mm")
-    if description:
-        img.header["descrip"] = description.encode("ascii", "replace")[:80]
-    nib.save(img, path)
 
 
 # ----------------------------------------------------------------------------- options
@@ -323,7 +135,11 @@ def _grid(loaded: LoadedModel, key: str = "grid") -> ModelGrid:
 
 
 def _image(tp: Timepoint) -> Image:
-    return tp.image if tp.image is not None else load_image(tp.source)
+    if tp.image is not None:
+        return tp.image
+    if tp.source is None:
+        raise InputError(None, f"{tp.describe()}: no image, and no file to read it from")
+    return load_image(tp.source)
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -333,6 +149,8 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def _units_only(record: GridRecord) -> GridRecord:
     """A record that maps a spread (std) back without the offset of the intensity map."""
     b0, b1 = record.value_range
+    if record.lo is None or record.hi is None:  # a label map's record: it has no spread to map
+        raise ValueError("a label map has no intensity units to take a spread back to")
     return dataclasses.replace(record, lo=0.0, hi=float(record.hi - record.lo), value_range=(0.0, float(b1 - b0)))
 
 
@@ -361,7 +179,7 @@ def _image_meta(tp: Timepoint) -> Any:
 
 
 def _samples(
-    opts: RunOptions, run: Callable[[int, ProgressCallback | None], list[np.ndarray]]
+    opts: RunOptions, run: Callable[[int | None, ProgressCallback | None], list[np.ndarray]]
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Run ``run(seed, progress)`` n_samples times; mean (and std) of each output array."""
     draws = []
@@ -508,10 +326,12 @@ def _sources(real: list[Timepoint], age: float, two_sided: bool) -> list[tuple[T
 
 def _blend(runs: list[tuple[float, Callable[[], np.ndarray]]]) -> np.ndarray:
     """The weighted sum of the outputs of ``runs`` ((weight, run) pairs)."""
-    total = None
+    total: np.ndarray | None = None
     for w, run in runs:
         out = w * run()
         total = out if total is None else total + out
+    if total is None:
+        raise ValueError("nothing to blend")  # the callers always pass one run or more
     return total
 
 
@@ -526,7 +346,9 @@ def _age_outputs(
     return out
 
 
-def _denoising_series(name: str, grid: ModelGrid, record: GridRecord, intermediates: list) -> FrameSeries | None:
+def _denoising_series(
+    name: str, grid: ModelGrid | _SynthesisGrid, record: Any, intermediates: list
+) -> FrameSeries | None:
     if not intermediates:
         return None
     frames = [grid.inverse(it.x0[0, 0].numpy(), record) for it in intermediates]
@@ -754,7 +576,7 @@ def _generator(seed: int | None) -> torch.Generator:
 def _timeline(real: list[Timepoint], images: list[ResultImage]) -> FrameSeries:
     """Real and generated scans in age order, the subject's completed history."""
     items = [(tp.age, _image(tp), False) for tp in real]
-    items += [(r.age, r.image, True) for r in images if r.kind in ("generated", "mean")]
+    items += [(r.age, r.image, True) for r in images if r.kind in ("generated", "mean") and r.age is not None]
     items.sort(key=lambda x: x[0])
     ref = items[0][1]
     frames = [img if img.same_geometry(ref) else resample_to(img, ref.affine, ref.shape) for _, img, _ in items]
@@ -781,6 +603,69 @@ def synthesize_modality(
     device = resolve_device(opts.device)
     loaded = _load(model, device, "synthesize-modality")
     have = {tp.modality: tp for tp in visit}
+    cond_mods = _condition_modalities(loaded, subject, session, target, have)
+    report = DomainReport(loaded.card.name)
+    check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
+    names = [_scan_name(have[m]) for m in cond_mods]
+    contrasts = [m.value for m in cond_mods]
+    _checked_content(loaded, [have[m] for m in cond_mods], names, report, opts, labels=contrasts, distinct=True)
+    grid, prep, prep_note, have = _synthesis_grid(loaded, have, cond_mods, names, report, opts)
+    first = grid.forward(_image(have[cond_mods[0]]))
+    on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
+    settings = opts.settings(loaded)
+    mod_cwdm = method_module("cwdm")
+    t0 = time.perf_counter()
+    captured: list = []
+    conditions, mask = _condition_stack(loaded.config, grid, on_grid, cond_mods, target)
+    conditions = conditions.to(device)
+
+    def run(seed: int | None, progress: ProgressCallback | None) -> list[np.ndarray]:
+        out = mod_cwdm.synthesize(
+            loaded.network,
+            conditions,
+            config=loaded.config,
+            settings=settings.merged(seed=seed),
+            mask=mask,
+            device=device,
+            progress=progress,
+            cancel=opts.cancel,
+        )
+        captured[:] = out.intermediates
+        return [out.sample[0, 0].numpy()]
+
+    mean, std = _samples(opts, run)
+    # The result takes the intensity scale of the first condition's percentile range:
+    # a synthetic modality has no units of its own.
+    record = first.record
+    image, spread = _synthesis_back(grid, record, mean[0], None if std is None else std[0])
+    images = _age_outputs(subject.subject_id, target, visit[0].age, image, spread, kind="generated")
+    series = [s for s in [_denoising_series("denoising", grid, record, captured)] if s]
+    if prep is not None:  # onto the first condition's own grid
+        images, series = _back_to_inputs(prep, images, series, lambda age: 0)
+    prov = _provenance(
+        loaded,
+        "synthesize-modality",
+        settings,
+        [have[m] for m in cond_mods],
+        target=target.value,
+        session=str(session),
+        warnings=report.warnings,
+        preprocessing=prep_note,
+    )
+    _emit_done(opts, "synthesize-modality", t0)
+    timings = {"total_s": time.perf_counter() - t0}
+    return Result("synthesize-modality", images, series, prov, timings, _transforms(prep))
+
+
+def _condition_modalities(
+    loaded: LoadedModel, subject: Subject, session: str | float, target: Modality, have: dict[Modality, Timepoint]
+) -> list[Modality]:
+    """The modalities the model reads to make ``target``, all present in the session.
+
+    Raises:
+        InputError: the session already has ``target``, or lacks one the model needs.
+        LongitudinalDiffusionError: the model does not make ``target``.
+    """
     if target in have:
         raise InputError(subject.source, f"session {session} already has a {target.value} scan")
     cfg = loaded.config
@@ -801,82 +686,73 @@ def synthesize_modality(
             subject.source,
             f"session {session} lacks {', '.join(missing)}, which model '{loaded.card.name}' needs as input",
         )
-    report = DomainReport(loaded.card.name)
-    check_request(loaded.card.card, report, input_ages=[have[m].age for m in cond_mods])
-    names = [_scan_name(have[m]) for m in cond_mods]
-    contrasts = [m.value for m in cond_mods]
-    _checked_content(loaded, [have[m] for m in cond_mods], names, report, opts, labels=contrasts, distinct=True)
+    return cond_mods
+
+
+class _SynthesisGrid(Protocol):
+    """What synthesis needs of a grid: a :class:`~.grid.ModelGrid`, or :class:`_BratsGrid`."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    def forward(self, image: Image, *, reference: Any = None) -> Any: ...
+
+    def inverse(self, array: Any, record: Any) -> Image: ...
+
+
+def _synthesis_grid(
+    loaded: LoadedModel,
+    have: dict[Modality, Timepoint],
+    cond_mods: list[Modality],
+    names: list[str],
+    report: DomainReport,
+    opts: RunOptions,
+) -> tuple[_SynthesisGrid, Any, Any, dict[Modality, Timepoint]]:
+    """The grid the conditions go onto, after the preprocessing the card asks for.
+
+    Returns:
+        ``(grid, prep, prep_note, have)``: ``prep`` leads back to the inputs (None when
+        nothing was done) and ``have`` holds the conditions as preprocessed.
+    """
     prep, prep_note = None, None
-    if cfg.get("preprocessing") != "brats":  # upstream BraTS weights bring their own preprocessing
-        prep, conds, prep_note = _preprocessed(loaded, [have[m] for m in cond_mods], opts)
-        have = {**have, **dict(zip(cond_mods, conds))}
-    if cfg.get("preprocessing") == "brats":
+    if loaded.config.get("preprocessing") == "brats":  # upstream BraTS weights bring their own preprocessing
         grid = _BratsGrid([_image(have[m]) for m in cond_mods])
         check_images(loaded.card.card, [_image(have[m]) for m in cond_mods], report, names=names, content=False)
         report.announce(opts.progress)
         report.raise_if_refused()
-    else:
-        grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts, prep=prep)["grid"]
-    first = grid.forward(_image(have[cond_mods[0]]))
-    on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
-    settings = opts.settings(loaded)
-    mod_cwdm = method_module("cwdm")
-    t0 = time.perf_counter()
-    captured: list = []
+        return grid, prep, prep_note, have
+    prep, conds, prep_note = _preprocessed(loaded, [have[m] for m in cond_mods], opts)
+    have = {**have, **dict(zip(cond_mods, conds))}
+    model_grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts, prep=prep)["grid"]
+    return model_grid, prep, prep_note, have
+
+
+def _condition_stack(
+    cfg: dict[str, Any], grid: _SynthesisGrid, on_grid: list[Any], cond_mods: list[Modality], target: Modality
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conditions as one (1, C, I, J, K) tensor, and the availability mask of an
+    any-missing model (the missing contrast's channel left at zero; None otherwise)."""
     if cfg.get("any_missing"):
         order = [parse_modality(m) for m in cfg["modalities"]]
         stack = np.zeros((len(order), *grid.shape), np.float32)
         for m, sample in zip(cond_mods, on_grid):
             stack[order.index(m)] = sample.array
         mask = torch.tensor([[0.0 if m == target else 1.0 for m in order]])
-    else:
-        stack, mask = np.stack([s.array for s in on_grid]).astype(np.float32), None
-    conditions = torch.as_tensor(stack)[None].to(device)
+        return torch.as_tensor(stack)[None], mask
+    stack = np.stack([s.array for s in on_grid]).astype(np.float32)
+    return torch.as_tensor(stack)[None], None
 
-    def run(seed, progress):
-        out = mod_cwdm.synthesize(
-            loaded.network,
-            conditions,
-            config=cfg,
-            settings=settings.merged(seed=seed),
-            mask=mask,
-            device=device,
-            progress=progress,
-            cancel=opts.cancel,
-        )
-        captured[:] = out.intermediates
-        return [out.sample[0, 0].numpy()]
 
-    mean, std = _samples(opts, run)
-    # The result takes the intensity scale of the first condition's percentile range:
-    # a synthetic modality has no units of its own.
-    record = first.record
-    image = grid.inverse(mean[0], record)
+def _synthesis_back(
+    grid: _SynthesisGrid, record: Any, mean: np.ndarray, std: np.ndarray | None
+) -> tuple[Image, Image | None]:
+    """The synthesised image and its spread (None for one sample) back on the input's grid."""
+    image = grid.inverse(mean, record)
     if std is None:
-        spread = None
-    elif isinstance(grid, _BratsGrid):
-        spread = grid.inverse(std[0], record, spread=True)
-    else:
-        spread = grid.inverse(std[0], _units_only(record))
-    age = visit[0].age
-    sid = subject.subject_id
-    images = _age_outputs(sid, target, age, image, spread, kind="generated")
-    series = [s for s in [_denoising_series("denoising", grid, record, captured)] if s]
-    if prep is not None:  # onto the first condition's own grid
-        images, series = _back_to_inputs(prep, images, series, lambda age: 0)
-    prov = _provenance(
-        loaded,
-        "synthesize-modality",
-        settings,
-        [have[m] for m in cond_mods],
-        target=target.value,
-        session=str(session),
-        warnings=report.warnings,
-        preprocessing=prep_note,
-    )
-    _emit_done(opts, "synthesize-modality", t0)
-    timings = {"total_s": time.perf_counter() - t0}
-    return Result("synthesize-modality", images, series, prov, timings, _transforms(prep))
+        return image, None
+    if isinstance(grid, _BratsGrid):
+        return image, grid.inverse(std, record, spread=True)
+    return image, grid.inverse(std, _units_only(record))
 
 
 class _BratsGrid:
@@ -885,7 +761,7 @@ class _BratsGrid:
     values <= 0.04 to 0 and restores the shape. Outputs stay in [0, 1] as upstream's do."""
 
     def __init__(self, images: list[Image]) -> None:
-        from .models.cwdm import BRATS_SHAPE
+        from .models.cwdm import BRATS_GRID, BRATS_SHAPE
 
         first = images[0]
         for img in images:
@@ -896,6 +772,7 @@ class _BratsGrid:
                     f"(this one is {img.shape})",
                 )
         self.affine = first.affine
+        self.shape: tuple[int, int, int] = BRATS_GRID  # the cropped/padded array the network sees
 
     def forward(self, image: Image, reference: Any = None) -> Any:
         from .models.cwdm import preprocess_brats
@@ -954,7 +831,7 @@ def interpolate_frames(
     device = resolve_device(opts.device)
     loaded = _load(model, device, "interpolate")
     src_in, tgt_img = (_as_image(x) for x in (source, target))
-    pair = [Timepoint(0.0, "T1w", img, _path_of(x)) for img, x in ((src_in, source), (tgt_img, target))]
+    pair = [Timepoint(0.0, Modality.T1W, img, _path_of(x)) for img, x in ((src_in, source), (tgt_img, target))]
     report = DomainReport(loaded.card.name)
     names = [
         p.name if p is not None else what for p, what in ((_path_of(source), "source"), (_path_of(target), "target"))
