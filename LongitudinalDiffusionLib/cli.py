@@ -60,6 +60,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _variety(text: str) -> float:
+    from .demo.brain import MAX_VARIETY
+
+    value = float(text)
+    if not 1.0 <= value <= MAX_VARIETY:
+        raise argparse.ArgumentTypeError(f"must lie in [1, {MAX_VARIETY:g}], got {value}")
+    return value
+
+
 def _cohort_arguments(
     p: argparse.ArgumentParser,
     subjects: int,
@@ -97,6 +106,14 @@ def _cohort_arguments(
         default=0.0,
         metavar="P",
         help="probability that an intermediate visit is missed, as in real studies (default 0: every visit present)",
+    )
+    p.add_argument(
+        "--variety",
+        type=_variety,
+        default=1.0,
+        metavar="V",
+        help="anatomical variety: 1 (default) the usual population; larger draws the same subjects further "
+        "from the template (2.5: 3.5 mm RMS displacement instead of 1.25; at most 4)",
     )
     p.add_argument("--no-heart", action="store_true", help="skip the beating-heart phantom")
     p.add_argument("--hearts", type=_positive_int, default=1, metavar="N", help="number of heart phantoms (default 1)")
@@ -387,6 +404,7 @@ def _cohort_spec(args: argparse.Namespace):
         spacing=(spacing,) * 3,
         lesion_probability=args.lesions,
         missing_visit_probability=args.missing_visits,
+        variety=args.variety,
         heart=not args.no_heart,
         n_hearts=args.hearts,
     )

@@ -317,3 +317,23 @@ def test_import_an_upstream_checkpoint(tmp_path, capsys):
         == 2
     )
     assert "pickled.pth" in capsys.readouterr().err and not (tmp_path / "c2" / "bad.json").exists()
+
+
+def test_demo_data_draws_a_harder_population_on_request(tmp_path, capsys):
+    """--variety draws the same subjects further from the template and says so in the
+    dataset's description; a value outside [1, 4] is refused before anything is written."""
+    from LongitudinalDiffusionLib.imaging import load_image
+
+    args = ["-q", "demo-data", "--subjects", "1", "--spacing", "10", "--no-heart", "--lesions", "0"]
+    assert main([*args[:2], str(tmp_path / "plain"), *args[2:]]) == 0
+    assert main([*args[:2], str(tmp_path / "varied"), *args[2:], "--variety", "3"]) == 0
+    plain = json.loads((tmp_path / "plain" / "dataset_description.json").read_text())
+    varied = json.loads((tmp_path / "varied" / "dataset_description.json").read_text())
+    assert "variety" not in plain["SimulationParameters"] and varied["SimulationParameters"]["variety"] == 3.0
+    scan = "sub-001/ses-01/anat/sub-001_ses-01_T1w.nii.gz"
+    a, b = (load_image(tmp_path / name / scan).array for name in ("plain", "varied"))
+    assert a.shape == b.shape and not np.allclose(a, b)  # the same visit, another anatomy
+    with pytest.raises(SystemExit) as exc:
+        main([*args[:2], str(tmp_path / "bad"), *args[2:], "--variety", "5"])
+    assert exc.value.code == 2 and "must lie in [1, 4]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

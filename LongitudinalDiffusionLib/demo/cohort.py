@@ -245,6 +245,8 @@ def _write_top_level(root: Path, spec: CohortSpec, subjects: list[brain.BrainSub
                 "spacing_mm": list(spec.spacing),
                 "lesion_probability": spec.lesion_probability,
                 "missing_visit_probability": spec.missing_visit_probability,
+                # recorded only off the default, so a default cohort's description is unchanged
+                **({"variety": spec.variety} if spec.variety != 1.0 else {}),
             },
         },
     )
