@@ -287,3 +287,67 @@ def test_training_pairs_can_be_limited_to_nearby_visits(cohort):
         assert len(pairs) == expected
         order = {id(tp): i for i, tp in enumerate(sorted({id(a): a for a, _ in pairs}.values(), key=lambda t: t.age))}
         assert all(gap is None or abs(order[id(a)] - order[id(b)]) <= gap for a, b in pairs)
+
+
+# ----------------------------------------------------------------------------- the EMA
+
+
+class _HandWrittenEMA:
+    """The trainer's EMA before it used torch's AveragedModel, kept here as the reference."""
+
+    def __init__(self, model, decay):
+        import copy
+
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = float(decay), 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema = dict(self.model.named_parameters())
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                ema[name].lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def test_the_ema_gives_the_weights_of_the_hand_written_one_through_warm_up_and_frozen_stages():
+    """training.ema.EMA (torch's AveragedModel with the warm-up decay) averages exactly as the
+    hand-written EMA did, bitwise: through the warm-up, past it (decay 0.6 is reached at update
+    4), with a stage frozen (its average stays), and after a resume from ``updates``."""
+    from LongitudinalDiffusionLib import models
+    from training.ema import EMA
+
+    torch.manual_seed(0)
+    network = models.build("cas-diffcom", default_config("cas-diffcom", "tiny"))
+    network.register_buffer("seen", torch.zeros(3))  # a buffer follows the trained network
+    new, old = EMA(network, 0.6), _HandWrittenEMA(network, 0.6)
+    generator = torch.Generator().manual_seed(1)
+    for update in range(8):
+        part = network.generator if update < 4 else network.refiner  # the two stages in turn
+        network.requires_grad_(False)
+        part.requires_grad_(True)
+        with torch.no_grad():
+            for p in network.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator))
+            network.seen.add_(1)
+        new.update(network)
+        old.update(network)
+    assert new.updates == old.updates == 8
+    a, b = new.model.state_dict(), old.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["seen"], torch.full((3,), 8.0))
+    # the generator's average was not touched in the refiner's stage, and differs from its weights
+    g = "generator." + next(n for n, _ in network.generator.named_parameters())
+    assert not torch.equal(a[g], network.state_dict()[g])
+
+    resumed = EMA(network, 0.6)  # a resume: the saved average and count, then more updates
+    resumed.model.load_state_dict(a)
+    resumed.updates = new.updates
+    for ema in (new, old, resumed):
+        ema.update(network)
+    c = resumed.model.state_dict()
+    assert all(torch.equal(c[k], old.model.state_dict()[k]) and torch.equal(c[k], new.model.state_dict()[k]) for k in c)

@@ -35,7 +35,8 @@ Choices:
   the CPU; on a GPU up to cuDNN's own non-determinism unless ``train.deterministic``).
 * **EMA.** The exported and validated weights are an exponential moving average with
   decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates (a warm-up, so that
-  short runs are not dominated by the random initial weights).
+  short runs are not dominated by the random initial weights): torch's ``AveragedModel``
+  with that average (``training/ema.py``).
 * **Mixed precision** (float16 autocast and a gradient scaler) on CUDA when ``train.amp``;
   nothing changes on the CPU. Gradients are clipped to ``grad_clip`` (global L2 norm).
 * **Validation** every ``val_every`` steps on ``val_cases`` held-out items (the last
@@ -49,14 +50,16 @@ Choices:
 * **Time budget.** ``time_budget_s`` (or ``--time-budget``) counts the wall-clock time of
   this invocation; training stops early enough to leave time for the final validation
   (as long as the previous one took), then checkpoints and exports as usual.
+
+The rooms: ``config`` (the run config), ``processes`` (the process group, seeds),
+``batches`` (the order of the items), ``ema``, ``checkpoints``, ``validation`` (inference
+and scores), ``card`` (the model card); this module holds the trainer and the command line,
+and re-exports the names other code imports from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
-import inspect
 import json
 import logging
 import math
@@ -66,7 +69,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,319 +79,71 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from LongitudinalDiffusionLib import catalog, models
-from LongitudinalDiffusionLib.diffusion import SamplerSettings, autocast, resolve_device
+from LongitudinalDiffusionLib.diffusion import autocast
 from LongitudinalDiffusionLib.errors import InputError, LongitudinalDiffusionError
 from LongitudinalDiffusionLib.imaging import atomic_write, write_json
-from LongitudinalDiffusionLib.subject import parse_modality
 
 from . import data as tdata
+from .batches import EpochItems, EpochStream
+from .card import model_card
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    checkpoints,
+    fingerprint,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .config import (
+    CONFIG_DIR,
+    DATA_DEFAULTS,
+    EXPORT_DEFAULTS,
+    STAGE_KEYS,
+    TOP_KEYS,
+    TRAIN_DEFAULTS,
+    load_config,
+    model_config,
+    resolve_config,
+)
+from .ema import EMA
+from .processes import Processes, derived_seed, start_processes
+from .validation import PREDICTORS, SCORERS, image_scores, label_scores
+
+#: the names other code imports from here (they live in the modules above)
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CONFIG_DIR",
+    "DATA_DEFAULTS",
+    "EMA",
+    "EXPORT_DEFAULTS",
+    "PREDICTORS",
+    "SCORERS",
+    "STAGE_KEYS",
+    "TOP_KEYS",
+    "TRAIN_DEFAULTS",
+    "Processes",
+    "RunResult",
+    "Stage",
+    "Trainer",
+    "build_parser",
+    "checkpoints",
+    "fingerprint",
+    "image_scores",
+    "label_scores",
+    "load_config",
+    "main",
+    "model_config",
+    "read_checkpoint",
+    "resolve_config",
+    "start_processes",
+]
 
 log = logging.getLogger("longdiff.training")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-CHECKPOINT_FORMAT = "longdiff-training-checkpoint"
-CHECKPOINT_VERSION = 1
 
-#: every key of a config's "train" section, with its default
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 1000,  # optimiser steps (per stage unless the stage says otherwise)
-    "batch_size": 1,  # items per step and process
-    "lr": None,  # None: the method config's optimizer.lr, else 1e-4
-    "weight_decay": 0.0,  # AdamW; 0 is Adam
-    "betas": [0.9, 0.999],
-    "ema_decay": 0.999,
-    "grad_clip": 1.0,  # max global gradient L2 norm; None: no clipping
-    "amp": True,  # float16 autocast + gradient scaling, on CUDA only
-    "deterministic": False,  # deterministic GPU kernels (slower)
-    "val_every": 500,  # steps; 0 or None: only at the end
-    "val_cases": 4,
-    "val_sampler_steps": 10,
-    "ckpt_every": 500,
-    "keep_checkpoints": 2,
-    "log_every": 50,
-    "seed": 0,
-    "time_budget_s": None,
-    "stages": None,  # None: the method's STAGES with "steps" each; or ["generator", {"name": ..., "steps": ...}]
-    # a catalog model (name or card path) of the same method and architecture whose weights
-    # start the run (fine-tuning); None: random initial weights
-    "init_from": None,
-}
-DATA_DEFAULTS: dict[str, Any] = {
-    "root": None,  # the dataset folder (relative paths: from the working directory)
-    "n_val": None,  # held-out subjects (hearts for DDM); None: 2 subjects / 1 heart
-    "workers": 0,  # DataLoader worker processes
-    # the untouched test subjects (and hearts) recorded in the card's "splits", e.g. those
-    # `python -m training.test_sets` writes; evaluation scores a model on them only
-    "test": None,
-}
-EXPORT_DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "name": None,  # None: "<method>-<scale>"
-    "folder": None,  # None: "<run folder>/model"
-    "description": "",
-    "version": "1",
-    "trained_on": {},  # merged over {"dataset", "subjects", "simulated"} read from the data
-}
-STAGE_KEYS = ("name", "steps", "batch_size", "lr")
-TOP_KEYS = ("method", "scale", "model", "data", "train", "export", "notes")
-
-
-# ============================================================================ configuration
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` merged in, recursively for nested dicts."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def model_config(method: str, scale: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method config at ``scale`` with ``overrides`` merged in.
-
-    Overrides naming an argument of the method's ``default_config`` (cWDM's ``target`` and
-    ``any_missing``, the tissue model's ``anatomy``) are passed to it, so everything derived
-    from them (the condition list, the input channels, the classes, the grid) follows.
-    """
-    overrides = dict(overrides or {})
-    module = models.method_module(method)
-    if scale not in models.SCALES:
-        raise LongitudinalDiffusionError(f"unknown scale '{scale}' (expected one of {', '.join(models.SCALES)})")
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = [p.name for p in inspect.signature(module.default_config).parameters.values() if p.kind in named][1:]
-    kwargs = {k: overrides.pop(k) for k in params if k in overrides}
-    return _merge(module.default_config(scale, **kwargs), overrides)
-
-
-def _check_keys(section: dict[str, Any], known: Any, where: str, source: Any) -> None:
-    unknown = sorted(set(section) - set(known))
-    if unknown:
-        raise InputError(source, f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(known)})")
-
-
-def _number(value: Any, name: str, source: Any, *, minimum: float, integer: bool = False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (integer and int(value) != value):
-        kind = "an integer" if integer else "a number"
-        raise InputError(source, f"{name} must be {kind} >= {minimum:g}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def resolve_config(raw: dict[str, Any], source: Any = "config", *, method: str | None = None) -> dict[str, Any]:
-    """A complete, checked run config: defaults filled in, the method config resolved.
-
-    Args:
-        raw: the config as read from its JSON file.
-        source: where it came from (for error messages).
-        method: the method asked for on the command line (must agree with the config's).
-    """
-    if not isinstance(raw, dict):
-        raise InputError(source, "a training config must be a JSON object")
-    _check_keys(raw, TOP_KEYS, "the config", source)
-    name = raw.get("method") or method
-    if method and raw.get("method") and raw["method"] != method:
-        raise InputError(source, f"the config is for method '{raw['method']}', not '{method}'")
-    if name not in models.METHODS:
-        raise InputError(source, f"unknown or missing method {name!r} (known: {', '.join(models.METHODS)})")
-    scale = raw.get("scale", "demo")
-    if scale not in models.SCALES:
-        raise InputError(source, f"unknown scale {scale!r} (expected one of {', '.join(models.SCALES)})")
-    for key in ("model", "data", "train", "export"):
-        if not isinstance(raw.get(key, {}), dict):
-            raise InputError(source, f"'{key}' must be a JSON object")
-    _check_keys(raw.get("data", {}), DATA_DEFAULTS, "data", source)
-    _check_keys(raw.get("train", {}), TRAIN_DEFAULTS, "train", source)
-    _check_keys(raw.get("export", {}), EXPORT_DEFAULTS, "export", source)
-    try:
-        mcfg = model_config(name, scale, raw.get("model"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(source, f"cannot make the {name} model config ({exc})") from None
-    # the method's typed config names a misspelt or missing key before any data is read
-    models.config_class(name).from_dict(mcfg, f"{source} (model)")
-
-    train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
-    train["steps"] = _number(train["steps"], "train.steps", source, minimum=1, integer=True)
-    train["batch_size"] = _number(train["batch_size"], "train.batch_size", source, minimum=1, integer=True)
-    if train["lr"] is None:
-        train["lr"] = float((mcfg.get("optimizer") or {}).get("lr", 1e-4))
-    train["lr"] = _number(train["lr"], "train.lr", source, minimum=0)
-    train["weight_decay"] = _number(train["weight_decay"], "train.weight_decay", source, minimum=0)
-    train["ema_decay"] = _number(train["ema_decay"], "train.ema_decay", source, minimum=0)
-    if train["ema_decay"] >= 1:
-        raise InputError(source, f"train.ema_decay must be below 1, got {train['ema_decay']}")
-    train["grad_clip"] = _number(train["grad_clip"], "train.grad_clip", source, minimum=0, allow_none=True)
-    for key in ("val_every", "ckpt_every", "log_every"):
-        train[key] = _number(train[key] or 0, f"train.{key}", source, minimum=0, integer=True)
-    for key in ("val_cases", "val_sampler_steps", "keep_checkpoints"):
-        train[key] = _number(train[key], f"train.{key}", source, minimum=1, integer=True)
-    train["seed"] = _number(train["seed"], "train.seed", source, minimum=0, integer=True)
-    train["time_budget_s"] = _number(train["time_budget_s"], "train.time_budget_s", source, minimum=0, allow_none=True)
-    train["stages"] = _stages(name, train, source)
-
-    data = {**DATA_DEFAULTS, **raw.get("data", {})}
-    if data["n_val"] is not None:
-        data["n_val"] = _number(data["n_val"], "data.n_val", source, minimum=1, integer=True)
-    data["workers"] = _number(data["workers"], "data.workers", source, minimum=0, integer=True)
-    if data["test"] is not None and not (
-        isinstance(data["test"], list) and all(isinstance(i, str) and i.startswith("sub-") for i in data["test"])
-    ):
-        raise InputError(source, f"data.test must be a list of subject ids ('sub-...'), got {data['test']!r}")
-    export = _merge(EXPORT_DEFAULTS, raw.get("export", {}))
-    export["name"] = export["name"] or f"{name}-{scale}"
-    return {
-        "method": name,
-        "scale": scale,
-        "model": mcfg,
-        "data": data,
-        "train": train,
-        "export": export,
-        "notes": raw.get("notes", ""),
-    }
-
-
-def _stages(method: str, train: dict[str, Any], source: Any) -> list[dict[str, Any]]:
-    """The stages to train, in order: ``{"name", "steps", "batch_size", "lr"}`` each."""
-    known = tuple(getattr(models.method_module(method), "STAGES", ()) or ())
-    given = train["stages"] if train["stages"] is not None else (list(known) or [None])
-    if not isinstance(given, list) or not given:
-        raise InputError(source, "train.stages must be a non-empty list")
-    out = []
-    for entry in given:
-        entry = {"name": entry} if entry is None or isinstance(entry, str) else entry
-        if not isinstance(entry, dict):
-            raise InputError(source, f"a stage must be a name or an object, got {entry!r}")
-        _check_keys(entry, STAGE_KEYS, "a stage", source)
-        name = entry.get("name")
-        if (name is None) != (not known) or (name is not None and name not in known):
-            expected = ", ".join(known) if known else "none (this method trains in one stage)"
-            raise InputError(source, f"unknown stage {name!r} for {method} (stages: {expected})")
-        stage = {"name": name, "steps": train["steps"], "batch_size": train["batch_size"], "lr": train["lr"], **entry}
-        stage["steps"] = _number(stage["steps"], f"steps of stage {name}", source, minimum=1, integer=True)
-        stage["batch_size"] = _number(stage["batch_size"], f"batch_size of stage {name}", source, minimum=1,
-                                      integer=True)  # fmt: skip
-        stage["lr"] = _number(stage["lr"], f"lr of stage {name}", source, minimum=0)
-        out.append(stage)
-    names = [s["name"] for s in out]
-    if len(set(names)) != len(names):
-        raise InputError(source, f"a stage is listed twice: {names}")
-    return out
-
-
-def load_config(spec: str | os.PathLike, method: str | None = None) -> tuple[dict[str, Any], Path]:
-    """Read and resolve a config: a JSON file, or a name (``demo``, ``paper``) of a bundled one."""
-    path = Path(spec)
-    if not path.suffix and not path.exists():
-        if not method:
-            raise InputError(spec, "a config name needs --method (or give the path of a JSON file)")
-        path = CONFIG_DIR / f"{method}-{spec}.json"
-    if not path.is_file():
-        raise InputError(path, "config file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    return resolve_config(raw, path, method=method), path
-
-
-# ============================================================================ processes
-
-
-@dataclass
-class Processes:
-    """This process's place in a (possibly distributed) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over the processes (one collective call)."""
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def broadcast(self, obj: Any) -> Any:
-        """The main process's ``obj``, in every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-
-def start_processes(device: str = "auto") -> Processes:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on
-    CUDA, gloo on the CPU; each process takes the GPU of its ``LOCAL_RANK``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Processes(device=resolve_device(device))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Processes(rank=rank, world=world, local_rank=local, device=dev)
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (independent streams for each combination)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-# ============================================================================ EMA, stages, checkpoints
-
-
-class EMA:
-    """Exponential moving average of a network's weights (see the module docstring)."""
-
-    def __init__(self, method: str, config: dict[str, Any], model: nn.Module, decay: float) -> None:
-        self.model = models.build(method, config).to(next(model.parameters()).device)
-        self.model.load_state_dict(model.state_dict())
-        self.model.eval().requires_grad_(False)
-        self.decay = float(decay)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Average in ``model``'s trainable parameters (frozen ones are left alone)."""
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema = dict(self.model.named_parameters())
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                ema[name].lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+# ============================================================================ the trainer
 
 
 class _LossModule(nn.Module):
@@ -402,39 +157,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         return self._loss(self.model, batch, self._config, generator=generator)
-
-
-class _EpochStream:
-    """(epoch, index) keys without end, from epoch ``epoch``, skipping the first ``offset``
-    batches of it: each epoch is the sampler's order, cut to whole batches."""
-
-    def __init__(self, sampler: DistributedSampler, batch_size: int, epoch: int, offset: int) -> None:
-        self.sampler, self.batch_size, self.epoch, self.offset = sampler, batch_size, epoch, offset
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset = self.epoch, self.offset
-        whole = len(self.sampler) // self.batch_size * self.batch_size
-        while True:
-            self.sampler.set_epoch(epoch)
-            for index in list(self.sampler)[offset * self.batch_size : whole]:
-                yield epoch, index
-            epoch, offset = epoch + 1, 0
-
-
-class _EpochItems(torch.utils.data.Dataset):
-    """A dataset read by (epoch, index): the item's random choices follow its epoch, in
-    whichever process (or loader worker) reads it."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
 
 
 @dataclass
@@ -459,170 +181,6 @@ class Stage:
     def tag(self) -> str:
         """Where its validation is logged: ``val`` or ``val/<stage>``."""
         return f"val/{self.name}" if self.name else "val"
-
-
-def _rng_state(loss_generator: torch.Generator) -> dict[str, Any]:
-    """This process's random states, as tensors and plain types (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": random.getstate(),
-        "loss": loss_generator.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], loss_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    loss_generator.set_state(state["loss"])
-
-
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of every tensor of the state dict, in order: equal weights, equal fingerprints."""
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    return sorted((run_dir / "checkpoints").glob("step-*.pt"))
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint of this trainer. Everything in it is a tensor or a plain Python value, so
-    it is read with ``weights_only=True``: no pickled code runs even for a planted file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable files
-        raise InputError(path, f"not a readable training checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(path, "not a checkpoint written by training.train")
-    return ckpt
-
-
-# ============================================================================ validation
-
-
-def _val_settings(config: dict[str, Any], key: str, steps: int, seed: int) -> SamplerSettings:
-    base = SamplerSettings.from_dict(config.get(key) or {})
-    return base.merged(name="ddim", steps=steps, eta=0.0, capture=0, seed=seed)
-
-
-def _predict_interval(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.models import interval
-
-    settings = _val_settings(config, "sampler", steps, 0)
-    out = interval.generate(model, batch["source"], batch["interval"], config=config, settings=settings,
-                            generator=generator)  # fmt: skip
-    return out.sample, batch["target"]
-
-
-def _predict_cas_diffcom(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.models import cas_diffcom
-
-    if batch["stage"] == "generator":
-        settings = _val_settings(config, "sampler", steps, 0)
-        out = cas_diffcom.complete(model, batch["guidance_lr"], batch["guidance_age"], batch["target_age"],
-                                   config=config, settings=settings, refine=False, generator=generator)  # fmt: skip
-        return out.low_res, batch["target_lr"]
-    # the refiner from the real low-resolution scan (the stage on its own, as it is trained)
-    settings = _val_settings(config, "refine_sampler", steps, 0)
-    out = cas_diffcom.super_resolve(model, batch["low_res"], config=config, settings=settings, generator=generator)
-    return out.sample, batch["target_hr"]
-
-
-def _predict_sadm(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.models import sadm
-
-    # One item at a time: the timeline up to its last present frame (context on both sides of
-    # the target), the target hidden; missing frames before it are filled first, as in use.
-    k = int(batch["target_index"][0])
-    last = max(k, int(batch["present"][0].nonzero().max()))
-    frames, ages, present = (batch[key][:, : last + 1] for key in ("frames", "ages", "present"))
-    present = present.clone()
-    present[:, k] = False
-    out = sadm.fill_sequence(model, frames, ages, present, config=config,
-                             settings=_val_settings(config, "sampler", steps, 0), generator=generator)  # fmt: skip
-    return out.frames[:, k], frames[:, k]
-
-
-def _predict_cwdm(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.models import cwdm
-
-    conditions, mask, target = batch["conditions"], batch.get("mask"), batch.get("target")
-    if config.get("any_missing") and mask is None:  # hide each contrast in turn over the cases
-        n, m = conditions.shape[:2]
-        hidden = int(batch["case"]) % m
-        mask = torch.ones(n, m)
-        mask[:, hidden] = 0
-        target = conditions[:, hidden : hidden + 1]
-    settings = _val_settings(config, "sampler", steps, 0)
-    out = cwdm.synthesize(model, conditions, config=config, settings=settings, mask=mask, generator=generator)
-    return out.sample, target
-
-
-def _predict_ddm(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.models import ddm
-
-    out = ddm.interpolate(model, batch["source"], batch["target"], gammas=[1.0], config=config)
-    return out.frames, batch["target"].cpu()
-
-
-def _predict_tissue_seg(model, batch, config, steps, generator):
-    from LongitudinalDiffusionLib.segmentation import segment_tensor
-
-    return segment_tensor(model, batch["image"]), batch["labels"]
-
-
-#: method -> (model, batch of one item, method config, sampler steps, generator) -> (prediction, truth)
-PREDICTORS: dict[str, Callable] = {
-    "interval": _predict_interval,
-    "cas-diffcom": _predict_cas_diffcom,
-    "sadm": _predict_sadm,
-    "cwdm": _predict_cwdm,
-    "ddm": _predict_ddm,
-    "tissue-seg": _predict_tissue_seg,
-}
-
-
-def image_scores(prediction: torch.Tensor, truth: torch.Tensor, grid: dict, config: dict) -> dict[str, float]:
-    """PSNR (dB) and 3D SSIM of two (N, 1, D, H, W) volumes over the grid's intensity range
-    (MONAI's metrics; SSIM window 11 voxels or the largest odd size that fits)."""
-    from monai.metrics import PSNRMetric, SSIMMetric
-
-    low, high = grid["value_range"]
-    span = float(high - low)
-    p, t = prediction.detach().float().cpu(), truth.detach().float().cpu()
-    shortest = min(t.shape[2:])
-    win = min(11, shortest if shortest % 2 else shortest - 1)
-    psnr = float(PSNRMetric(max_val=span)(p, t).mean())
-    ssim = float(SSIMMetric(spatial_dims=3, data_range=span, win_size=win)(p, t).mean()) if win >= 3 else math.nan
-    return {"psnr": psnr, "ssim": ssim}
-
-
-def label_scores(prediction: torch.Tensor, truth: torch.Tensor, grid: dict, config: dict) -> dict[str, float]:
-    """Mean Dice over the foreground classes present in the truth or the prediction."""
-    from LongitudinalDiffusionLib.segmentation import dice_per_class
-
-    classes = range(len(config["classes"]))
-    dice = [v for v in dice_per_class(prediction.cpu().numpy(), truth.cpu().numpy(), classes).values() if v == v]
-    return {"dice": float(np.mean(dice)) if dice else math.nan}
-
-
-#: method -> (prediction, truth, grid, method config) -> {metric: value}; PSNR and SSIM by default
-SCORERS: dict[str, Callable] = {"tissue-seg": label_scores}
-
-
-# ============================================================================ the trainer
 
 
 @dataclass
@@ -689,15 +247,15 @@ class Trainer:
             self.model = models.build(self.method, self.mcfg).to(self.device)
         except (KeyError, TypeError, ValueError) as exc:
             problem = f"cannot build a {self.method} network from the model config ({exc})"
-            raise InputError(config_file or "config", problem) from None
+            raise InputError(config_file or "config", problem) from exc
         if self.tcfg["init_from"] and not existing:
             self._init_from(self.tcfg["init_from"])
-        self.ema = EMA(self.method, self.mcfg, self.model, self.tcfg["ema_decay"])
+        self.ema = EMA(self.model, self.tcfg["ema_decay"])
         self.loss_fn = models.method_module(self.method).loss
-        torch.manual_seed(_seed(seed, rank, 1))
-        np.random.seed(_seed(seed, rank, 2) % 2**32)
-        random.seed(_seed(seed, rank, 3))
-        self.loss_generator = torch.Generator().manual_seed(_seed(seed, rank, 4))
+        torch.manual_seed(derived_seed(seed, rank, 1))
+        np.random.seed(derived_seed(seed, rank, 2) % 2**32)
+        random.seed(derived_seed(seed, rank, 3))
+        self.loss_generator = torch.Generator().manual_seed(derived_seed(seed, rank, 4))
         self.amp = bool(self.tcfg["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
 
@@ -798,15 +356,15 @@ class Trainer:
         dataset = self.dataset(stage)
         sampler = DistributedSampler(
             dataset, num_replicas=self.procs.world, rank=self.procs.rank, shuffle=True,
-            seed=_seed(self.tcfg["seed"], stage.index, 5) % 2**31, drop_last=True,
+            seed=derived_seed(self.tcfg["seed"], stage.index, 5) % 2**31, drop_last=True,
         )  # fmt: skip
         epoch, offset = divmod(self.step - stage.start, len(sampler) // stage.batch_size)
         workers = self.config["data"]["workers"]
         loader = DataLoader(
-            _EpochItems(dataset), batch_size=stage.batch_size, drop_last=True, num_workers=workers,
-            sampler=_EpochStream(sampler, stage.batch_size, epoch, offset),
+            EpochItems(dataset), batch_size=stage.batch_size, drop_last=True, num_workers=workers,
+            sampler=EpochStream(sampler, stage.batch_size, epoch, offset),
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(_seed(self.tcfg["seed"], stage.index, epoch, offset, 6)),
+            generator=torch.Generator().manual_seed(derived_seed(self.tcfg["seed"], stage.index, epoch, offset, 6)),
         )  # fmt: skip
         for batch in loader:
             yield self._to_device(batch, stage)
@@ -874,10 +432,10 @@ class Trainer:
             if case % self.procs.world != self.procs.rank:
                 continue
             batch = self.collate([dataset[index]], stage)
-            sums["loss"] += self.loss_on(batch, seed=_seed(self.tcfg["seed"], index, 7), model=self.ema.model)
+            sums["loss"] += self.loss_on(batch, seed=derived_seed(self.tcfg["seed"], index, 7), model=self.ema.model)
             if predict is not None:
                 with torch.no_grad():
-                    generator = torch.Generator().manual_seed(_seed(self.tcfg["seed"], index, 8))
+                    generator = torch.Generator().manual_seed(derived_seed(self.tcfg["seed"], index, 8))
                     pred, truth = predict(self.ema.model, {**batch, "case": case}, self.mcfg,
                                           self.tcfg["val_sampler_steps"], generator)  # fmt: skip
                 for key, value in score(pred, truth, self.grid, self.mcfg).items():
@@ -895,7 +453,7 @@ class Trainer:
         """Write ``checkpoints/step-NNNNNNNN.pt`` atomically (main process), keeping the newest
         ``keep_checkpoints``. Every process takes part: their random states and a fingerprint of
         their weights are gathered, and differing replicas are an error."""
-        rng = self.procs.gather(_rng_state(self.loss_generator))
+        rng = self.procs.gather(rng_state(self.loss_generator))
         prints = self.procs.gather(fingerprint(self.model))
         if len(set(prints)) > 1:
             raise LongitudinalDiffusionError(f"the {self.procs.world} processes hold different weights at step "
@@ -950,13 +508,13 @@ class Trainer:
         if ckpt["scaler"] and self.amp:
             self.scaler.load_state_dict(ckpt["scaler"])
         if int(ckpt["world_size"]) == self.procs.world:
-            _set_rng_state(ckpt["rng"][self.procs.rank], self.loss_generator)
+            set_rng_state(ckpt["rng"][self.procs.rank], self.loss_generator)
         else:
             log.warning(
                 "the checkpoint was written by %s processes, this run has %s: the noise and data order continue "
                 "differently from an uninterrupted run", ckpt["world_size"], self.procs.world,
             )  # fmt: skip
-            self.loss_generator.manual_seed(_seed(self.tcfg["seed"], self.procs.rank, self.step, 4))
+            self.loss_generator.manual_seed(derived_seed(self.tcfg["seed"], self.procs.rank, self.step, 4))
         if self.procs.main:
             log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
             lines = self.run_dir / "metrics.jsonl"  # forget what was logged after the checkpoint
@@ -1107,60 +665,7 @@ class Trainer:
     # ------------------------------------------------------------------ export
     def card(self, stopped: str = "completed") -> dict[str, Any]:
         """The model card of the EMA network (catalog format)."""
-        method, cfg, exp = self.method, self.mcfg, self.config["export"]
-        if method == "cwdm":
-            modalities = list(cfg["modalities"])
-        elif self.hearts:
-            modalities = []
-        else:
-            modalities = [parse_modality(cfg.get("modality") or (cfg.get("modalities") or ["T1w"])[0]).value]
-        ages = None
-        if not self.hearts:
-            found = [
-                tp.age
-                for sid in self.train_ids
-                for tp in self.cohort.subject(sid).timepoints
-                if tp.modality.value in modalities
-            ]
-            ages = (min(found), max(found)) if found else None
-        description_file = self.cohort.root / "dataset_description.json"
-        described = json.loads(description_file.read_text(encoding="utf-8")) if description_file.is_file() else {}
-        trained_on = {
-            "dataset": described.get("Name") or self.cohort.root.name,
-            "subjects": len(self.train_ids),
-            "simulated": bool(described.get("Simulated", False)),
-            **exp["trained_on"],
-        }
-        metrics = dict(self.metrics)
-        if len(self.stages) == 1:
-            metrics = metrics.get(self.stages[0].label, {})
-        kind = ("heart" if self.hearts else "subject") + ("s" if len(self.val_ids) > 1 else "")
-        sampled = cfg.get("sampler") is not None and self.method in PREDICTORS
-        sampler = f", sampled with DDIM {self.tcfg['val_sampler_steps']} steps" if sampled else ""
-        metrics = {**metrics, "validation": f"EMA weights on {len(self.val_ids)} held-out {kind}{sampler}"}
-        description = exp["description"] or (
-            f"{models.paper_name(method)} trained at {self.config['scale']} scale on {trained_on['dataset']}"
-        )
-        card = catalog.new_card(exp["name"], method, cfg, grid=self.grid, modalities=modalities, age_range=ages,
-                                trained_on=trained_on, description=description, version=str(exp["version"]),
-                                metrics=metrics)  # fmt: skip
-        if "sr_image_size" in cfg:
-            card["sr_grid"] = models.default_grid(method, cfg, "sr_image_size")
-        card["splits"] = tdata.card_splits(
-            self.cohort, self.train_ids, self.val_ids, self.config["data"]["test"], dataset=trained_on["dataset"]
-        )
-        card["training"] = {
-            "steps": self.step,
-            "stages": [
-                {"name": s.label, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr} for s in self.stages
-            ],
-            "processes": self.procs.world,
-            "time_s": round(self.elapsed(), 1),
-            "stopped": stopped,
-            "ema_decay": self.tcfg["ema_decay"],
-            "config": self.config_file.name if self.config_file else None,
-        }
-        return card
+        return model_card(self, stopped)
 
     def _export_folder(self) -> Path:
         return self.export_dir or Path(self.config["export"]["folder"] or self.run_dir / "model")
