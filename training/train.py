@@ -581,59 +581,77 @@ class Trainer:
         if self.procs.main:
             write_json(self.run_dir / "config.json", self.config)
         until = self.total_steps if until is None else min(until, self.total_steps)
-        budget = self.tcfg["time_budget_s"]
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None if (self.progress and self.procs.main) else True)  # fmt: skip
-        stopped = "completed"
-        window: list[float] = []
         handlers = self._catch_signals()
         try:
-            for stage in self.stages:
-                if self.step >= stage.end or self.step >= until:
-                    continue
-                if self._stage is not stage:
-                    self.enter_stage(stage)
-                bar.set_description(stage.label)
-                for batch in self._batches(stage):
-                    out = self.train_step(batch)
-                    self.step += 1
-                    spent = time.monotonic() - self.started
-                    out_of_time = budget is not None and spent + self._last_val_s >= budget
-                    flags = [out["loss"], out["grad_norm"], float(out_of_time), float(self._signal is not None)]
-                    loss, grad, stop, interrupted = self.procs.sum(flags)
-                    loss, grad = loss / self.procs.world, grad / self.procs.world
-                    if not math.isfinite(loss) and not self.amp:
-                        raise LongitudinalDiffusionError(
-                            f"the loss is {loss} at step {self.step} ({stage.label}): lower train.lr or set "
-                            "train.grad_clip; the last checkpoint is unaffected"
-                        )
-                    window.append(loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4g}")
-                    t = self.tcfg
-                    if t["log_every"] and (self.step % t["log_every"] == 0 or stop or interrupted):
-                        mean = sum(window) / len(window)
-                        self._record("train", {"loss": mean, "grad_norm": grad, "lr": stage.lr, "stage": stage.label})
-                        if bar.disable and self.procs.main:
-                            log.info("step %d/%d [%s] loss %.4g", self.step, self.total_steps, stage.label, mean)
-                        window = []
-                    if t["val_every"] and self.step % t["val_every"] == 0:
-                        self._validate_and_log(stage, bar)
-                    if t["ckpt_every"] and self.step % t["ckpt_every"] == 0:
-                        self.save_checkpoint()
-                    if interrupted or stop:
-                        stopped = "interrupted" if interrupted else "time budget"
-                        break
-                    if self.step >= stage.end or self.step >= until:
-                        break
-                if stopped != "completed" or self.step >= until:
-                    break
+            stopped = self._train_stages(until, bar)
         finally:
             bar.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         if self.step < self.total_steps and stopped == "completed":
             stopped = "until"
+        return self._finish(stopped)
+
+    def _train_stages(self, until: int, bar: Any) -> str:
+        """Train stage after stage up to step ``until``: "completed" when there, else
+        "interrupted" or "time budget"."""
+        window: list[float] = []  # the losses since the last logged one
+        for stage in self.stages:
+            if self.step >= stage.end or self.step >= until:
+                continue
+            if self._stage is not stage:
+                self.enter_stage(stage)
+            bar.set_description(stage.label)
+            for batch in self._batches(stage):
+                stopped = self._step(stage, batch, window, bar)
+                if stopped is not None:
+                    return stopped
+                if self.step >= stage.end or self.step >= until:
+                    break
+            if self.step >= until:
+                break
+        return "completed"
+
+    def _step(self, stage: Stage, batch: dict[str, Any], window: list[float], bar: Any) -> str | None:
+        """One step, then what every process agrees on: the mean loss (logged every
+        ``log_every`` steps), validation and checkpoint when due, and whether to stop here
+        ("interrupted", "time budget"; None: go on)."""
+        out = self.train_step(batch)
+        self.step += 1
+        budget = self.tcfg["time_budget_s"]
+        spent = time.monotonic() - self.started
+        out_of_time = budget is not None and spent + self._last_val_s >= budget
+        flags = [out["loss"], out["grad_norm"], float(out_of_time), float(self._signal is not None)]
+        loss, grad, stop, interrupted = self.procs.sum(flags)
+        loss, grad = loss / self.procs.world, grad / self.procs.world
+        if not math.isfinite(loss) and not self.amp:
+            raise LongitudinalDiffusionError(
+                f"the loss is {loss} at step {self.step} ({stage.label}): lower train.lr or set "
+                "train.grad_clip; the last checkpoint is unaffected"
+            )
+        window.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        t = self.tcfg
+        if t["log_every"] and (self.step % t["log_every"] == 0 or stop or interrupted):
+            mean = sum(window) / len(window)
+            self._record("train", {"loss": mean, "grad_norm": grad, "lr": stage.lr, "stage": stage.label})
+            if bar.disable and self.procs.main:
+                log.info("step %d/%d [%s] loss %.4g", self.step, self.total_steps, stage.label, mean)
+            window.clear()
+        if t["val_every"] and self.step % t["val_every"] == 0:
+            self._validate_and_log(stage, bar)
+        if t["ckpt_every"] and self.step % t["ckpt_every"] == 0:
+            self.save_checkpoint()
+        if interrupted or stop:
+            return "interrupted" if interrupted else "time budget"
+        return None
+
+    def _finish(self, stopped: str) -> RunResult:
+        """The checkpoint of the last step; unless stopped by ``until`` or a signal, a final
+        validation of every stage trained so far and the export."""
         written = self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step:08d}.pt"
         if not written:
             self.save_checkpoint()
