@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,9 @@ CHECKPOINT_VERSION = 1
 
 def rng_state(loss_generator: torch.Generator) -> dict[str, Any]:
     """This process's random states, as tensors and plain types (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # legacy=True (the default) always gives the 5-tuple; the stubs also allow the dict form
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, gauss = legacy
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU

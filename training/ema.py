@@ -9,8 +9,6 @@ A frozen part (the finished stage of Cas-DiffCom) keeps its average as it was.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -53,7 +51,12 @@ class EMA:
         self._trained = {e.data_ptr() for name, e in self.model.named_parameters() if live[name].requires_grad}
         self.averaged.update_parameters(model)
 
-    def _average(self, averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], n: torch.Tensor) -> None:
+    def _average(
+        self,
+        averaged: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        current: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        n: torch.Tensor | int,
+    ) -> None:
         # AveragedModel passes detached views (same storage) grouped by device and dtype, and
         # n = updates before this one + 1, i.e. the number of this update
         weight = 1.0 - self.decay_at(int(n))

@@ -272,7 +272,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self._train_module: nn.Module | None = None
         self._datasets: dict[tuple[str | None, bool], Any] = {}
-        self._writer = None
+        self._writer: Any = None  # a SummaryWriter once opened; False without tensorboard
         self._last_val_s = 0.0
         self.last_checkpoint: Path | None = None
         self._resumed_at: int | None = None
@@ -354,7 +354,7 @@ class Trainer:
         permutation of (seed, stage, epoch), split between the processes. One loader serves the
         whole stage, so its workers (and the grid cache they fill) live as long as it."""
         dataset = self.dataset(stage)
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             dataset, num_replicas=self.procs.world, rank=self.procs.rank, shuffle=True,
             seed=derived_seed(self.tcfg["seed"], stage.index, 5) % 2**31, drop_last=True,
         )  # fmt: skip
@@ -381,7 +381,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=stage.lr, betas=tuple(self.tcfg["betas"]), weight_decay=self.tcfg["weight_decay"]
         )
-        module = _LossModule(self.model, self.loss_fn, self.mcfg)
+        module: nn.Module = _LossModule(self.model, self.loss_fn, self.mcfg)
         if self.procs.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -391,16 +391,18 @@ class Trainer:
         """One optimiser step on ``batch``; returns this process's loss and the gradient norm."""
         if self._stage is None:
             self.enter_stage(self.stages[0])
-        self._train_module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        module, optimizer = self._train_module, self.optimizer
+        assert module is not None and optimizer is not None  # set by enter_stage
+        module.train()
+        optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp):
-            loss = self._train_module(batch, self.loss_generator)
+            loss = module(batch, self.loss_generator)
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.tcfg["grad_clip"] if self.tcfg["grad_clip"] else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(optimizer)
         self.scaler.update()
         self.ema.update(self.model)
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
@@ -503,7 +505,7 @@ class Trainer:
         self.metrics = dict(ckpt.get("metrics") or {})
         stage = self._stage_at(self.step)
         self.enter_stage(stage)
-        if ckpt["optimizer"] is not None and int(ckpt["stage"]) == stage.index:
+        if ckpt["optimizer"] is not None and int(ckpt["stage"]) == stage.index and self.optimizer is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"] and self.amp:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -563,7 +565,7 @@ class Trainer:
     def _catch_signals(self) -> dict[int, Any]:
         """SIGINT and SIGTERM (Ctrl-C, a cluster pre-empting the job) stop the run at the end of
         the current step, with a checkpoint to resume from; the processes agree on it."""
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 previous[sig] = signal.signal(sig, self._on_signal)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,9 +36,9 @@ def _predict_cas_diffcom(model, batch, config, steps, generator):
 
     if batch["stage"] == "generator":
         settings = _val_settings(config, "sampler", steps, 0)
-        out = cas_diffcom.complete(model, batch["guidance_lr"], batch["guidance_age"], batch["target_age"],
-                                   config=config, settings=settings, refine=False, generator=generator)  # fmt: skip
-        return out.low_res, batch["target_lr"]
+        cascade = cas_diffcom.complete(model, batch["guidance_lr"], batch["guidance_age"], batch["target_age"],
+                                       config=config, settings=settings, refine=False, generator=generator)  # fmt: skip
+        return cascade.low_res, batch["target_lr"]
     # the refiner from the real low-resolution scan (the stage on its own, as it is trained)
     settings = _val_settings(config, "refine_sampler", steps, 0)
     out = cas_diffcom.super_resolve(model, batch["low_res"], config=config, settings=settings, generator=generator)
@@ -109,8 +109,11 @@ def image_scores(prediction: torch.Tensor, truth: torch.Tensor, grid: dict, conf
     p, t = prediction.detach().float().cpu(), truth.detach().float().cpu()
     shortest = min(t.shape[2:])
     win = min(11, shortest if shortest % 2 else shortest - 1)
-    psnr = float(PSNRMetric(max_val=span)(p, t).mean())
-    ssim = float(SSIMMetric(spatial_dims=3, data_range=span, win_size=win)(p, t).mean()) if win >= 3 else math.nan
+    # MONAI's metrics return a tensor for tensor inputs (their annotations also allow lists)
+    psnr = float(cast(torch.Tensor, PSNRMetric(max_val=span)(p, t)).mean())
+    if win < 3:
+        return {"psnr": psnr, "ssim": math.nan}
+    ssim = float(cast(torch.Tensor, SSIMMetric(spatial_dims=3, data_range=span, win_size=win)(p, t)).mean())
     return {"psnr": psnr, "ssim": ssim}
 
 
