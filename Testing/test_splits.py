@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 # coarse hearts clip the phantom's ventricle (its volumes are not used here)
 pytestmark = pytest.mark.filterwarnings("ignore:the 128 x 128 x 120 mm field of view")
 MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-CARDS = sorted(MODELS.glob("*-demo.json"))
+CARDS = sorted(MODELS.glob("*-demo*.json"))  # every bundled demo model, ddm-demo-2mm too
 
 
 def _card(path: Path) -> dict:

@@ -19,6 +19,10 @@ for method in cwdm ddm interval cas-diffcom sadm tissue-seg; do
   "$py" -m training.train --method "$method" --config demo --data "$work/cohort5" --out "$work/runs/$method" \
     --device cpu --no-progress
 done
+# DDM on the cines' own grid, fine-tuned from ddm-demo (train.init_from), 250 steps
+echo "== training ddm on the cines' grid"
+"$py" -m training.train --method ddm --config training/configs/ddm-demo-2mm.json --data "$work/cohort5" \
+  --out "$work/runs/ddm-2mm" --device cpu --no-progress
 # Scored once, on the untouched test subjects (sub-017..022, three new hearts), never on the
 # validation subjects the training chose by (docs/evaluation/README.md).
 if [ ! -d "$work/testsets/in-distribution" ]; then
@@ -28,3 +32,6 @@ fi
   --name in-distribution --out "$here/docs/evaluation" \
   --model cas-diffcom=cas-diffcom-demo --model sadm=sadm-demo --model interval=interval-demo \
   --model cwdm=cwdm-demo --model ddm=ddm-demo --model tissue-seg=tissue-seg-brain-demo
+# one model per method and run: the second DDM is scored in a run of its own
+"$py" -m training.evaluate --data "$work/testsets/in-distribution" --reference "$work/cohort5" \
+  --name in-distribution --out "$work/evaluation-ddm-2mm" --model ddm=ddm-demo-2mm

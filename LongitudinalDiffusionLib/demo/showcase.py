@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEMO_MODELS = {
     "complete-ages": "interval-demo",
     "synthesize-modality": "cwdm-demo",
-    "interpolate": "ddm-demo",
+    "interpolate": "ddm-demo-2mm",
     "segment-brain": "tissue-seg-brain-demo",
 }
 
