@@ -351,3 +351,19 @@ def test_the_ema_gives_the_weights_of_the_hand_written_one_through_warm_up_and_f
         ema.update(network)
     c = resumed.model.state_dict()
     assert all(torch.equal(c[k], old.model.state_dict()[k]) and torch.equal(c[k], new.model.state_dict()[k]) for k in c)
+
+
+def test_a_checkpoint_keeps_the_version_1_keys_so_older_runs_resume(cohort, tmp_path):
+    """The checkpoint holds what the trainer wrote before its EMA became torch's AveragedModel:
+    the same keys, the EMA as the network's own state dict (no wrapper prefix, no counter
+    buffer) and its update count as ``ema_updates``; a run resumes from exactly that."""
+    config = tt.resolve_config(tiny("interval", cohort, steps=3, val_every=0, ckpt_every=2))
+    first = tt.Trainer(config, tmp_path / "run", device="cpu", progress=False).run(until=2)
+    ckpt = tt.read_checkpoint(first.checkpoint)
+    assert set(ckpt) == {"format", "version", "method", "config", "step", "stage", "model", "ema", "ema_updates",
+                         "optimizer", "scaler", "rng", "world_size", "fingerprints", "time_s", "metrics"}  # fmt: skip
+    assert (ckpt["version"], ckpt["ema_updates"]) == (1, 2) and ckpt["ema"].keys() == ckpt["model"].keys()
+    resumed = tt.Trainer(config, tmp_path / "run", device="cpu", progress=False, resume=True)
+    assert resumed.ema.updates == 2
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in resumed.ema.model.state_dict().items())
+    assert resumed.run().step == 3 and tt.read_checkpoint(resumed.last_checkpoint)["ema_updates"] == 3
