@@ -204,3 +204,28 @@ def test_the_onednn_route_has_a_switch_and_leaves_training_alone(monkeypatch):
     model(x, t, source, dt).square().mean().backward()
     for a, p in zip(routed_grads, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_running_out_of_memory_is_recognised_by_its_type_and_reported_with_the_step():
+    """torch's typed out-of-memory error and the CPU allocator's real failure are both out of
+    memory; other runtime errors are not. A denoiser that cannot allocate stops the sampler
+    with the library's OutOfMemory, naming the step and the batch, the cause kept."""
+    from LongitudinalDiffusionLib.diffusion.device import is_out_of_memory
+    from LongitudinalDiffusionLib.errors import OutOfMemory
+
+    with pytest.raises(RuntimeError) as real:
+        torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator refuses: a plain RuntimeError
+    assert is_out_of_memory(real.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("The size of tensor a (8) must match the size of tensor b (4)"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # a message alone is not the sign
+
+    def greedy(x, t, cond):
+        return x + torch.empty(2**62, dtype=torch.uint8).float()[:1]
+
+    schedule = Schedule.from_config({"kind": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_steps": 10})
+    where = r"generate: the CPU ran out of memory for a batch of shape \(1, 1, 4, 4, 4\)"
+    with pytest.raises(OutOfMemory, match=where) as err:
+        sample(greedy, (1, 1, 4, 4, 4), schedule, "epsilon", SamplerSettings("ddim", 2, seed=0), stage="generate")
+    assert is_out_of_memory(err.value.__cause__)

@@ -149,7 +149,8 @@ def use_onednn_convolutions(module: nn.Module, enabled: bool = True) -> int:
         if enabled and type(m) is nn.Conv3d and not isinstance(m.padding, str):
             m.__class__ = OneDNNConv3d
         elif not enabled and type(m) is OneDNNConv3d:
-            m.__class__ = nn.Conv3d
+            # back to the plain class, same parameters: a class swap, not an assignment mypy can follow
+            m.__class__ = nn.Conv3d  # type: ignore[assignment]
         else:
             continue
         count += 1
@@ -170,10 +171,22 @@ def prepare_network(module: nn.Module, device: torch.device | str, onednn: bool 
     return set_memory_format(module.to(device), memory_format(device)).eval()
 
 
+#: Allocation failures torch reports as a plain RuntimeError, with no type of their own: the
+#: CPU allocator, and cuDNN / cuBLAS when their workspace does not fit. Their message is the
+#: only sign, so these (and only these) are recognised by it.
+UNTYPED_OUT_OF_MEMORY = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "CUDNN_STATUS_NOT_ENOUGH_MEMORY",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
+    """Whether ``exc`` is a device running out of memory: torch's ``OutOfMemoryError`` (CUDA,
+    and MPS in torch 2.x), Python's ``MemoryError``, or one of :data:`UNTYPED_OUT_OF_MEMORY`."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in UNTYPED_OUT_OF_MEMORY)
 
 
 def describe_device(device: torch.device) -> str:
