@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LongitudinalDiffusionError
-from ..jobs import JobEvent, JobNotFinished, JobSpec, UnknownJob, run_job
+from ..jobs import JobEvent, JobSpec, run_job
 from ..progress import Cancelled, CancelToken, ProgressEvent
+from .jobtable import JobTable
 from .process import ProcessBackend
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class LocalBackend(ProcessBackend):
     ``keep_free_mb``, ``cancel_grace``, ``env``)."""
 
 
-class ThreadBackend:
+class ThreadBackend(JobTable[_Job]):
     """Runs jobs with :func:`~LongitudinalDiffusionLib.jobs.run_job` on one background thread.
 
     Args:
@@ -90,13 +91,6 @@ class ThreadBackend:
             self._wake.notify_all()
         return job.job_id
 
-    def poll(self, job_id: str) -> list[JobEvent]:
-        with self._lock:
-            job = self._get(job_id)
-            new = job.events[job.cursor :]
-            job.cursor = len(job.events)
-            return list(new)
-
     def cancel(self, job_id: str) -> None:
         with self._lock:
             job = self._get(job_id)
@@ -105,16 +99,6 @@ class ThreadBackend:
                 self._finish(job, "cancelled", error=Cancelled("queue"), message="cancelled before it started")
             elif job.state == "running":
                 job.cancel.cancel()
-
-    def status(self, job_id: str) -> str:
-        """queued, running, done, failed or cancelled."""
-        with self._lock:
-            return self._get(job_id).state
-
-    def result(self, job_id: str) -> Any:
-        with self._lock:
-            job = self._get(job_id)
-        return self._outcome(job)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Any:
         with self._lock:
@@ -132,10 +116,6 @@ class ThreadBackend:
             job.finished.wait()
             with self._lock:
                 self._jobs.pop(job_id, None)
-
-    def jobs(self) -> list[str]:
-        with self._lock:
-            return list(self._jobs)
 
     def close(self) -> None:
         """Cancel every job and stop the thread."""
@@ -158,20 +138,6 @@ class ThreadBackend:
         self.close()
 
     # ------------------------------------------------------------------ internals
-
-    def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise UnknownJob(f"no job {job_id!r}")
-        return job
-
-    @staticmethod
-    def _outcome(job: _Job) -> Any:
-        if job.state == "done":
-            return job.result
-        if job.state in ("failed", "cancelled"):
-            raise job.error
-        raise JobNotFinished(f"job {job.job_id} is {job.state}")
 
     def _emit(self, job: _Job, event: JobEvent) -> None:
         event.seq = len(job.events)

@@ -51,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, LongitudinalDiffusionError
-from ..jobs import EVENT_KINDS, FINAL_KINDS, JobEvent, JobNotFinished, JobSpec, UnknownJob
+from ..jobs import EVENT_KINDS, FINAL_KINDS, JobEvent, JobSpec
 from ..progress import Cancelled
+from .jobtable import JobTable
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,10 @@ class _Child:
     def __init__(self, backend: ProcessBackend, argv: list[str], env: dict[str, str]) -> None:
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            # Windows-only flags (absent from the module elsewhere)
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(
+                subprocess, "CREATE_NO_WINDOW", 0
+            )
         else:
             kwargs["start_new_session"] = True  # its own process group: cancel ends the whole tree
         self.proc = subprocess.Popen(
@@ -157,6 +161,10 @@ class _Child:
             **kwargs,
         )
         self.pid = self.proc.pid
+        if self.proc.stdin is None or self.proc.stdout is None or self.proc.stderr is None:  # pragma: no cover
+            raise JobProcessError("the job process started without its pipes")
+        # the three pipes, typed: Popen's attributes are Optional, these always exist (PIPE)
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.backend = backend
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.info: dict[str, Any] = {}
@@ -174,8 +182,8 @@ class _Child:
         data = (json.dumps(message) + "\n").encode("utf-8")
         try:
             with self._write_lock:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
+                self.stdin.write(data)
+                self.stdin.flush()
         except (OSError, ValueError):  # broken pipe, closed file: the child is ending
             return False
         return True
@@ -204,7 +212,7 @@ class _Child:
         if self.proc.poll() is None:
             self.send({"op": "quit"})
             try:
-                self.proc.stdin.close()
+                self.stdin.close()
             except OSError:
                 pass
         for kill, share in ((False, 0.5), (True, 1.0)):
@@ -219,14 +227,14 @@ class _Child:
             log.warning("job process %s did not end", self.pid)
 
     def _read_stderr(self) -> None:
-        for raw in iter(self.proc.stderr.readline, b""):
+        for raw in iter(self.stderr.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.tail.append(line)
                 log.debug("job process %s: %s", self.pid, line)
 
     def _read_stdout(self) -> None:
-        fd = self.proc.stdout.fileno()
+        fd = self.stdout.fileno()
         pending = b""
         while True:
             try:
@@ -284,7 +292,7 @@ class _Job:
     attempts: int = 0
 
 
-class ProcessBackend:
+class ProcessBackend(JobTable["_Job"]):
     """Runs jobs in a warm child Python process, one at a time, first come first served.
 
     Args:
@@ -360,14 +368,6 @@ class ProcessBackend:
         message = {"op": "segment", "model": str(model), "device": device, "images": items}
         return self._submit("segment", message, f"segmenting {len(items)} image(s) with {model}", job_id, affines)
 
-    def poll(self, job_id: str) -> list[JobEvent]:
-        with self._lock:
-            self._drain()
-            job = self._get(job_id)
-            new = job.events[job.cursor :]
-            job.cursor = len(job.events)
-            return list(new)
-
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._drain()
@@ -388,18 +388,6 @@ class ProcessBackend:
                     timer.daemon = True
                     timer.start()
             self._start_next()
-
-    def status(self, job_id: str) -> str:
-        """queued, running, done, failed or cancelled."""
-        with self._lock:
-            self._drain()
-            return self._get(job_id).state
-
-    def result(self, job_id: str) -> Any:
-        with self._lock:
-            self._drain()
-            job = self._get(job_id)
-        return self._outcome(job)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -428,10 +416,6 @@ class ProcessBackend:
         with self._lock:
             self._jobs.pop(job_id, None)
         shutil.rmtree(self._workdir / job_id, ignore_errors=True)
-
-    def jobs(self) -> list[str]:
-        with self._lock:
-            return list(self._jobs)
 
     @property
     def child_pid(self) -> int | None:
@@ -490,19 +474,6 @@ class ProcessBackend:
             self._drain()
             self._start_next()
         return job.job_id
-
-    def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise UnknownJob(f"no job {job_id!r}")
-        return job
-
-    def _outcome(self, job: _Job) -> Any:
-        if job.state in ("failed", "cancelled"):
-            raise job.error
-        if job.state != "done":
-            raise JobNotFinished(f"job {job.job_id} is {job.state}")
-        return job.result
 
     def _read_result(self, job: _Job, message: str) -> None:
         """Read a finished job's result into memory, off the caller's thread, then mark it
@@ -577,6 +548,9 @@ class ProcessBackend:
                 self._drain()
                 self._start_next()
             self._changed.notify_all()
+
+    def _sync(self) -> None:  # JobTable: the child's messages first
+        self._drain()
 
     def _drain(self) -> None:
         while self._inbox:
