@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..imaging import Image, load_image
 from ..progress import ProgressCallback, Stage
 from ..subject import Subject, Timepoint, load_bids_subject
@@ -187,7 +188,11 @@ def _showcase(cohort, out, models, subject_id, missing_age_near, modality_sessio
 
 
 def _load(tp: Timepoint) -> Image:
-    return tp.image if tp.image is not None else load_image(tp.source)
+    if tp.image is not None:
+        return tp.image
+    if tp.source is None:
+        raise InputError(None, f"the {tp.describe()} scan has neither an image nor a file")
+    return load_image(tp.source)
 
 
 def _trajectories(
@@ -209,7 +214,7 @@ def _trajectories(
     for sub in sorted(p.name for p in cohort.glob("sub-*") if p.is_dir()):
         for tp in load_bids_subject(cohort, subject=sub.removeprefix("sub-")).timepoints:
             if tp.modality.value == "T1w":
-                scans.append((sub, tp.age, tp.image if tp.image is not None else load_image(tp.source), False))
+                scans.append((sub, tp.age, _load(tp), False))
     scans += [(sid, age, image, True) for (sid, age), image in generated.items()]
     rows = []
     grid, run_on = loaded.card.card.get("grid"), resolve_device(device)

@@ -108,7 +108,7 @@ def patch_denoiser(
             xs = pieces[0]
             return denoiser(xs, t, _filled(template, pieces[1:]))
 
-        return sliding_window_inference(
+        out = sliding_window_inference(
             joined,
             roi_size=tuple(min(r, s) for r, s in zip(roi, spatial)),
             sw_batch_size=1,
@@ -117,6 +117,10 @@ def patch_denoiser(
             mode=mode,
             padding_mode="constant",
         )
+        # MONAI returns a tuple or dict only for a predictor that does; ``window`` returns a tensor
+        if not isinstance(out, torch.Tensor):  # pragma: no cover
+            raise TypeError(f"sliding-window inference returned {type(out).__name__}, not a tensor")
+        return out
 
     patched.roi = roi  # type: ignore[attr-defined]
     return patched
