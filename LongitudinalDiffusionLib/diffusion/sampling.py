@@ -245,25 +245,7 @@ def sample(
     if ref is not None:
         ref = to_memory_format(ref, fmt)
     cond_in = _to_device(_batch_pair(cond, uncond) if guided else cond, device, fmt)
-
-    def evaluate(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        tt = torch.full((x_t.shape[0] * (2 if guided else 1),), t, dtype=torch.long, device=device)
-        xin = to_memory_format(torch.cat([x_t, x_t], dim=0) if guided else x_t, fmt)
-        try:
-            with autocast(device, settings.amp):
-                out = denoiser(xin, tt, cond_in)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise OutOfMemory(
-                    f"{stage}: the {device.type.upper()} ran out of memory for a batch of shape {tuple(xin.shape)}",
-                    "use a smaller grid, fewer samples at once, or the CPU",
-                ) from exc
-            raise
-        out = out.float()
-        if guided:
-            c, u = out.chunk(2, dim=0)
-            out = u + settings.guidance * (c - u)
-        return out
+    evaluate = _network_call(denoiser, cond_in, settings, device, fmt, guided=guided, stage=stage)
 
     steps = Stage(stage, len(taus), progress, cancel).start()
     intermediates: list[Intermediate] = []
@@ -285,6 +267,42 @@ def sample(
     if ref is not None:
         x = x + ref
     return SampleOutput(x.detach().float().contiguous().cpu(), intermediates, seed, len(taus))
+
+
+def _network_call(
+    denoiser: Denoiser,
+    cond_in: Any,
+    settings: SamplerSettings,
+    device: torch.device,
+    fmt: torch.memory_format,
+    *,
+    guided: bool,
+    stage: str,
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The network's output at (x_t, t) in float32: both halves of a guided batch in one call,
+    combined with the guidance scale; running out of device memory becomes :class:`OutOfMemory`
+    naming the step and the batch."""
+
+    def evaluate(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((x_t.shape[0] * (2 if guided else 1),), t, dtype=torch.long, device=device)
+        xin = to_memory_format(torch.cat([x_t, x_t], dim=0) if guided else x_t, fmt)
+        try:
+            with autocast(device, settings.amp):
+                out = denoiser(xin, tt, cond_in)
+        except Exception as exc:  # only out of memory is translated; anything else goes on as it is
+            if is_out_of_memory(exc):
+                raise OutOfMemory(
+                    f"{stage}: the {device.type.upper()} ran out of memory for a batch of shape {tuple(xin.shape)}",
+                    "use a smaller grid, fewer samples at once, or the CPU",
+                ) from exc
+            raise
+        out = out.float()
+        if guided:
+            c, u = out.chunk(2, dim=0)
+            out = u + settings.guidance * (c - u)
+        return out
+
+    return evaluate
 
 
 def residual_target(target: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
