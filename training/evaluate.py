@@ -660,27 +660,9 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{head}: {detail}."
 
 
-def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], header: dict[str, Any]) -> str:
-    """The evaluation tables with the notes that make them readable on their own."""
-    evaluated_as = header.get("split", "test")
-    title = f"# Models against baselines on the {header.get('set') or evaluated_as} set"
-    lines = [
-        title,
-        "",
-        f"Cohort: `{header['cohort']}`; evaluated as: **{evaluated_as}**; subjects: "
-        f"{', '.join(header['subjects']) or 'none'}; hearts: {', '.join(header['hearts']) or 'none'}; "
-        f"training subjects for the fitted baselines: {header.get('reference') or 'none'}; "
-        f"sampler steps: {header['steps'] or 'card default'}; "
-        f"samples per case: {header['n_samples']}; seed: {header['seed']}; library {__version__}.",
-        "",
-    ]
-    if evaluated_as != "test":
-        lines += [
-            "These subjects are the models' **validation** split: training validated on them and design choices "
-            "were made on them, so these numbers are not a test.",
-            "",
-        ]
-    lines += [
+def reading_notes() -> list[str]:
+    """The notes under every report's header: metrics, statistics, each task's baselines, the bound."""
+    return [
         "How to read it:",
         "",
         "- Every entry of a method is scored on the same cases; numbers are mean ± sample standard deviation "
@@ -721,6 +703,29 @@ def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], head
         "(the strongest form of this baseline), with a bias-field correction, its classes ordered by the "
         "scan's age.",
     ]
+
+
+def markdown(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The evaluation tables with the notes that make them readable on their own."""
+    evaluated_as = header.get("split", "test")
+    title = f"# Models against baselines on the {header.get('set') or evaluated_as} set"
+    lines = [
+        title,
+        "",
+        f"Cohort: `{header['cohort']}`; evaluated as: **{evaluated_as}**; subjects: "
+        f"{', '.join(header['subjects']) or 'none'}; hearts: {', '.join(header['hearts']) or 'none'}; "
+        f"training subjects for the fitted baselines: {header.get('reference') or 'none'}; "
+        f"sampler steps: {header['steps'] or 'card default'}; "
+        f"samples per case: {header['n_samples']}; seed: {header['seed']}; library {__version__}.",
+        "",
+    ]
+    if evaluated_as != "test":
+        lines += [
+            "These subjects are the models' **validation** split: training validated on them and design choices "
+            "were made on them, so these numbers are not a test.",
+            "",
+        ]
+    lines += reading_notes()
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
@@ -911,28 +916,12 @@ def evaluate(
     generated: dict[str, list[Case]] = {}
     cache: dict = {}
     for method, model in loaded.items():
-        task = method_task(method)
         t0 = time.perf_counter()
-        if task == "interpolate":
-            if not hearts:
-                raise InputError(cohort.root, f"no held-out heart to evaluate {method} on (name one with --held-out)")
-            stage = Stage(f"evaluate {method}", len(hearts), progress).start()
-            cases = []
-            for hid in hearts:
-                cases += run_heart(cohort, hid, model, run)
-                stage.advance(message=hid)
-        else:
-            if not subjects:
-                raise InputError(
-                    cohort.root,
-                    f"no held-out subject to evaluate {method} on: the cohort has {len(cohort.subjects)}, too few "
-                    f"to hold out the default {DEFAULT_HELD_OUT_SUBJECTS}; name some with --held-out",
-                )
-            cases = _subject_cases(method, model, cohort, subjects, run, progress, reference, train_ids, cache)
+        cases = _method_cases(method, model, cohort, subjects, hearts, run, progress, reference, train_ids, cache)
         if not cases:
             raise LongitudinalDiffusionError(f"{method}: the held-out data give no case to evaluate on")
         log.info("%s: %d cases in %.1f s", method, len(cases), time.perf_counter() - t0)
-        if task == "complete-ages":
+        if method_task(method) == "complete-ages":
             generated[method] = cases
         summary, compared = summarise(method, model, cases)
         rows += summary
@@ -957,6 +946,37 @@ def evaluate(
         text += trajectories(cohort, segmenter, generated, out, run, progress)
     atomic_write(out / "evaluation.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return rows
+
+
+def _method_cases(
+    method: str,
+    model: LoadedModel,
+    cohort: Cohort,
+    subjects: list[str],
+    hearts: list[str],
+    run: Run,
+    progress: ProgressCallback | None,
+    reference: Cohort,
+    train_ids: list[str],
+    cache: dict,
+) -> list[Case]:
+    """Every case of one model: its hearts (frames) or its subjects (the other tasks)."""
+    if method_task(method) == "interpolate":
+        if not hearts:
+            raise InputError(cohort.root, f"no held-out heart to evaluate {method} on (name one with --held-out)")
+        stage = Stage(f"evaluate {method}", len(hearts), progress).start()
+        cases: list[Case] = []
+        for hid in hearts:
+            cases += run_heart(cohort, hid, model, run)
+            stage.advance(message=hid)
+        return cases
+    if not subjects:
+        raise InputError(
+            cohort.root,
+            f"no held-out subject to evaluate {method} on: the cohort has {len(cohort.subjects)}, too few "
+            f"to hold out the default {DEFAULT_HELD_OUT_SUBJECTS}; name some with --held-out",
+        )
+    return _subject_cases(method, model, cohort, subjects, run, progress, reference, train_ids, cache)
 
 
 def _typed(row: dict[str, str]) -> dict[str, Any]:
