@@ -285,6 +285,58 @@ def _fit_ols(volumes: np.ndarray, exog: np.ndarray, *, note: str, **common: Any)
 # --------------------------------------------------------------------------- table
 
 
+def _trajectory_csv(fits: Sequence[TrajectoryFit], ages: Sequence[float]) -> str:
+    """:func:`trajectory_table` as CSV: full precision, one column per value."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        [
+            "tissue",
+            "data",
+            "model",
+            "n_rows",
+            "n_subjects",
+            "n_generated",
+            "offset_months",
+            "intercept",
+            "intercept_ci_low",
+            "intercept_ci_high",
+            "slope",
+            "slope_ci_low",
+            "slope_ci_high",
+            *[f"ml_at_{a:g}_months" for a in ages],
+            "group_sd",
+            "residual_sd",
+            "converged",
+            "note",
+        ]
+    )
+    for f in fits:
+        writer.writerow(
+            [
+                f.tissue,
+                f.data,
+                f.model,
+                f.n_rows,
+                f.n_subjects,
+                f.n_generated,
+                f"{f.offset_months:g}",
+                f"{f.intercept:.4f}",
+                f"{f.intercept_ci[0]:.4f}",
+                f"{f.intercept_ci[1]:.4f}",
+                f"{f.slope:.4f}",
+                f"{f.slope_ci[0]:.4f}",
+                f"{f.slope_ci[1]:.4f}",
+                *[f"{float(f.predict(a)):.4f}" for a in ages],
+                "" if f.group_sd is None else f"{f.group_sd:.4f}",
+                f"{f.residual_sd:.4f}",
+                f.converged,
+                f.note,
+            ]
+        )
+    return buf.getvalue()
+
+
 def trajectory_table(fits: Sequence[TrajectoryFit], *, fmt: str = "markdown", ages: Sequence[float] = (12, 24)) -> str:
     """The fits as a Markdown table (default) or CSV text.
 
@@ -295,54 +347,7 @@ def trajectory_table(fits: Sequence[TrajectoryFit], *, fmt: str = "markdown", ag
     if fmt not in ("markdown", "csv"):
         raise InputError("trajectory table", f"fmt must be 'markdown' or 'csv', got '{fmt}'")
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(
-            [
-                "tissue",
-                "data",
-                "model",
-                "n_rows",
-                "n_subjects",
-                "n_generated",
-                "offset_months",
-                "intercept",
-                "intercept_ci_low",
-                "intercept_ci_high",
-                "slope",
-                "slope_ci_low",
-                "slope_ci_high",
-                *[f"ml_at_{a:g}_months" for a in ages],
-                "group_sd",
-                "residual_sd",
-                "converged",
-                "note",
-            ]
-        )
-        for f in fits:
-            writer.writerow(
-                [
-                    f.tissue,
-                    f.data,
-                    f.model,
-                    f.n_rows,
-                    f.n_subjects,
-                    f.n_generated,
-                    f"{f.offset_months:g}",
-                    f"{f.intercept:.4f}",
-                    f"{f.intercept_ci[0]:.4f}",
-                    f"{f.intercept_ci[1]:.4f}",
-                    f"{f.slope:.4f}",
-                    f"{f.slope_ci[0]:.4f}",
-                    f"{f.slope_ci[1]:.4f}",
-                    *[f"{float(f.predict(a)):.4f}" for a in ages],
-                    "" if f.group_sd is None else f"{f.group_sd:.4f}",
-                    f"{f.residual_sd:.4f}",
-                    f.converged,
-                    f.note,
-                ]
-            )
-        return buf.getvalue()
+        return _trajectory_csv(fits, ages)
     header = [
         "tissue",
         "data",
@@ -381,6 +386,47 @@ REAL_COLOUR, REAL_CURVE_COLOUR = "#8c8c8c", "#303030"
 GENERATED_COLOUR, GENERATED_CURVE_COLOUR = "#f06e9a", "#d62728"
 
 
+def _tissue_panel(
+    ax: Any, tissue: str, rows: list[dict[str, Any]], fits: Sequence[TrajectoryFit], grid: np.ndarray
+) -> None:
+    """One tissue's panel: real volumes joined per subject, generated ones, and the fits."""
+    mine = [r for r in rows if r["tissue"] == tissue]
+    real = [r for r in mine if not r["generated"]]
+    generated = [r for r in mine if r["generated"]]
+    for subject in dict.fromkeys(r["subject"] for r in real):
+        pts = sorted((r["age_months"], r["volume_ml"]) for r in real if r["subject"] == subject)
+        ax.plot(*zip(*pts), color=REAL_COLOUR, linewidth=0.6, alpha=0.5, zorder=1)
+    if real:
+        ax.scatter(
+            [r["age_months"] for r in real],
+            [r["volume_ml"] for r in real],
+            s=14,
+            color=REAL_COLOUR,
+            label="real",
+            zorder=2,
+        )
+    if generated:
+        ax.scatter(
+            [r["age_months"] for r in generated],
+            [r["volume_ml"] for r in generated],
+            s=16,
+            color=GENERATED_COLOUR,
+            edgecolors=GENERATED_CURVE_COLOUR,
+            linewidths=0.4,
+            label="generated",
+            zorder=3,
+        )
+    for fit in fits:
+        style = ("--", REAL_CURVE_COLOUR) if fit.data == REAL else ("-", GENERATED_CURVE_COLOUR)
+        label = f"fit, {fit.data}" + (" (OLS)" if fit.model == "OLS" else "")
+        ax.plot(grid, fit.predict(grid), style[0], color=style[1], linewidth=1.6, label=label, zorder=4)
+    ax.set_title(tissue, fontsize=11)
+    ax.set_xlabel("age (months)")
+    ax.set_ylabel("volume (ml)")
+    ax.grid(True, color="#e5e5e5", linewidth=0.6)
+    ax.set_xlim(left=0)
+
+
 def plot_trajectories(
     rows: Iterable[Mapping[str, Any]],
     fits: Sequence[TrajectoryFit],
@@ -406,41 +452,7 @@ def plot_trajectories(
     grid = np.linspace(0.0, max_age * 1.02 + 1e-6, 200)
     fig, axes = plt.subplots(1, len(tissues), figsize=(3.6 * len(tissues) + 0.4, 3.6), squeeze=False)
     for ax, tissue in zip(axes[0], tissues):
-        mine = [r for r in rows if r["tissue"] == tissue]
-        real = [r for r in mine if not r["generated"]]
-        generated = [r for r in mine if r["generated"]]
-        for subject in dict.fromkeys(r["subject"] for r in real):
-            pts = sorted((r["age_months"], r["volume_ml"]) for r in real if r["subject"] == subject)
-            ax.plot(*zip(*pts), color=REAL_COLOUR, linewidth=0.6, alpha=0.5, zorder=1)
-        if real:
-            ax.scatter(
-                [r["age_months"] for r in real],
-                [r["volume_ml"] for r in real],
-                s=14,
-                color=REAL_COLOUR,
-                label="real",
-                zorder=2,
-            )
-        if generated:
-            ax.scatter(
-                [r["age_months"] for r in generated],
-                [r["volume_ml"] for r in generated],
-                s=16,
-                color=GENERATED_COLOUR,
-                edgecolors=GENERATED_CURVE_COLOUR,
-                linewidths=0.4,
-                label="generated",
-                zorder=3,
-            )
-        for fit in (f for f in fits if f.tissue == tissue):
-            style = ("--", REAL_CURVE_COLOUR) if fit.data == REAL else ("-", GENERATED_CURVE_COLOUR)
-            label = f"fit, {fit.data}" + (" (OLS)" if fit.model == "OLS" else "")
-            ax.plot(grid, fit.predict(grid), style[0], color=style[1], linewidth=1.6, label=label, zorder=4)
-        ax.set_title(tissue, fontsize=11)
-        ax.set_xlabel("age (months)")
-        ax.set_ylabel("volume (ml)")
-        ax.grid(True, color="#e5e5e5", linewidth=0.6)
-        ax.set_xlim(left=0)
+        _tissue_panel(ax, tissue, rows, [f for f in fits if f.tissue == tissue], grid)
     axes[0][0].legend(fontsize=7, loc="lower right", frameon=False)
     fig.suptitle(title + ("  [SIMULATED DATA]" if simulated else ""), fontsize=12)
     if simulated:
