@@ -184,6 +184,7 @@ def _clipper(clip_x0: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return lambda x: x.clamp(lo, hi)
 
 
+# long by its signature: 58 lines of code, the one sampling loop every method shares
 def sample(
     denoiser: Denoiser,
     shape: tuple[int, ...],

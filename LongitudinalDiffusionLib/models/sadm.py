@@ -518,6 +518,7 @@ def _check_sequence(model: SADM, frames: torch.Tensor, ages: torch.Tensor, prese
         )
 
 
+# long by its signature and docstring: 50 lines of code, one algorithm (paper Alg. 2)
 def fill_sequence(
     model: SADM,
     frames: torch.Tensor,
