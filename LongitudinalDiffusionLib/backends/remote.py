@@ -407,10 +407,18 @@ def _tls_context(verify: bool | str | Any) -> bool | ssl.SSLContext:
         raise InputError(path, f"cannot use this file as the worker's TLS certificate / CA ({reason})") from None
 
 
-def _is_tls_error(exc: Exception) -> bool:
-    text = str(exc)
-    cause = exc.__cause__ or exc.__context__
-    return isinstance(cause, ssl.SSLError) or "SSL" in text or "CERTIFICATE" in text.upper() or "TLS" in text
+def _is_tls_error(exc: BaseException) -> bool:
+    """Whether a failed connection failed in the TLS handshake: an ``ssl.SSLError`` (a
+    certificate that does not verify, a protocol mismatch) somewhere in the chain of causes
+    httpx and httpcore raise it with."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _speaks_tls(url: Any) -> bool:
