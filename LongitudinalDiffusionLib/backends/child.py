@@ -56,7 +56,7 @@ def available_mb(device: Any = "cpu") -> float | None:
             import torch
 
             return torch.cuda.mem_get_info(device)[0] / 2**20
-        except Exception:
+        except Exception:  # no CUDA build, no driver, or the device is busy: the free memory is unknown
             return None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:

@@ -457,7 +457,7 @@ class ProcessBackend(JobTable["_Job"]):
             child = self._child
             if child is not None and child.proc.poll() is None:
                 child.signal_tree(kill=True)
-        except Exception:
+        except Exception:  # at interpreter exit modules may be gone already; nothing left to tell
             pass
 
     # ------------------------------------------------------------------ internals
