@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from LongitudinalDiffusionLib.diffusion import SamplerSettings, Schedule, prepare_network, sample  # noqa: E402
-from LongitudinalDiffusionLib.diffusion.device import OneDNNConv3d, use_onednn_convolutions  # noqa: E402
+from LongitudinalDiffusionLib.diffusion.device import use_onednn_convolutions  # noqa: E402
 from LongitudinalDiffusionLib.diffusion.sampling import _batch_pair  # noqa: E402
 from LongitudinalDiffusionLib.models import build, default_config  # noqa: E402
 
@@ -142,20 +142,9 @@ def convolutions(module: torch.nn.Module, onednn: bool) -> Iterator[None]:
             m.__class__ = kind
 
 
-def onednn_convolutions(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """:func:`convolutions` with oneDNN forced."""
-    return convolutions(module, True)
-
-
 def pytorch_convolutions(module: torch.nn.Module) -> contextlib.AbstractContextManager:
     """:func:`convolutions` with PyTorch's own choice of kernel."""
     return convolutions(module, False)
-
-
-def conv_route(module: torch.nn.Module) -> str:
-    """Which route the Conv3d layers of ``module`` take now (a :data:`BACKENDS` label)."""
-    forced = any(isinstance(m, OneDNNConv3d) for m in module.modules())
-    return next(label for label, onednn in BACKENDS.items() if onednn == forced)
 
 
 def params(module: torch.nn.Module) -> int:
