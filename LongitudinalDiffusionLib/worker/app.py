@@ -26,7 +26,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Optional
 
@@ -42,6 +42,7 @@ from ..errors import InputError, LongitudinalDiffusionError, ModelNotFound
 from ..jobs import FINAL_KINDS, JobExpired, JobInput, JobSpec, UnknownJob
 from . import API_VERSION
 from .settings import Settings
+from .state import WorkerState
 from .store import Store
 from .uploads import UploadRejected, store_upload
 from .users import Audit, User, Users
@@ -343,249 +344,295 @@ def data_folder_problem(data: Any) -> str | None:
 
 def create_app(settings: Settings) -> FastAPI:
     """The worker application for ``settings`` (nothing is read from the environment here)."""
-    state: dict[str, Any] = {"streams": {}, "health": (0.0, None)}
     users = Users(settings.users_path, settings.token)
     if not len(users):
         log.warning("no users and no token: every request but /v1/health is refused "
                     "(add one with `longdiff-worker token add NAME`)")  # fmt: skip
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = Store(settings.data)
-        hub = EventHub(asyncio.get_running_loop())
-        store.listeners.append(hub.notify)
-        if settings.broker:
-            from .runner import CeleryDispatcher
-
-            runner: Any = CeleryDispatcher(store, settings.broker, settings.expiry_hours, settings.expiry_sweep_seconds)
-        else:
-            from .runner import EmbeddedRunner
-
-            interrupted = store.recover()
-            for job_id in interrupted:
-                log.warning("job %s was running when the worker stopped: marked failed", job_id)
-            runner = EmbeddedRunner(store, settings.devices, settings.expiry_hours, settings.expiry_sweep_seconds)
-        runner.start()
-        state.update(store=store, runner=runner, hub=hub, audit=Audit(settings.data))
-        try:
-            yield
-        finally:
-            runner.stop()
-            store.listeners.remove(hub.notify)
-            store.close()
-
     app = FastAPI(
         title="LongitudinalDiffusion worker",
         version=API_VERSION,
         description="Runs LongitudinalDiffusion jobs (complete missing ages, synthesise a missing modality, "
         "interpolate frames) for Slicer panels and the longdiff command line.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
         openapi_url=None,  # served under /v1 behind the token instead
         docs_url=None,
         redoc_url=None,
     )
+    app.state.worker = WorkerState(settings, users)
     app.add_middleware(Guard, limit=settings.max_upload_bytes, users=users, body_timeout=settings.body_timeout)
-
-    @app.exception_handler(WorkerError)
-    async def _worker_error(request: Request, exc: WorkerError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(UnknownJob)
-    async def _unknown(request: Request, exc: UnknownJob) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=410 if isinstance(exc, JobExpired) else 404)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_message(exc)}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return JSONResponse({"detail": " ".join(detail.split())}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(OSError)
-    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
-        problem = storage_problem(exc)
-        if problem is None:
-            log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-            return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
-        log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": problem}, status_code=507)
-
-    @app.exception_handler(sqlite3.Error)
-    async def _db_error(request: Request, exc: sqlite3.Error) -> JSONResponse:
-        problem = storage_problem(exc)
-        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=problem is None)
-        if problem is None:
-            return JSONResponse({"detail": "internal error of the worker's job database (see its log)"}, 500)
-        return JSONResponse({"detail": problem}, status_code=507)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
-
-    bearer = HTTPBearer(auto_error=False, description="the worker's access token")
-
-    def authorized(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> User:
-        # the Guard has read the header and found the user: the dependency declares the
-        # security in the OpenAPI description and makes sure no route runs without a user
-        user = request.scope.get(USER_KEY)
-        if user is None:
-            raise WorkerError(401, "missing access token (send 'Authorization: Bearer <token>')",
-                              {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return user
-
-    Caller = Annotated[User, Depends(authorized)]
-
-    def store() -> Store:
-        return state["store"]
-
-    def audit(user: User, action: str, job_id: str, **extra: Any) -> None:
-        state["audit"](user, action, job_id, **extra)
-
-    def owner(user: User) -> str | None:
-        return None if user.admin else user.name
-
-    def job_of(job_id: str, user: User) -> dict[str, Any]:
-        """The job's record if ``user`` may see it (else 404, as if it did not exist)."""
-        if not JOB_ID.match(job_id):
-            raise WorkerError(404, f"no job {job_id[:40]!r} on this worker (malformed id)")
-        return store().get(job_id, owner(user))
-
-    public = APIRouter(prefix="/v1", tags=["health"])
-
-    unwritable: dict[int | str, dict[str, Any]] = {
-        503: {"model": Problem, "description": "the worker cannot write its data folder"}
-    }
-
-    @public.get("/health", summary="Liveness and versions (no token needed)", responses=unwritable)
-    async def health() -> JSONResponse:
-        checked, problem = state["health"]
-        if time.monotonic() - checked > 1.0:  # at most one probe a second, whatever the load
-            problem = data_folder_problem(settings.data)
-            state["health"] = (time.monotonic(), problem)
-        body: dict[str, Any] = {"status": "ok", "version": __version__, "api_version": API_VERSION}
-        if problem:
-            body.update(status="error", detail=problem)
-            return JSONResponse(body, status_code=503)
-        return JSONResponse(body)
-
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
-
-    job_errors = _errors(404, 410)
-
-    @api.get("/info", tags=["info"], summary="Version, devices, GPU memory, limits, models and their cards",
-             responses=_errors())  # fmt: skip
-    def info(user: Caller) -> dict[str, Any]:
-        return _info(settings, state, user)
-
-    @api.get("/openapi.json", tags=["info"], summary="This API's OpenAPI description", responses=_errors())
-    def openapi() -> dict[str, Any]:
-        return app.openapi()
-
-    @api.post("/jobs", status_code=202, tags=["jobs"], summary="Submit a job: its spec and input images",
-              responses=_errors(400, 413))  # fmt: skip
-    def submit(
-        user: Caller,
-        spec: Annotated[str, Form(description="the job spec (JSON); input paths are 'upload:N'")],
-        files: Annotated[list[UploadFile], File(description="the input images (NIfTI, gzip welcome)")],
-    ) -> dict[str, Any]:
-        return _submit(settings, state, spec, files, user)
-
-    @api.get("/jobs", tags=["jobs"], summary="The jobs on this worker (yours; an admin's: all), newest first",
-             responses=_errors())  # fmt: skip
-    def jobs(user: Caller, limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
-        return store().list(limit, owner(user))
-
-    @api.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, queue position and last progress",
-             responses=job_errors)  # fmt: skip
-    def status(job_id: str, user: Caller) -> dict[str, Any]:
-        job_of(job_id, user)
-        return store().status(job_id, owner(user))
-
-    @api.get(
-        "/jobs/{job_id}/events",
-        tags=["jobs"],
-        summary="Server-sent events of a job, from the start or after an event id",
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}, **_errors(404, 410, 429)},
-    )
-    async def events(
-        job_id: str,
-        user: Caller,
-        after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
-        last_event_id: Annotated[str | None, Header()] = None,
-    ) -> StreamingResponse:
-        job_of(job_id, user)
-        if last_event_id and last_event_id.isdigit() and len(last_event_id) < 18:
-            after = max(after, int(last_event_id))
-        streams: dict[str, int] = state["streams"]
-        retry = {"Retry-After": "5"}
-        if sum(streams.values()) >= settings.max_streams:
-            raise WorkerError(429, f"this worker has {settings.max_streams} event streams open, its limit; "
-                              "try again later", retry)  # fmt: skip
-        if streams.get(user.name, 0) >= settings.max_streams_per_user:
-            raise WorkerError(429, f"you have {settings.max_streams_per_user} event streams open on this worker, "
-                              "its limit per user; close one first", retry)  # fmt: skip
-        streams[user.name] = streams.get(user.name, 0) + 1
-
-        def release() -> None:
-            streams[user.name] -= 1
-            if not streams[user.name]:
-                del streams[user.name]
-
-        return CountedStream(
-            _stream(store(), state["hub"], job_id, after, owner(user)),
-            release,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    @api.post("/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], summary="Cancel a job", responses=job_errors)
-    def cancel(job_id: str, user: Caller) -> dict[str, Any]:
-        if job_of(job_id, user)["state"] not in FINAL_KINDS:
-            state["runner"].cancel(job_id)
-        audit(user, "cancel", job_id)
-        return store().status(job_id)
-
-    @api.get(
-        "/jobs/{job_id}/result",
-        tags=["jobs"],
-        summary="The result as a zip: NIfTI images, frames, result.json",
-        response_class=FileResponse,
-        responses={200: {"content": {"application/zip": {}}}, **_errors(404, 409, 410)},
-    )
-    def result(job_id: str, user: Caller) -> FileResponse:
-        row = job_of(job_id, user)
-        if row["state"] != "done":
-            why = f": {row['message']}" if row["message"] else ""
-            raise WorkerError(409, f"job {job_id} has no result: it is {row['state']}{why}")
-        path = store().result_zip(job_id)
-        if not path.is_file():
-            raise WorkerError(410, f"the result of job {job_id} is gone from the worker's disk")
-        audit(user, "download", job_id)
-        return FileResponse(path, media_type="application/zip", filename=f"{job_id}.zip")
-
-    @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Cancel if needed, then delete",
-                responses=job_errors)  # fmt: skip
-    def delete(job_id: str, user: Caller) -> Response:
-        if job_of(job_id, user)["state"] not in FINAL_KINDS:
-            state["runner"].cancel(job_id)
-        store().delete(job_id)
-        audit(user, "delete", job_id)
-        return Response(status_code=204)
-
+    for kind, handler in EXCEPTION_HANDLERS:
+        app.add_exception_handler(kind, handler)
     app.include_router(public)
     app.include_router(api)
     return app
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Opens the store, starts the runner (embedded or Celery) and stops and closes them at the end."""
+    state: WorkerState = app.state.worker
+    settings = state.settings
+    store = Store(settings.data)
+    hub = EventHub(asyncio.get_running_loop())
+    store.listeners.append(hub.notify)
+    from .runner import CeleryDispatcher, EmbeddedRunner  # the engine (torch): only when the worker starts
+
+    runner: EmbeddedRunner | CeleryDispatcher
+    if settings.broker:
+        runner = CeleryDispatcher(store, settings.broker, settings.expiry_hours, settings.expiry_sweep_seconds)
+    else:
+        interrupted = store.recover()
+        for job_id in interrupted:
+            log.warning("job %s was running when the worker stopped: marked failed", job_id)
+        runner = EmbeddedRunner(store, settings.devices, settings.expiry_hours, settings.expiry_sweep_seconds)
+    runner.start()
+    state.store, state.runner, state.hub, state.audit = store, runner, hub, Audit(settings.data)
+    try:
+        yield
+    finally:
+        runner.stop()
+        store.listeners.remove(hub.notify)
+        store.close()
+
+
+# ----------------------------------------------------------------------------- error answers
+
+
+async def _worker_error(request: Request, exc: WorkerError) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+async def _unknown(request: Request, exc: UnknownJob) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=410 if isinstance(exc, JobExpired) else 404)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": validation_message(exc)}, status_code=422)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return JSONResponse({"detail": " ".join(detail.split())}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+    problem = storage_problem(exc)
+    if problem is None:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": problem}, status_code=507)
+
+
+async def _db_error(request: Request, exc: sqlite3.Error) -> JSONResponse:
+    problem = storage_problem(exc)
+    log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=problem is None)
+    if problem is None:
+        return JSONResponse({"detail": "internal error of the worker's job database (see its log)"}, 500)
+    return JSONResponse({"detail": problem}, status_code=507)
+
+
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": "internal error of the worker (see its log)"}, status_code=500)
+
+
+#: (exception class, handler) in the order create_app installs them
+EXCEPTION_HANDLERS: list[tuple[type[Exception], Any]] = [
+    (WorkerError, _worker_error),
+    (UnknownJob, _unknown),
+    (RequestValidationError, _invalid),
+    (StarletteHTTPException, _http),
+    (OSError, _os_error),
+    (sqlite3.Error, _db_error),
+    (Exception, _crash),
+]
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+bearer = HTTPBearer(auto_error=False, description="the worker's access token")
+
+
+def authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> User:
+    # the Guard has read the header and found the user: the dependency declares the
+    # security in the OpenAPI description and makes sure no route runs without a user
+    user = request.scope.get(USER_KEY)
+    if user is None:
+        raise WorkerError(401, "missing access token (send 'Authorization: Bearer <token>')",
+                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
+    return user
+
+
+def worker_state(request: Request) -> WorkerState:
+    """The state of the application serving ``request`` (see :func:`create_app`)."""
+    return request.app.state.worker
+
+
+Caller = Annotated[User, Depends(authorized)]
+State = Annotated[WorkerState, Depends(worker_state)]
+
+
+def owner(user: User) -> str | None:
+    return None if user.admin else user.name
+
+
+def job_of(state: WorkerState, job_id: str, user: User) -> dict[str, Any]:
+    """The job's record if ``user`` may see it (else 404, as if it did not exist)."""
+    if not JOB_ID.match(job_id):
+        raise WorkerError(404, f"no job {job_id[:40]!r} on this worker (malformed id)")
+    return state.store.get(job_id, owner(user))
+
+
+# ----------------------------------------------------------------------------- routes
+
+public = APIRouter(prefix="/v1", tags=["health"])
+
+UNWRITABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": Problem, "description": "the worker cannot write its data folder"}
+}
+
+
+@public.get("/health", summary="Liveness and versions (no token needed)", responses=UNWRITABLE)
+async def health(state: State) -> JSONResponse:
+    checked, problem = state.health
+    if time.monotonic() - checked > 1.0:  # at most one probe a second, whatever the load
+        problem = data_folder_problem(state.settings.data)
+        state.health = (time.monotonic(), problem)
+    body: dict[str, Any] = {"status": "ok", "version": __version__, "api_version": API_VERSION}
+    if problem:
+        body.update(status="error", detail=problem)
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
+
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+JOB_ERRORS = _errors(404, 410)
+
+
+@api.get("/info", tags=["info"], summary="Version, devices, GPU memory, limits, models and their cards",
+         responses=_errors())  # fmt: skip
+def info(user: Caller, state: State) -> dict[str, Any]:
+    return _info(state, user)
+
+
+@api.get("/openapi.json", tags=["info"], summary="This API's OpenAPI description", responses=_errors())
+def openapi(request: Request) -> dict[str, Any]:
+    return request.app.openapi()
+
+
+@api.post("/jobs", status_code=202, tags=["jobs"], summary="Submit a job: its spec and input images",
+          responses=_errors(400, 413))  # fmt: skip
+def submit(
+    user: Caller,
+    spec: Annotated[str, Form(description="the job spec (JSON); input paths are 'upload:N'")],
+    files: Annotated[list[UploadFile], File(description="the input images (NIfTI, gzip welcome)")],
+    state: State,
+) -> dict[str, Any]:
+    return _submit(state, spec, files, user)
+
+
+@api.get("/jobs", tags=["jobs"], summary="The jobs on this worker (yours; an admin's: all), newest first",
+         responses=_errors())  # fmt: skip
+def jobs(user: Caller, state: State, limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
+    return state.store.list(limit, owner(user))
+
+
+@api.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, queue position and last progress",
+         responses=JOB_ERRORS)  # fmt: skip
+def status(job_id: str, user: Caller, state: State) -> dict[str, Any]:
+    job_of(state, job_id, user)
+    return state.store.status(job_id, owner(user))
+
+
+@api.get(
+    "/jobs/{job_id}/events",
+    tags=["jobs"],
+    summary="Server-sent events of a job, from the start or after an event id",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **_errors(404, 410, 429)},
+)
+async def events(
+    job_id: str,
+    user: Caller,
+    state: State,
+    after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    job_of(state, job_id, user)
+    if last_event_id and last_event_id.isdigit() and len(last_event_id) < 18:
+        after = max(after, int(last_event_id))
+    release = _take_stream(state, user)
+    return CountedStream(
+        _stream(state.store, state.hub, job_id, after, owner(user)),
+        release,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _take_stream(state: WorkerState, user: User) -> Callable[[], None]:
+    """Counts one more open event stream of ``user`` (429 over a limit); gives back its release."""
+    settings, streams = state.settings, state.streams
+    retry = {"Retry-After": "5"}
+    if sum(streams.values()) >= settings.max_streams:
+        raise WorkerError(429, f"this worker has {settings.max_streams} event streams open, its limit; "
+                          "try again later", retry)  # fmt: skip
+    if streams.get(user.name, 0) >= settings.max_streams_per_user:
+        raise WorkerError(429, f"you have {settings.max_streams_per_user} event streams open on this worker, "
+                          "its limit per user; close one first", retry)  # fmt: skip
+    streams[user.name] = streams.get(user.name, 0) + 1
+
+    def release() -> None:
+        streams[user.name] -= 1
+        if not streams[user.name]:
+            del streams[user.name]
+
+    return release
+
+
+@api.post("/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], summary="Cancel a job", responses=JOB_ERRORS)
+def cancel(job_id: str, user: Caller, state: State) -> dict[str, Any]:
+    if job_of(state, job_id, user)["state"] not in FINAL_KINDS:
+        state.runner.cancel(job_id)
+    state.audit(user, "cancel", job_id)
+    return state.store.status(job_id)
+
+
+@api.get(
+    "/jobs/{job_id}/result",
+    tags=["jobs"],
+    summary="The result as a zip: NIfTI images, frames, result.json",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {}}}, **_errors(404, 409, 410)},
+)
+def result(job_id: str, user: Caller, state: State) -> FileResponse:
+    row = job_of(state, job_id, user)
+    if row["state"] != "done":
+        why = f": {row['message']}" if row["message"] else ""
+        raise WorkerError(409, f"job {job_id} has no result: it is {row['state']}{why}")
+    path = state.store.result_zip(job_id)
+    if not path.is_file():
+        raise WorkerError(410, f"the result of job {job_id} is gone from the worker's disk")
+    state.audit(user, "download", job_id)
+    return FileResponse(path, media_type="application/zip", filename=f"{job_id}.zip")
+
+
+@api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], summary="Cancel if needed, then delete",
+            responses=JOB_ERRORS)  # fmt: skip
+def delete(job_id: str, user: Caller, state: State) -> Response:
+    if job_of(state, job_id, user)["state"] not in FINAL_KINDS:
+        state.runner.cancel(job_id)
+    state.store.delete(job_id)
+    state.audit(user, "delete", job_id)
+    return Response(status_code=204)
+
+
 # ----------------------------------------------------------------------------- handlers
 
 
-def _info(settings: Settings, state: dict[str, Any], user: User) -> dict[str, Any]:
+def _info(state: WorkerState, user: User) -> dict[str, Any]:
     import torch
 
     from ..catalog import list_models
@@ -603,8 +650,8 @@ def _info(settings: Settings, state: dict[str, Any], user: User) -> dict[str, An
                     "memory_free_mb": free // 2**20,
                 }
             )
-    runner = state["runner"]
-    devices = list(getattr(runner, "devices", ()))
+    settings = state.settings
+    devices = list(getattr(state.runner, "devices", ()))
     return {
         "version": __version__,
         "api_version": API_VERSION,
@@ -624,15 +671,13 @@ def _info(settings: Settings, state: dict[str, Any], user: User) -> dict[str, An
             "max_streams": settings.max_streams,
             "expiry_hours": settings.expiry_hours,
         },
-        "jobs": state["store"].counts(None if user.admin else user.name),
+        "jobs": state.store.counts(None if user.admin else user.name),
         "models": [{"name": m.name, "method": m.method, "trained": m.trained, "card": m.card} for m in list_models()],
     }
 
 
-def _submit(
-    settings: Settings, state: dict[str, Any], text: str, files: list[UploadFile], user: User
-) -> dict[str, Any]:
-    store: Store = state["store"]
+def _submit(state: WorkerState, text: str, files: list[UploadFile], user: User) -> dict[str, Any]:
+    settings, store = state.settings, state.store
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -703,8 +748,8 @@ def _submit(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    state["runner"].submitted(job_id)
-    state["audit"](user, "submit", job_id, task=spec.task, model=spec.model, files=len(files))
+    state.runner.submitted(job_id)
+    state.audit(user, "submit", job_id, task=spec.task, model=spec.model, files=len(files))
     return store.status(job_id)
 
 
