@@ -56,6 +56,51 @@ def _header(head: bytes, name: str) -> nib.Nifti1Header:
     raise UploadRejected(name, "not a NIfTI image (no valid NIfTI-1 or NIfTI-2 header)")
 
 
+class _Count:
+    """The running count of an upload's decompressed bytes against the limit its header
+    declares (known once the first 348 bytes are in) and the worker's ``max_bytes``."""
+
+    def __init__(self, name: str, gz: bool, caps: tuple[int, int, int], max_bytes: int | None, budget: str) -> None:
+        self.name, self.gz, self.caps, self.max_bytes, self.budget = name, gz, caps, max_bytes, budget
+        self.limit: int | None = None  # header + voxels, as the header declares
+        self.total = 0
+        self.head = b""
+
+    def add(self, data: bytes) -> None:
+        if self.limit is None:
+            self.head += data[: max(0, 540 - len(self.head))]
+            if len(self.head) >= 348:
+                self.limit = self._header_limit()
+        self.total += len(data)
+        if self.limit is not None and self.total > self.limit:
+            raise UploadRejected(
+                self.name,
+                "holds more data than its header declares "
+                + ("(a decompression bomb?)" if self.gz else "(trailing bytes)"),
+                413 if self.gz else 422,
+            )
+
+    def _header_limit(self) -> int:
+        max_voxels, max_dim, ndim = self.caps
+        limit = _limit(_header(self.head, self.name), self.name, max_voxels, max_dim, ndim)
+        if self.max_bytes is not None and limit > self.max_bytes:
+            raise UploadRejected(
+                self.name,
+                f"decompressed size {limit / 2**20:.1f} MB exceeds this worker's limit of "
+                f"{self.max_bytes / 2**20:.1f} MB{self.budget}",
+                413,
+            )
+        return limit
+
+    def room(self) -> int:
+        """How much to inflate next: never more than the header allows (plus one byte to notice)."""
+        return CHUNK if self.limit is None else max(1, min(CHUNK, self.limit + 1 - self.total))
+
+    def short(self) -> bool:
+        """Whether fewer bytes came than the header declares (or no header yet)."""
+        return self.limit is None or self.total < self.limit
+
+
 def store_upload(
     src: BinaryIO,
     dest: Path,
@@ -79,79 +124,66 @@ def store_upload(
         UploadRejected: with status 413 for images beyond the caps, else 422.
     """
     first = src.read(2)
-    gz = first == GZIP_MAGIC
-    state = {"limit": None, "total": 0, "head": b""}
-
-    def count(data: bytes) -> None:
-        """The running count of decompressed bytes against the header's and the worker's limits."""
-        if state["limit"] is None:
-            state["head"] += data[: max(0, 540 - len(state["head"]))]
-            if len(state["head"]) >= 348:
-                limit = _limit(_header(state["head"], name), name, max_voxels, max_dim, ndim)
-                if max_bytes is not None and limit > max_bytes:
-                    raise UploadRejected(
-                        name,
-                        f"decompressed size {limit / 2**20:.1f} MB exceeds this worker's limit of "
-                        f"{max_bytes / 2**20:.1f} MB{budget}",
-                        413,
-                    )
-                state["limit"] = limit
-        state["total"] += len(data)
-        if state["limit"] is not None and state["total"] > state["limit"]:
-            raise UploadRejected(
-                name,
-                "holds more data than its header declares " + ("(a decompression bomb?)" if gz else "(trailing bytes)"),
-                413 if gz else 422,
-            )
-
-    def room() -> int:  # never inflate more than the header allows (plus one byte to notice)
-        limit = state["limit"]
-        return CHUNK if limit is None else max(1, min(CHUNK, limit + 1 - state["total"]))
-
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    counter = _Count(name, first == GZIP_MAGIC, (max_voxels, max_dim, ndim), max_bytes, budget)
     try:
-        with open(dest, "wb") as raw_out:
-            packer = None if gz else gzip.GzipFile(fileobj=raw_out, mode="wb", compresslevel=1, mtime=0)
-            chunk = first
-            while chunk:
-                if inflater is None:
-                    count(chunk)
-                    packer.write(chunk)
-                else:
-                    raw_out.write(chunk)  # kept compressed, as received
-                    pending = chunk
-                    while pending:
-                        try:
-                            data = inflater.decompress(pending, room())
-                        except zlib.error as exc:
-                            raise UploadRejected(name, f"corrupt gzip stream ({exc})") from exc
-                        pending = inflater.unconsumed_tail
-                        if inflater.eof and inflater.unused_data:  # a gzip file of several members
-                            pending = inflater.unused_data + pending
-                            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                        count(data)
-                chunk = src.read(CHUNK)
-            if packer is not None:
-                packer.close()
-            total, limit = state["total"], state["limit"]
-            if inflater is not None and not inflater.eof and total > 0 and (limit is None or total < limit):
-                raise UploadRejected(name, "file is truncated: the compressed stream ends early")
-        total, limit = state["total"], state["limit"]
-        if total == 0:
-            raise UploadRejected(name, "file is empty")
-        if limit is None:
-            raise UploadRejected(name, "not a NIfTI image (shorter than a NIfTI header)")
-        if total < limit:
-            raise UploadRejected(name, f"file is truncated: {total} of the {limit} bytes its header declares")
+        with open(dest, "wb") as out:
+            if counter.gz:
+                _copy_gzip(src, first, out, counter)
+            else:
+                _copy_raw(src, first, out, counter)
+        _check_complete(counter)
         try:
-            image = load_image(dest, dtype=np.int16 if labels else np.float32)
+            load_image(dest, dtype=np.int16 if labels else np.float32)
         except InputError as exc:  # the problem, without the server's path (nibabel may quote it)
             raise UploadRejected(name, exc.problem.replace(str(dest), name)) from exc
-        del image
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    return total
+    return counter.total
+
+
+def _copy_raw(src: BinaryIO, first: bytes, out: BinaryIO, counter: _Count) -> None:
+    """A raw upload: counted and compressed into ``out`` on the way."""
+    packer = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0)
+    chunk = first
+    while chunk:
+        counter.add(chunk)
+        packer.write(chunk)
+        chunk = src.read(CHUNK)
+    packer.close()
+
+
+def _copy_gzip(src: BinaryIO, first: bytes, out: BinaryIO, counter: _Count) -> None:
+    """A gzip upload: kept in ``out`` as received, inflated alongside (never beyond the count's room)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    chunk = first
+    while chunk:
+        out.write(chunk)  # kept compressed, as received
+        pending = chunk
+        while pending:
+            try:
+                data = inflater.decompress(pending, counter.room())
+            except zlib.error as exc:
+                raise UploadRejected(counter.name, f"corrupt gzip stream ({exc})") from exc
+            pending = inflater.unconsumed_tail
+            if inflater.eof and inflater.unused_data:  # a gzip file of several members
+                pending = inflater.unused_data + pending
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            counter.add(data)
+        chunk = src.read(CHUNK)
+    if not inflater.eof and counter.total > 0 and counter.short():
+        raise UploadRejected(counter.name, "file is truncated: the compressed stream ends early")
+
+
+def _check_complete(counter: _Count) -> None:
+    """The upload held a header and exactly the bytes it declares."""
+    name, total, limit = counter.name, counter.total, counter.limit
+    if total == 0:
+        raise UploadRejected(name, "file is empty")
+    if limit is None:
+        raise UploadRejected(name, "not a NIfTI image (shorter than a NIfTI header)")
+    if total < limit:
+        raise UploadRejected(name, f"file is truncated: {total} of the {limit} bytes its header declares")
 
 
 def _limit(hdr: nib.Nifti1Header, name: str, max_voxels: int, max_dim: int, ndim: int) -> int:
