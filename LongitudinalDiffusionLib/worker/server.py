@@ -26,6 +26,13 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
+def _peer_host(connection: object) -> str | None:
+    """The peer's address of an open connection; uvicorn's set of connections is typed with
+    every protocol it has, and not all of them name their client."""
+    client = getattr(connection, "client", None)
+    return str(client[0]) if client else None
+
+
 def guarded_protocol(header_timeout: float, max_connections: int, max_per_address: int) -> type:
     """An h11 protocol class with a header timeout and connection caps."""
 
@@ -38,11 +45,11 @@ def guarded_protocol(header_timeout: float, max_connections: int, max_per_addres
     )
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._opened = time.monotonic()
             address = self.client[0] if self.client else None
-            same = sum(1 for c in self.connections if c.client and c.client[0] == address) if address else 0
+            same = sum(1 for c in self.connections if _peer_host(c) == address) if address else 0
             if same > max_per_address or (len(self.connections) > max_connections and not self._evict_one()):
                 transport.write(busy)
                 transport.close()
