@@ -301,10 +301,11 @@ def storage_problem(exc: BaseException) -> str | None:
         reason = exc.strerror or os.strerror(exc.errno)
         return f"the worker cannot write its data folder ({reason}); tell its administrator"
     if isinstance(exc, sqlite3.OperationalError):
-        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; extended codes carry the primary in the low byte
+        # sqlite_errorcode is Python 3.11+ (extended codes carry the primary in the low byte)
+        code = getattr(exc, "sqlite_errorcode", None)
         if code is not None:
             storage = (code & 0xFF) in SQLITE_STORAGE_CODES
-        else:  # older Pythons give only the message
+        else:  # Python 3.9/3.10 (Slicer 5.8 runs 3.9) give only the message: the fallback
             text = str(exc).lower()
             storage = any(k in text for k in ("readonly", "read-only", "disk", "full", "unable to open"))
         if storage:
