@@ -41,6 +41,7 @@ from .. import __version__
 from ..errors import InputError, LongitudinalDiffusionError, ModelNotFound
 from ..jobs import FINAL_KINDS, JobExpired, JobInput, JobSpec, UnknownJob
 from . import API_VERSION
+from .hub import EventHub
 from .settings import Settings
 from .state import WorkerState
 from .store import Store
@@ -237,38 +238,6 @@ async def _send_json(send: Any, status: int, message: str, extra: list | None = 
 
 
 # ----------------------------------------------------------------------------- event push
-
-
-class EventHub:
-    """Wakes the event streams of a job when the store records an event for it (or deletes
-    it), from whatever thread did so: the streams wait instead of polling the database."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.waiters: dict[str, set[asyncio.Event]] = {}
-
-    def notify(self, job_id: str) -> None:  # any thread
-        if job_id in self.waiters:
-            try:
-                self.loop.call_soon_threadsafe(self._wake, job_id)
-            except RuntimeError:  # the loop has closed (shutdown)
-                pass
-
-    def _wake(self, job_id: str) -> None:
-        for event in self.waiters.get(job_id, ()):
-            event.set()
-
-    def subscribe(self, job_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self.waiters.setdefault(job_id, set()).add(event)
-        return event
-
-    def unsubscribe(self, job_id: str, event: asyncio.Event) -> None:
-        waiting = self.waiters.get(job_id)
-        if waiting is not None:
-            waiting.discard(event)
-            if not waiting:
-                del self.waiters[job_id]
 
 
 class CountedStream(StreamingResponse):

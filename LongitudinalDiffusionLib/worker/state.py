@@ -9,7 +9,7 @@ from .store import Store
 from .users import Audit, Users
 
 if TYPE_CHECKING:  # the runners import the engine (torch): only when the worker starts
-    from .app import EventHub
+    from .hub import EventHub
     from .runner import CeleryDispatcher, EmbeddedRunner
 
 
