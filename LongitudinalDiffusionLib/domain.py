@@ -488,16 +488,20 @@ def _check_duplicates(
 
 
 def _check_alignment(names: Sequence[str], fgs: Sequence[Foreground | None], report: DomainReport) -> None:
-    placed = [(n, f) for n, f in zip(names, fgs) if f is not None and f.center_ras is not None]
+    placed = [
+        (n, f.center_ras, f.box_ras)
+        for n, f in zip(names, fgs)
+        if f is not None and f.center_ras is not None and f.box_ras is not None
+    ]
     if len(placed) < 2:
         return
-    ref_name, ref = placed[0]
-    for name, fg in placed[1:]:
-        dist = float(np.linalg.norm(fg.center_ras - ref.center_ras))
-        lo = np.maximum(fg.box_ras[0], ref.box_ras[0])
-        hi = np.minimum(fg.box_ras[1], ref.box_ras[1])
+    ref_name, ref_center, ref_box = placed[0]
+    for name, center, box in placed[1:]:
+        dist = float(np.linalg.norm(center - ref_center))
+        lo = np.maximum(box[0], ref_box[0])
+        hi = np.minimum(box[1], ref_box[1])
         inter = float(np.prod(np.clip(hi - lo, 0, None)))
-        smaller = min(float(np.prod(b[1] - b[0])) for b in (fg.box_ras, ref.box_ras))
+        smaller = min(float(np.prod(b[1] - b[0])) for b in (box, ref_box))
         overlap = inter / smaller if smaller > 0 else 0.0
         if overlap < 0.5:
             report.add(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -70,7 +71,7 @@ def pick_axial_slice(volume_ras: np.ndarray, labels_ras: np.ndarray | None = Non
 def _reference_point(images, labels, ages) -> np.ndarray:
     if labels:
         sizes = {a: int((np.asarray(im.array) >= 4).sum()) for a, im in labels.items()}
-        best = max(sizes, key=sizes.get)
+        best = max(sizes, key=lambda a: sizes[a])
         if sizes[best]:
             arr, aff = to_ras(labels[best])
             k = pick_axial_slice(arr, arr)
@@ -131,31 +132,26 @@ def subject_montage(
     cmap = ListedColormap([(0, 0, 0, 0)] + [label_colours.get(i, (1, 1, 1, 0.5)) for i in range(1, n_colours)])
     world = np.asarray(focus_mm, float) if focus_mm is not None else _reference_point(images, labels, ages)
     for c, age in enumerate(ages):
-        lab_ras = to_ras(labels[age])[0] if labels and age in labels else None
-        ref = next((images[m][age] for m in modalities if age in images[m]), None)
-        ref_arr, ref_aff = to_ras(ref if ref is not None else labels[age])
+        age_labels = labels.get(age) if labels else None
+        lab_ras = to_ras(age_labels)[0] if age_labels is not None else None
+        ref = next((images[m][age] for m in modalities if age in images[m]), age_labels)
+        if ref is None:  # cannot happen: every age comes from an image or a label map
+            raise ValueError(f"no image or label map at age {age}")
+        ref_arr, ref_aff = to_ras(ref)
         k = _slice_index(ref_aff, ref_arr.shape, world)
         for r, row in enumerate(rows):
             ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_facecolor("black")
-            for side in ax.spines.values():
-                side.set_color("#333333")
+            _blank_axes(ax)
             if row == "labels":
                 base = images[modalities[0]].get(age) if modalities else None
                 if base is not None:
-                    vol = to_ras(base)[0]
-                    lo, hi = window(vol)
-                    ax.imshow(axial_display(vol, k), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                    _draw_gray(ax, to_ras(base)[0], k)
                 if lab_ras is not None:
                     ax.imshow(
                         axial_display(lab_ras, k), cmap=cmap, vmin=-0.5, vmax=n_colours - 0.5, interpolation="nearest"
                     )
             elif age in images[row]:
-                vol = to_ras(images[row][age])[0]
-                lo, hi = window(vol)
-                ax.imshow(axial_display(vol, k), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                _draw_gray(ax, to_ras(images[row][age])[0], k)
             else:
                 text = empty_text if isinstance(empty_text, str) else empty_text.get(row, "missing")
                 ax.text(0.5, 0.5, text, color="#888888", ha="center", va="center", transform=ax.transAxes)
@@ -176,6 +172,21 @@ def subject_montage(
     finally:
         plt.close(fig)
     return out
+
+
+def _blank_axes(ax: Any) -> None:
+    """A black cell without ticks, framed in dark grey."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("black")
+    for side in ax.spines.values():
+        side.set_color("#333333")
+
+
+def _draw_gray(ax: Any, vol: np.ndarray, k: int) -> None:
+    """Axial slice ``k`` of a RAS volume in grey, windowed on the volume."""
+    lo, hi = window(vol)
+    ax.imshow(axial_display(vol, k), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
 
 
 def montage_from_timepoints(

@@ -49,7 +49,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -161,7 +161,7 @@ class ModelGrid:
     @property
     def extent_mm(self) -> tuple[float, float, float]:
         """Field of view of the grid in mm along its axes (shape x spacing)."""
-        return tuple(n * s for n, s in zip(self.shape, self.spacing))
+        return _float3("extent", [n * s for n, s in zip(self.shape, self.spacing)])
 
     def affine_for(self, image: Image, *, labels: bool = False) -> np.ndarray:
         """The grid's voxel-to-RAS affine when placed on ``image`` (see :func:`grid_affine`)."""
@@ -228,7 +228,7 @@ class ModelGrid:
 
         order = 0 if labels or self.interpolation == "nearest" else 1
         out = _resample(array, affine, target, self.shape, order=order, cval=background)
-        if not labels:
+        if lo is not None and hi is not None:  # an image, not a label map
             out = _to_model_units(out, lo, hi, self.value_range)
         record = GridRecord(
             affine=affine,
@@ -322,13 +322,13 @@ class GridRecord:
     def __post_init__(self) -> None:
         self.affine = _affine_field("affine", self.affine)
         self.grid_affine = _affine_field("grid_affine", self.grid_affine)
-        self.shape = _positive_ints("shape", self.shape, 3)
-        self.grid_shape = _positive_ints("grid_shape", self.grid_shape, 3)
-        self.value_range = _finite_floats("value_range", self.value_range, 2)
+        self.shape = _int3("shape", self.shape)
+        self.grid_shape = _int3("grid_shape", self.grid_shape)
+        self.value_range = _float2("value_range", self.value_range)
         if (self.lo is None) != (self.hi is None):
             raise ValueError("lo and hi must both be numbers or both be None")
         if self.lo is not None:
-            self.lo, self.hi = _finite_floats("lo/hi", (self.lo, self.hi), 2)
+            self.lo, self.hi = _float2("lo/hi", (self.lo, self.hi))
             if self.hi < self.lo:
                 raise ValueError(f"lo/hi must satisfy lo <= hi, got ({self.lo}, {self.hi})")
         self.labels = bool(self.labels)
@@ -342,7 +342,7 @@ class GridRecord:
     @property
     def grid_spacing(self) -> tuple[float, float, float]:
         """Voxel size of the grid in mm (norms of the grid affine's columns)."""
-        return tuple(float(s) for s in np.linalg.norm(self.grid_affine[:3, :3], axis=0))
+        return _float3("grid spacing", np.linalg.norm(self.grid_affine[:3, :3], axis=0))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; ``json.dumps`` round-trips every float exactly."""
@@ -412,7 +412,7 @@ def grid_affine(
     spacing: Sequence[float],
     *,
     orientation: str = "RAS",
-    center: Sequence[float] | None = None,
+    center: Sequence[float] | np.ndarray | None = None,
     snap: bool = True,
 ) -> np.ndarray:
     """The voxel-to-RAS affine of a grid placed on an image.
@@ -433,16 +433,17 @@ def grid_affine(
         The 4x4 float64 affine.
     """
     affine = np.asarray(affine, dtype=np.float64)
-    shape = _positive_ints("shape", shape, 3)
-    grid_shape = _positive_ints("grid_shape", grid_shape, 3)
-    spacing = np.asarray(_finite_floats("spacing", spacing, 3))
+    shape = _int3("shape", shape)
+    grid_shape = _int3("grid_shape", grid_shape)
+    spacing_mm = np.asarray(_finite_floats("spacing", spacing, 3))
     oriented = _oriented_affine(affine, shape, _axcodes("orientation", orientation))
     directions = oriented[:3, :3] / np.linalg.norm(oriented[:3, :3], axis=0)
-    linear = directions * spacing  # column j: direction of grid axis j, scaled to its voxel size
+    linear = directions * spacing_mm  # column j: direction of grid axis j, scaled to its voxel size
     if center is None:
-        center = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1.0) / 2.0) + affine[:3, 3]
-    center = np.asarray(center, dtype=np.float64).reshape(3)
-    origin = center - linear @ ((np.asarray(grid_shape, dtype=np.float64) - 1.0) / 2.0)
+        centre = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1.0) / 2.0) + affine[:3, 3]
+    else:
+        centre = np.asarray(center, dtype=np.float64).reshape(3)
+    origin = centre - linear @ ((np.asarray(grid_shape, dtype=np.float64) - 1.0) / 2.0)
     if snap:
         index = np.linalg.solve(affine[:3, :3], origin - affine[:3, 3])
         origin = affine[:3, :3] @ np.round(index) + affine[:3, 3]
@@ -492,7 +493,7 @@ def resample_to(
         check_affine(target, "reference_affine")
     except InputError as exc:
         raise ValueError(str(exc)) from exc
-    target_shape = _positive_ints("reference_shape", reference_shape, 3)
+    target_shape = _int3("reference_shape", reference_shape)
     out = _resample(array, image.affine, target, target_shape, order=order, cval=cval)
     if order == 0:
         out = out.astype(array.dtype)
@@ -504,7 +505,7 @@ def _oriented_affine(affine: np.ndarray, shape: tuple[int, int, int], axcodes: s
     # An expanded zero-size-in-memory tensor stands in for the voxels: in lazy mode MONAI
     # only composes the pending affine.
     stand_in = MetaTensor(torch.zeros(()).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
-    oriented = Orientation(axcodes=axcodes, labels=_RAS_LABELS, lazy=True)(stand_in)
+    oriented = cast(MetaTensor, Orientation(axcodes=axcodes, labels=_RAS_LABELS, lazy=True)(stand_in))
     return np.asarray(oriented.peek_pending_affine(), dtype=np.float64)
 
 
@@ -547,10 +548,10 @@ def _resample(
         mode="nearest" if order == 0 else "bilinear",
         padding_mode="border",
         align_corners=False,
-        dtype=torch.float64,
+        dtype=np.float64,
     )
-    out = resampler(img, dst_affine=torch.as_tensor(dst_affine), spatial_size=tuple(dst_shape))
-    out = np.asarray(out.as_tensor()[0].cpu().numpy(), dtype=np.float32)
+    resampled = cast(MetaTensor, resampler(img, dst_affine=torch.as_tensor(dst_affine), spatial_size=tuple(dst_shape)))
+    out = np.asarray(resampled.as_tensor()[0].cpu().numpy(), dtype=np.float32)
     inside = _inside_mask(src_affine, array.shape, dst_affine, dst_shape)
     if not inside.all():
         out = np.where(inside, out, np.float32(cval))
@@ -634,13 +635,29 @@ def _positive_ints(name: str, value: Any, n: int) -> tuple[int, ...]:
         if isinstance(v, Integral):
             iv = int(v)
         elif isinstance(v, Real) and math.isfinite(float(v)) and float(v).is_integer():
-            iv = int(v)
+            iv = int(float(v))
         else:
             raise ValueError(f"{name} must be {n} positive integers, got {value!r}")
         if iv <= 0:
             raise ValueError(f"{name} must be {n} positive integers, got {value!r}")
         out.append(iv)
     return tuple(out)
+
+
+def _int3(name: str, value: Any) -> tuple[int, int, int]:
+    """Three positive integers (a shape), typed as such."""
+    i, j, k = _positive_ints(name, value, 3)
+    return i, j, k
+
+
+def _float2(name: str, value: Any) -> tuple[float, float]:
+    a, b = _finite_floats(name, value, 2)
+    return a, b
+
+
+def _float3(name: str, value: Any) -> tuple[float, float, float]:
+    a, b, c = _finite_floats(name, value, 3)
+    return a, b, c
 
 
 def _finite_floats(name: str, value: Any, n: int) -> tuple[float, ...]:

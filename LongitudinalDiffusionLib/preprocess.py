@@ -425,9 +425,12 @@ def atlas_image(name: str = "icbm2009a", spacing: float = 2.0) -> Image:
     return Image(array.copy(), affine.copy(), {"source": f"atlas {name}"})
 
 
-def model_space_affine(extent_mm: Sequence[float], spacing: float) -> tuple[np.ndarray, tuple[int, int, int]]:
+def model_space_affine(
+    extent_mm: Sequence[float] | np.ndarray, spacing: float
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RAS affine and shape of a box of ``extent_mm`` centred on the model space's origin."""
-    shape = tuple(max(1, int(round(float(e) / spacing))) for e in extent_mm)
+    i, j, k = (max(1, int(round(float(e) / spacing))) for e in extent_mm)
+    shape = (i, j, k)
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1.0) / 2.0 * spacing
     return affine, shape
@@ -796,52 +799,14 @@ def preprocess_for(
     names = list(names) if names is not None else [f"input-{i}" for i in range(len(images))]
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
-    grids = [card.get(k) for k in ("grid", "sr_grid") if isinstance(card.get(k), Mapping)]
-    extent = (
-        np.max([np.asarray(g["shape"], float) * np.asarray(g["spacing"], float) for g in grids], axis=0)
-        if grids
-        else None
-    )
-    if spacing_mm is None:
-        spacing_mm = min(min(g["spacing"]) for g in grids) if grids else 2.0
+    extent, spacing = _model_extent(card, spacing_mm)
 
     work: list[Image] = []
     scans: list[PreprocessedScan] = []
     for index, (name, image) in enumerate(zip(names, images)):
-        source = image.meta.get("source", name)
-        check_affine(image.affine, source)
-        array = check_array(image.array, source).astype(np.float32)
-        img = Image(array, image.affine.copy(), dict(image.meta))
-        scan = PreprocessedScan(name, img.affine.copy(), img.shape, img, np.eye(4))
-        mask = None
         # the mask serves stripping, and the reference's alignment to the brain-only atlas
-        if spec.skull_strip or (spec.align != "none" and brain_masks and index == reference):
-            t = time.perf_counter()
-            try:
-                mask = extract_brain(img)
-            except LongitudinalDiffusionError:
-                if spec.skull_strip:
-                    raise
-                log.warning("deepbet is not installed: registering %s without a brain mask", name)
-            if mask is not None:
-                stripped = is_skull_stripped(img, mask)
-                scan.steps.append(
-                    {
-                        "step": "brain mask (deepbet)",
-                        "already_stripped": stripped,
-                        "seconds": round(time.perf_counter() - t, 2),
-                    }
-                )
-                if stripped:
-                    mask = array > array.min()
-                scan.brain_mask = mask
-        if spec.bias_field:
-            t = time.perf_counter()
-            img, scan.bias = correct_bias(img)
-            scan.steps.append({"step": "bias field (N4)", "seconds": round(time.perf_counter() - t, 2)})
-        if spec.skull_strip and mask is not None:
-            img = Image(np.where(mask, img.array, 0).astype(np.float32), img.affine, img.meta)
-            scan.steps.append({"step": "skull strip", "brain_ml": round(float(mask.sum()) * _voxel_ml(img), 1)})
+        want_mask = spec.skull_strip or (spec.align != "none" and brain_masks and index == reference)
+        img, scan = _prepare_scan(name, image, spec, want_mask)
         work.append(img)
         scans.append(scan)
 
@@ -849,14 +814,79 @@ def preprocess_for(
         for scan, img in zip(scans, work):
             scan.image = img
         return PreprocessResult(spec, scans, reference, images)
+    _to_model_space(spec, scans, work, names, reference, register_spacing_mm, extent, spacing)
+    return PreprocessResult(spec, scans, reference, images)
 
-    # Visits to the reference (rigid), the reference to the atlas (as the card says).
+
+def _model_extent(card: Mapping[str, Any], spacing_mm: float | None) -> tuple[np.ndarray | None, float]:
+    """The model space's extent (mm; the largest of the card's grids, None without grids) and
+    voxel size (``spacing_mm``, else the finest of the card's grids, else 2 mm)."""
+    grids = [g for g in (card.get("grid"), card.get("sr_grid")) if isinstance(g, Mapping)]
+    extent = (
+        np.max([np.asarray(g["shape"], float) * np.asarray(g["spacing"], float) for g in grids], axis=0)
+        if grids
+        else None
+    )
+    if spacing_mm is None:
+        spacing_mm = min(min(g["spacing"]) for g in grids) if grids else 2.0
+    return extent, float(spacing_mm)
+
+
+def _prepare_scan(name: str, image: Image, spec: PreprocessSpec, want_mask: bool) -> tuple[Image, PreprocessedScan]:
+    """One scan checked, brain-masked (when ``want_mask``), bias-corrected and stripped as
+    ``spec`` says, on its own grid; and its :class:`PreprocessedScan` record so far."""
+    source = image.meta.get("source", name)
+    check_affine(image.affine, source)
+    array = check_array(image.array, source).astype(np.float32)
+    img = Image(array, image.affine.copy(), dict(image.meta))
+    i, j, k = img.shape[:3]
+    scan = PreprocessedScan(name, img.affine.copy(), (i, j, k), img, np.eye(4))
+    mask = None
+    if want_mask:
+        t = time.perf_counter()
+        try:
+            mask = extract_brain(img)
+        except LongitudinalDiffusionError:
+            if spec.skull_strip:
+                raise
+            log.warning("deepbet is not installed: registering %s without a brain mask", name)
+        if mask is not None:
+            stripped = is_skull_stripped(img, mask)
+            scan.steps.append(
+                {
+                    "step": "brain mask (deepbet)",
+                    "already_stripped": stripped,
+                    "seconds": round(time.perf_counter() - t, 2),
+                }
+            )
+            if stripped:
+                mask = array > array.min()
+            scan.brain_mask = mask
+    if spec.bias_field:
+        t = time.perf_counter()
+        img, scan.bias = correct_bias(img)
+        scan.steps.append({"step": "bias field (N4)", "seconds": round(time.perf_counter() - t, 2)})
+    if spec.skull_strip and mask is not None:
+        img = Image(np.where(mask, img.array, 0).astype(np.float32), img.affine, img.meta)
+        scan.steps.append({"step": "skull strip", "brain_ml": round(float(mask.sum()) * _voxel_ml(img), 1)})
+    return img, scan
+
+
+def _to_model_space(
+    spec: PreprocessSpec,
+    scans: list[PreprocessedScan],
+    work: list[Image],
+    names: list[str],
+    ref: int,
+    register_spacing_mm: float,
+    extent: np.ndarray | None,
+    spacing_mm: float,
+) -> None:
+    """Visits to the reference (rigid), the reference to the atlas (as the card says), and
+    every scan resampled once into model space; fills each scan's image and transform."""
+    if spec.atlas is None:  # PreprocessSpec refuses this when aligning
+        raise ValueError("aligning needs an atlas")
     small = [_downsampled(img, register_spacing_mm) for img in work]
-    masks = [
-        None if s.brain_mask is None else _downsampled_mask(s.brain_mask, img, d)
-        for s, img, d in zip(scans, work, small)
-    ]
-    ref = reference
     to_ref = [np.eye(4) for _ in work]
     for i in range(len(work)):
         if i == ref:
@@ -870,8 +900,10 @@ def preprocess_for(
     t = time.perf_counter()
     atlas = atlas_image(spec.atlas, register_spacing_mm)
     moving = small[ref]
-    if masks[ref] is not None:  # brain to brain: the atlas shows the brain only
-        moving = Image(np.where(masks[ref], moving.array, 0).astype(np.float32), moving.affine, moving.meta)
+    ref_mask = scans[ref].brain_mask
+    if ref_mask is not None:  # brain to brain: the atlas shows the brain only
+        small_mask = _downsampled_mask(ref_mask, work[ref], moving)
+        moving = Image(np.where(small_mask, moving.array, 0).astype(np.float32), moving.affine, moving.meta)
     ref_to_atlas = register(atlas, moving, kind=spec.align)
     scans[ref].steps.append(
         {"step": f"{spec.align} to atlas {spec.atlas}", "seconds": round(time.perf_counter() - t, 2)}
@@ -879,17 +911,16 @@ def preprocess_for(
 
     if extent is None:
         extent = np.asarray(atlas.shape, float) * np.asarray(atlas.spacing)
-    model_affine, model_shape = model_space_affine(extent, float(spacing_mm))
+    model_affine, model_shape = model_space_affine(extent, spacing_mm)
     for i, (scan, img) in enumerate(zip(scans, work)):
         # model-space point -> reference point -> this visit's point
         scan.to_input_lps = to_ref[i] @ ref_to_atlas
         t = time.perf_counter()
         scan.image = _resample(
-            _antialiased(img, float(spacing_mm)), scan.to_input_lps, model_affine, model_shape, labels=False
+            _antialiased(img, spacing_mm), scan.to_input_lps, model_affine, model_shape, labels=False
         )
         scan.image.meta["preprocessed"] = True
         scan.steps.append({"step": "resample to model space", "seconds": round(time.perf_counter() - t, 2)})
-    return PreprocessResult(spec, scans, ref, images)
 
 
 def _voxel_ml(image: Image) -> float:
