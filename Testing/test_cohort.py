@@ -125,6 +125,34 @@ def test_isointense_phase_lies_between_the_two():
     assert ratios[0] < ratios[crossing] < ratios[-1] + 0.1
 
 
+def test_t1_follows_the_field_strength_as_measured():
+    """Rooney et al. (MRM 2007) fitted T1 = A * B0**b in white (583, 0.382) and grey matter
+    (857, 0.376) from 0.2 to 7 T and found CSF's T1 field independent; the simulator's 3 T
+    tissue values go to 1.5 T and 7 T with them, and a 1.5 T spin-echo T1w shows the adult
+    white/grey contrast with a shorter T1 (both brighter, the ratio kept above 1)."""
+    from dataclasses import replace
+
+    from LongitudinalDiffusionLib.demo import physics
+
+    wm3, gm3 = 583 * 3**0.382, 857 * 3**0.376
+    for field, tol in ((1.5, 0.015), (1.0, 0.03), (7.0, 0.05)):
+        assert physics.t1_at_field(wm3, field) == pytest.approx(583 * field**0.382, rel=tol)
+        assert physics.t1_at_field(gm3, field) == pytest.approx(857 * field**0.376, rel=tol)
+    assert physics.t1_at_field(physics.T1_CSF_MS, 1.5) == pytest.approx(physics.T1_CSF_MS)
+    assert physics.t1_at_field(wm3, 3.0) == wm3  # the 3 T values unchanged, bit for bit
+    with pytest.raises(ValueError, match="field strength"):
+        physics.t1_at_field(wm3, 0.0)
+    t1w = physics.SEQUENCES["T1w"]
+    at15 = replace(t1w, field_t=1.5)
+    wm, gm = (
+        (physics.signal(s, wm3, 70.0, 0.69) for s in (t1w, at15)),
+        (physics.signal(s, gm3, 95.0, 0.8) for s in (t1w, at15)),
+    )
+    (wm_3t, wm_15), (gm_3t, gm_15) = wm, gm
+    assert wm_15 > wm_3t and gm_15 > gm_3t and wm_15 / gm_15 > 1.0
+    assert at15.bids_sidecar()["MagneticFieldStrength"] == 1.5 and t1w.bids_sidecar()["MagneticFieldStrength"] == 3
+
+
 def test_lesion_enhances_only_with_contrast_and_oedema_is_bright_on_t2_and_flair():
     subject = brain.draw_subject(np.random.default_rng([5, 2]), "x", lesion_probability=1.0)
     ses = brain.simulate_session(subject, 24.0, np.random.default_rng(2), **MEDIUM)

@@ -90,6 +90,32 @@ def test_test_subjects_are_the_simulators_next_subjects(tmp_path):
     assert sidecar["RepetitionTime"] == pytest.approx(0.45) and sidecar["EchoTime"] == pytest.approx(0.02)
     assert not np.array_equal(load_image(site_b / name).array, load_image(out / name).array)
     assert test_sets.physics.SEQUENCES["T1w"].tr == 600.0  # the site's settings do not leak out
+    # site C: site A's protocol at 1.5 T - the same anatomy, shorter tissue T1, half the SNR
+    site_c = test_sets.write_test_set(
+        tmp_path / "site-c",
+        seed=5,
+        first=1,
+        n_subjects=1,
+        first_heart=0,
+        n_hearts=0,
+        spacing=spacing,
+        heart_spacing=False,
+        site="C",
+    )
+    sidecar_c = json.loads((site_c / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
+    sidecar_a = json.loads((out / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
+    assert sidecar_a["MagneticFieldStrength"] == 3 and sidecar_c["MagneticFieldStrength"] == 1.5
+    assert sidecar_c["RepetitionTime"] == sidecar_a["RepetitionTime"]
+    dseg = "derivatives/groundtruth/" + name.replace("_T1w.nii.gz", "_dseg.nii.gz")
+    np.testing.assert_array_equal(load_image(site_c / dseg).array, load_image(out / dseg).array)
+    assert not np.array_equal(load_image(site_c / name).array, load_image(out / name).array)
+    assert test_sets.physics.SEQUENCES["T1w"].field_t == 3.0
+    with pytest.raises(ValueError, match="unknown site 'Z'"):
+        test_sets.write_test_set(
+            tmp_path / "z", seed=5, first=1, n_subjects=1, first_heart=0, n_hearts=0, spacing=spacing,
+            heart_spacing=False, site="Z",
+        )  # fmt: skip
+    assert not (tmp_path / "z").exists() and not (tmp_path / ".z.partial").exists()
 
 
 def test_split_conflicts_follow_the_population():

@@ -19,10 +19,12 @@
 * ``site-b``: the same subjects at 5 mm on another "site": other repetition, echo and
   inversion times (T1w/T1ce TR 450 ms TE 20 ms, T2w TR 3500 ms TE 90 ms, FLAIR TR 7000 ms
   TE 90 ms, TI nulling CSF) through the same signal equations, and half the SNR (more
-  Rician noise added to the magnitude images). The field strength stays 3 T: the
-  simulator's relaxation times are 3 T values and it has no model of their field
-  dependence, so changing it would not keep the physics. No hearts (the cine phantom has
-  one bSSFP sequence).
+  Rician noise added to the magnitude images), at 3 T. No hearts (the cine phantom has
+  one bSSFP sequence);
+* ``site-c``: the same subjects at 5 mm on a 1.5 T scanner with site A's protocol: every
+  tissue's T1 at 1.5 T (:func:`LongitudinalDiffusionLib.demo.physics.t1_at_field`; white
+  matter about 890 -> 670 ms, grey matter 1300 -> 1010 ms, CSF unchanged, so FLAIR's TI
+  still nulls it) and half the SNR (SNR grows about linearly with the field). No hearts.
 
 Each cohort's ``dataset_description.json`` records the simulator seed, the subject indices
 and the scan settings under ``SimulationParameters`` (``test_split``, ``site``).
@@ -53,6 +55,7 @@ SETS = {
     "aniso": ((1.0, 1.0, 4.0), (1.0, 1.0, 4.0), "A", 1.0),
     "site-b": ((5.0, 5.0, 5.0), False, "B", 1.0),
     "variety": ((5.0, 5.0, 5.0), False, "A", 2.5),
+    "site-c": ((5.0, 5.0, 5.0), False, "C", 1.0),
 }
 
 SITE_B = {
@@ -61,8 +64,9 @@ SITE_B = {
     "T2w": physics.Sequence("T2w", "spin_echo", tr=3500.0, te=90.0),
     "FLAIR": physics.Sequence("FLAIR", "inversion_recovery", tr=7000.0, te=90.0, ti=round(physics.csf_null_ti(7000.0))),
 }
-#: site B's noise: its SNR is the simulated one divided by this
-SITE_B_SNR_DIVISOR = 2.0
+SITE_C = {name: replace(seq, field_t=1.5) for name, seq in physics.SEQUENCES.items()}
+#: site -> (its sequences, the divisor of the simulated SNR)
+SITES = {"B": (SITE_B, 2.0), "C": (SITE_C, 2.0)}
 
 
 @contextlib.contextmanager
@@ -72,7 +76,7 @@ def _site(site: str):
         yield
         return
     saved = dict(physics.SEQUENCES)
-    physics.SEQUENCES.update(SITE_B)
+    physics.SEQUENCES.update(SITES[site][0])
     try:
         yield
     finally:
@@ -103,6 +107,8 @@ def write_test_set(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another folder")
+    if site != "A" and site not in SITES:
+        raise ValueError(f"unknown site {site!r}; known: A, {', '.join(SITES)}")
     spec = sim.CohortSpec(
         n_subjects=first + n_subjects, seed=seed, shape=_shape(FOV_MM, spacing), spacing=spacing, variety=variety
     )
@@ -144,22 +150,23 @@ def write_test_set(
 
 
 def _write_subject(root: Path, spec: sim.CohortSpec, subj: brain.BrainSubject, site: str) -> None:
-    """As the simulator writes a subject (same per-session seeds), plus site B's extra noise."""
+    """As the simulator writes a subject (same per-session seeds), plus a site's extra noise."""
     sessions = []
     for k, age in enumerate(subj.ages):
         ses = f"{k + 1:02d}"
         rng = np.random.default_rng([spec.seed, int(subj.subject_id), k, 7])
         session = brain.simulate_session(subj, age, rng, shape=spec.shape, spacing=spec.spacing)
-        if site == "B":
+        if site != "A":
+            divisor = SITES[site][1]
             noise = np.random.default_rng([spec.seed, int(subj.subject_id), k, 99])
             for name, image in list(session.images.items()):
                 snr = session.meta["scans"][name]["SimulatedSNR"]
                 # Rician magnitude with per-channel sigma s has total sigma s; adding complex noise of
                 # sigma s * sqrt(d^2 - 1) makes it s * d, i.e. the SNR divided by d.
-                extra = (1000.0 / snr) * np.sqrt(SITE_B_SNR_DIVISOR**2 - 1.0)
+                extra = (1000.0 / snr) * np.sqrt(divisor**2 - 1.0)
                 noisy = physics.rician(noise, image.array.astype(np.float32), extra)
                 session.images[name] = Image(noisy.astype(np.float32), image.affine)
-                session.meta["scans"][name]["SimulatedSNR"] = round(snr / SITE_B_SNR_DIVISOR, 2)
+                session.meta["scans"][name]["SimulatedSNR"] = round(snr / divisor, 2)
         sim._write_session(root, subj, ses, session)
         sessions.append({"session_id": f"ses-{ses}", "age": age})
     sub_dir = root / f"sub-{subj.subject_id}"
