@@ -240,3 +240,56 @@ def test_the_variety_test_set_holds_the_same_people_further_from_the_template():
     with pytest.raises(ValueError, match="variety must lie in"):
         CohortSpec(variety=0.5)
     assert test_sets.SETS["variety"][3] == 2.5
+
+
+def test_the_motion_test_set_moves_half_the_scans_and_says_which(tmp_path):
+    """Scans drawn to move carry ghosts and their movements in the sidecar; the others are
+    site A's scans bit for bit; the labels are those of the head before it moved."""
+    spacing = (10.0, 10.0, 10.0)
+    kwargs = dict(seed=5, first=1, n_subjects=1, first_heart=0, n_hearts=0, spacing=spacing, heart_spacing=False)
+    still = test_sets.write_test_set(tmp_path / "still", site="A", **kwargs)
+    moved = test_sets.write_test_set(tmp_path / "moved", site="A", motion=0.5, **kwargs)
+    n_moved = n_still = 0
+    for sidecar in sorted((moved / "sub-002").rglob("*.json")):
+        if "sessions" in sidecar.name:
+            continue
+        nifti = sidecar.with_name(sidecar.name.replace(".json", ".nii.gz"))
+        a = load_image(still / nifti.relative_to(moved)).array
+        b = load_image(nifti).array
+        record = json.loads(sidecar.read_text(encoding="utf-8")).get("SimulatedMotion")
+        if record is None:
+            n_still += 1
+            np.testing.assert_array_equal(a, b)
+        else:
+            n_moved += 1
+            assert len(record["MomentsFractionOfScan"]) == test_sets.MOTION_MOVES
+            assert np.abs(np.asarray(record["RotationDegrees"])).max() <= test_sets.MOTION_DEGREES
+            assert b.min() >= 0 and np.abs(b - a).mean() > 0.05 * a.mean()  # visibly corrupted
+    assert n_moved >= 2 and n_still >= 2, (n_moved, n_still)
+    for dseg in (still / "derivatives").rglob("*_dseg.nii.gz"):
+        np.testing.assert_array_equal(load_image(dseg).array, load_image(moved / dseg.relative_to(still)).array)
+    described = json.loads((moved / "dataset_description.json").read_text(encoding="utf-8"))
+    assert described["SimulationParameters"]["motion"]["chance_per_scan"] == 0.5
+    with pytest.raises(ValueError, match="motion is the chance"):
+        test_sets.write_test_set(tmp_path / "bad", site="A", motion=1.5, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_head_that_does_not_move_leaves_no_artefact(monkeypatch):
+    """The k-space motion model with zero movement returns the scan; with movement, signal
+    leaks into the background as ghosts along the phase-encoding axis."""
+    from LongitudinalDiffusionLib.demo import brain
+
+    subject = brain.draw_subject(np.random.default_rng([11, 16]), "x", lesion_probability=0.0)
+    ses = brain.simulate_session(
+        subject, 12.0, np.random.default_rng(1), shape=(32, 40, 32), spacing=(5.0, 5.0, 5.0), modalities=("T1w",)
+    )
+    image, air = ses.images["T1w"], ses.labels.array == 0
+    moved, _ = test_sets.move_during_scan(image, np.random.default_rng(3))
+    assert moved.array[air].mean() > 1.03 * image.array[air].mean()
+    assert np.array_equal(moved.affine, image.affine) and moved.shape == image.shape
+    monkeypatch.setattr(test_sets, "MOTION_DEGREES", 0.0)
+    monkeypatch.setattr(test_sets, "MOTION_MM", 0.0)
+    still, record = test_sets.move_during_scan(image, np.random.default_rng(3))
+    np.testing.assert_allclose(still.array, image.array, atol=1e-3 * float(image.array.max()))
+    assert record["TranslationMm"] == [[0.0, 0.0, 0.0]] * test_sets.MOTION_MOVES

@@ -24,7 +24,12 @@
 * ``site-c``: the same subjects at 5 mm on a 1.5 T scanner with site A's protocol: every
   tissue's T1 at 1.5 T (:func:`LongitudinalDiffusionLib.demo.physics.t1_at_field`; white
   matter about 890 -> 670 ms, grey matter 1300 -> 1010 ms, CSF unchanged, so FLAIR's TI
-  still nulls it) and half the SNR (SNR grows about linearly with the field). No hearts.
+  still nulls it) and half the SNR (SNR grows about linearly with the field). No hearts;
+* ``motion``: the same subjects at 5 mm on site A, where half the scans (drawn per scan) moved
+  during the acquisition: :func:`move_during_scan`, two rigid movements of up to 5 degrees and
+  5 mm per axis at random moments, k-space lines acquired after a movement coming from the
+  moved head (ghosts along the phase-encoding axis, blur, a shifted centre). The ground-truth
+  labels are those of the head before it moved. No hearts.
 
 Each cohort's ``dataset_description.json`` records the simulator seed, the subject indices
 and the scan settings under ``SimulationParameters`` (``test_split``, ``site``).
@@ -48,15 +53,19 @@ FOV_MM = (160.0, 200.0, 160.0)  # the demo cohort's brain field of view
 HEART_FOV_MM = (128.0, 128.0, 120.0)  # the cine phantom's default field of view
 
 #: name -> (brain spacing, heart spacing or None for the phantom's default / False for none,
-#: site, anatomical variety)
+#: site, anatomical variety, fraction of scans with motion)
 SETS = {
-    "in-distribution": ((5.0, 5.0, 5.0), None, "A", 1.0),
-    "4mm": ((4.0, 4.0, 4.0), (4.0, 4.0, 4.0), "A", 1.0),
-    "aniso": ((1.0, 1.0, 4.0), (1.0, 1.0, 4.0), "A", 1.0),
-    "site-b": ((5.0, 5.0, 5.0), False, "B", 1.0),
-    "variety": ((5.0, 5.0, 5.0), False, "A", 2.5),
-    "site-c": ((5.0, 5.0, 5.0), False, "C", 1.0),
+    "in-distribution": ((5.0, 5.0, 5.0), None, "A", 1.0, 0.0),
+    "4mm": ((4.0, 4.0, 4.0), (4.0, 4.0, 4.0), "A", 1.0, 0.0),
+    "aniso": ((1.0, 1.0, 4.0), (1.0, 1.0, 4.0), "A", 1.0, 0.0),
+    "site-b": ((5.0, 5.0, 5.0), False, "B", 1.0, 0.0),
+    "variety": ((5.0, 5.0, 5.0), False, "A", 2.5, 0.0),
+    "site-c": ((5.0, 5.0, 5.0), False, "C", 1.0, 0.0),
+    "motion": ((5.0, 5.0, 5.0), False, "A", 1.0, 0.5),
 }
+#: the motion set's movements: how many per scan, and their largest rotation (degrees) and
+#: translation (mm) about / along each axis
+MOTION_MOVES, MOTION_DEGREES, MOTION_MM = 2, 5.0, 5.0
 
 SITE_B = {
     "T1w": physics.Sequence("T1w", "spin_echo", tr=450.0, te=20.0),
@@ -101,14 +110,18 @@ def write_test_set(
     site: str,
     heart_frames: int = 10,
     variety: float = 1.0,
+    motion: float = 0.0,
 ) -> Path:
     """Subjects ``first`` .. ``first + n_subjects - 1`` of ``seed`` (and hearts likewise) at
-    ``spacing`` on ``site``, as one cohort folder at ``out`` (must not exist)."""
+    ``spacing`` on ``site``, as one cohort folder at ``out`` (must not exist); ``motion`` is
+    the chance that a scan moved during its acquisition."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another folder")
     if site != "A" and site not in SITES:
         raise ValueError(f"unknown site {site!r}; known: A, {', '.join(SITES)}")
+    if not 0.0 <= motion <= 1.0:
+        raise ValueError(f"motion is the chance that a scan moved, in [0, 1], got {motion}")
     spec = sim.CohortSpec(
         n_subjects=first + n_subjects, seed=seed, shape=_shape(FOV_MM, spacing), spacing=spacing, variety=variety
     )
@@ -129,13 +142,20 @@ def write_test_set(
     }
     meta["SimulationParameters"]["site"] = site
     meta["SimulationParameters"]["variety"] = variety
+    if motion:
+        meta["SimulationParameters"]["motion"] = {
+            "chance_per_scan": motion,
+            "movements": MOTION_MOVES,
+            "max_degrees": MOTION_DEGREES,
+            "max_mm": MOTION_MM,
+        }
     meta["SimulationParameters"]["deformation_from_template"] = {
         f"sub-{s.subject_id}": {k: round(v, 3) for k, v in brain.deformation_stats(s).items()} for s in subjects
     }
     write_json(description, meta)
     with _site(site):
         for subj in subjects:
-            _write_subject(work, spec, subj, site)
+            _write_subject(work, spec, subj, site, motion)
     if heart_spacing is not False:
         from LongitudinalDiffusionLib.demo.heart import simulate_heart, write_heart
 
@@ -149,8 +169,9 @@ def write_test_set(
     return out
 
 
-def _write_subject(root: Path, spec: sim.CohortSpec, subj: brain.BrainSubject, site: str) -> None:
-    """As the simulator writes a subject (same per-session seeds), plus a site's extra noise."""
+def _write_subject(root: Path, spec: sim.CohortSpec, subj: brain.BrainSubject, site: str, motion: float) -> None:
+    """As the simulator writes a subject (same per-session seeds), plus a site's extra noise
+    and, with chance ``motion`` per scan, movement during the scan."""
     sessions = []
     for k, age in enumerate(subj.ages):
         ses = f"{k + 1:02d}"
@@ -167,6 +188,13 @@ def _write_subject(root: Path, spec: sim.CohortSpec, subj: brain.BrainSubject, s
                 noisy = physics.rician(noise, image.array.astype(np.float32), extra)
                 session.images[name] = Image(noisy.astype(np.float32), image.affine)
                 session.meta["scans"][name]["SimulatedSNR"] = round(snr / divisor, 2)
+        if motion:
+            moves = np.random.default_rng([spec.seed, int(subj.subject_id), k, 131])
+            for name in sorted(session.images):
+                if moves.random() < motion:
+                    moved, record = move_during_scan(session.images[name], moves)
+                    session.images[name] = moved
+                    session.meta["scans"][name]["SimulatedMotion"] = record
         sim._write_session(root, subj, ses, session)
         sessions.append({"session_id": f"ses-{ses}", "age": age})
     sub_dir = root / f"sub-{subj.subject_id}"
@@ -175,6 +203,53 @@ def _write_subject(root: Path, spec: sim.CohortSpec, subj: brain.BrainSubject, s
         sub_dir / f"sub-{subj.subject_id}_sessions.json",
         {"age": {"Description": "age at scan (postnatal, simulated)", "Units": "months"}},
     )
+
+
+def move_during_scan(image: Image, rng: np.random.Generator, axis: int = 1) -> tuple[Image, dict]:
+    """``image`` as if the head moved rigidly during the acquisition.
+
+    The k-space model of motion artefacts (Shaw et al., MIDL 2019): phase-encoding lines
+    along ``axis`` are acquired in order; at :data:`MOTION_MOVES` random moments (drawn in
+    20-80 % of the scan) the head takes a new pose (rotations up to :data:`MOTION_DEGREES`
+    about each axis through the volume's centre, translations up to :data:`MOTION_MM`), and
+    the lines acquired from then on are those of the moved head. The image is the magnitude
+    of the inverse transform. (TorchIO's ``Motion`` implements the same model but returns the
+    real part of that inverse, not the magnitude a scanner shows, and would add ten packages
+    to the test environment; this is the model in numpy and scipy.)
+
+    Returns:
+        The moved image (same grid, float32, non-negative) and a record of the movements
+        (for the scan's sidecar).
+    """
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    array = np.asarray(image.array, dtype=np.float64)
+    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    times = np.sort(rng.uniform(0.2, 0.8, MOTION_MOVES))
+    degrees = rng.uniform(-MOTION_DEGREES, MOTION_DEGREES, (MOTION_MOVES, 3))
+    shifts_mm = rng.uniform(-MOTION_MM, MOTION_MM, (MOTION_MOVES, 3))
+    centre = (np.asarray(array.shape, dtype=np.float64) - 1.0) / 2.0
+    spectrum = np.fft.fftshift(np.fft.fftn(array))
+    n_lines = array.shape[axis]
+    starts = [int(round(t * n_lines)) for t in times] + [n_lines]
+    for move in range(MOTION_MOVES):
+        # the pose in voxel units: rotate the physical (mm) frame, then shift
+        rot = Rotation.from_euler("xyz", degrees[move], degrees=True).as_matrix()
+        matrix = np.diag(1.0 / spacing) @ rot.T @ np.diag(spacing)  # output voxel -> input voxel
+        offset = centre - matrix @ centre - shifts_mm[move] / spacing
+        moved = ndimage.affine_transform(array, matrix, offset=offset, order=1, mode="constant", cval=0.0)
+        lines = [slice(None)] * array.ndim
+        lines[axis] = slice(starts[move], starts[move + 1])
+        spectrum[tuple(lines)] = np.fft.fftshift(np.fft.fftn(moved))[tuple(lines)]
+    out = np.abs(np.fft.ifftn(np.fft.ifftshift(spectrum))).astype(np.float32)
+    record = {
+        "PhaseEncodingAxis": axis,
+        "MomentsFractionOfScan": [round(float(t), 3) for t in times],
+        "RotationDegrees": np.round(degrees, 2).tolist(),
+        "TranslationMm": np.round(shifts_mm, 2).tolist(),
+    }
+    return Image(out, np.asarray(image.affine).copy()), record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets (default all)")
     args = parser.parse_args(argv)
     for name in args.sets:
-        spacing, heart_spacing, site, variety = SETS[name]
+        spacing, heart_spacing, site, variety, motion = SETS[name]
         path = write_test_set(
             Path(args.out) / name,
             seed=args.seed,
@@ -200,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             heart_spacing=heart_spacing,
             site=site,
             variety=variety,
+            motion=motion,
         )
         print(f"{name}: {path}", file=sys.stderr)
     return 0
