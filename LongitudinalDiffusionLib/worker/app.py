@@ -18,10 +18,8 @@ N-th uploaded file; the server stores the files under names it makes itself.
 """
 
 import asyncio
-import errno
 import json
 import logging
-import os
 import re
 import shutil
 import sqlite3
@@ -41,7 +39,9 @@ from .. import __version__
 from ..errors import InputError, LongitudinalDiffusionError, ModelNotFound
 from ..jobs import FINAL_KINDS, JobExpired, JobInput, JobSpec, UnknownJob
 from . import API_VERSION
+from .guard import USER_KEY, Guard
 from .hub import EventHub
+from .problems import data_folder_problem, storage_problem, validation_message
 from .settings import Settings
 from .state import WorkerState
 from .store import Store
@@ -55,9 +55,6 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}\Z")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 #: an idle event stream sends a comment this often (proxies and clients see it is alive)
 KEEPALIVE_SECONDS = 15.0
-#: errors of a data folder the worker cannot write
-STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
-USER_KEY = "longdiff.user"
 
 
 class InputForm(BaseModel):
@@ -140,103 +137,6 @@ class WorkerError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-# ----------------------------------------------------------------------------- front door
-
-
-PUBLIC_PATHS = frozenset({"/v1/health"})
-
-
-def bearer_token(header: bytes | None) -> bytes | None:
-    """The token of an ``Authorization: Bearer <token>`` header, else None."""
-    if not header:
-        return None
-    scheme, _, value = header.partition(b" ")
-    if scheme.lower() != b"bearer" or not value.strip():
-        return None
-    return value.strip()
-
-
-class Guard:
-    """The worker's front door, before any route runs or any body byte is read.
-
-    * The ``Authorization`` header is read here, once: a request with two gets 400, one
-      without a known token 401 (every path but ``/v1/health``) - an unauthenticated client
-      cannot make the worker receive, parse or spool an upload. The user it names is put
-      in the request's scope for the routes.
-    * Request bodies over the limit get 413: by ``Content-Length`` at once, and while
-      streaming (chunked uploads) as soon as the limit is passed - the application then
-      sees a disconnected client and whatever it would answer is dropped.
-    * A client that stops sending its body for ``body_timeout`` seconds gets 408.
-    """
-
-    def __init__(self, app: Any, limit: int, users: Users, body_timeout: float = 30.0) -> None:
-        self.app, self.limit, self.users, self.body_timeout = app, limit, users, body_timeout
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        raw = scope.get("headers") or []
-        auth = [v for k, v in raw if k.lower() == b"authorization"]
-        if len(auth) > 1:
-            return await _send_json(send, 400, "send one Authorization header, not several")
-        headers = dict(raw)
-        user = None
-        token = bearer_token(auth[0]) if auth else None
-        if token is not None:
-            user = self.users.lookup(token)
-        if scope.get("path") not in PUBLIC_PATHS and user is None:
-            problem = "wrong access token" if auth else "missing access token"
-            detail = f"{problem} (send 'Authorization: Bearer <token>')"
-            return await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
-        scope[USER_KEY] = user
-        message = f"request body exceeds this worker's upload limit of {self.limit / 2**20:g} MB"
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_json(send, 413, message)
-        seen, started, refused, body_done = 0, False, False, False
-
-        async def limited() -> dict:
-            nonlocal seen, refused, body_done
-            if refused:
-                return {"type": "http.disconnect"}
-            if body_done:  # afterwards only a disconnect can come: wait for it as long as it takes
-                return await receive()
-            try:
-                msg = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
-                if not started:
-                    await _send_json(send, 408, f"no part of the request body came for {self.body_timeout:g} s")
-                refused = True
-                return {"type": "http.disconnect"}
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                body_done = not msg.get("more_body", False)
-                if seen > self.limit:
-                    if not started:
-                        await _send_json(send, 413, message)
-                    refused = True
-                    return {"type": "http.disconnect"}
-            return msg
-
-        async def guarded_send(msg: dict) -> None:
-            nonlocal started
-            if refused:
-                return  # the 413 has been answered; the application's reply goes nowhere
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        await self.app(scope, limited, guarded_send)
-
-
-async def _send_json(send: Any, status: int, message: str, extra: list | None = None) -> None:
-    body = json.dumps({"detail": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += extra or []
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 # ----------------------------------------------------------------------------- event push
 
 
@@ -252,61 +152,6 @@ class CountedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._release()
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-#: SQLite's primary result codes of a data folder that cannot be written (read-only, full, I/O)
-SQLITE_STORAGE_CODES = {
-    getattr(sqlite3, name, value)
-    for name, value in (("SQLITE_READONLY", 8), ("SQLITE_IOERR", 10), ("SQLITE_FULL", 13), ("SQLITE_CANTOPEN", 14))
-}
-
-
-def storage_problem(exc: BaseException) -> str | None:
-    """The one-line message for an error of the data folder (read-only, full...), else None."""
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        reason = exc.strerror or os.strerror(exc.errno)
-        return f"the worker cannot write its data folder ({reason}); tell its administrator"
-    if isinstance(exc, sqlite3.OperationalError):
-        # sqlite_errorcode is Python 3.11+ (extended codes carry the primary in the low byte)
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None:
-            storage = (code & 0xFF) in SQLITE_STORAGE_CODES
-        else:  # Python 3.9/3.10 (Slicer 5.8 runs 3.9) give only the message: the fallback
-            text = str(exc).lower()
-            storage = any(k in text for k in ("readonly", "read-only", "disk", "full", "unable to open"))
-        if storage:
-            return f"the worker cannot write its job database ({exc}); tell its administrator"
-    return None
-
-
-def validation_message(exc: RequestValidationError) -> str:
-    """FastAPI's list of validation errors as one line: 'where: what' of the first, and how many more."""
-    errors = list(exc.errors())
-    if not errors:
-        return "invalid request"
-    first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
-    where = ".".join(loc) or "request"
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}: {str(first.get('msg', 'invalid')).splitlines()[0]}{more}"
-
-
-def data_folder_problem(data: Any) -> str | None:
-    """Whether the worker can create a file in its data folder (None) or why not."""
-    probe = os.path.join(str(data), f".health-{os.getpid()}")
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return f"the worker cannot write its data folder ({exc.strerror or exc})"
-    return None
 
 
 # ----------------------------------------------------------------------------- application

@@ -13,7 +13,7 @@
 A request the HTTP layer cannot parse (a malformed request line, headers over
 ``h11_max_incomplete_event_size``) gets the one-line JSON 400 as well.
 
-The body read timeout is the :class:`~.app.Guard`'s (``body_timeout``), the keep-alive
+The body read timeout is the :class:`~.guard.Guard`'s (``body_timeout``), the keep-alive
 timeout uvicorn's own (``timeout_keep_alive``).
 """
 
