@@ -50,9 +50,9 @@ OOM_MODEL = "interval-oom"
 #: worker's runner, store and API handle it; production code knows nothing of it.
 OOM_PREAMBLE = """
 import torch
-from LongitudinalDiffusionLib import tasks
+from LongitudinalDiffusionLib.tasks import common
 
-_load_model = tasks.load_model
+_load_model = common.load_model
 
 def _load_model_on_a_small_gpu(name, device="cpu"):
     loaded = _load_model(name, device=device)
@@ -65,7 +65,7 @@ def _load_model_on_a_small_gpu(name, device="cpu"):
         loaded.network.forward = forward
     return loaded
 
-tasks.load_model = _load_model_on_a_small_gpu
+common.load_model = _load_model_on_a_small_gpu
 """
 
 
