@@ -54,6 +54,14 @@ class Timepoint:
         session = f" ({self.session})" if self.session else ""
         return f"{self.modality.value} at {self.age_label}{session}"
 
+    def volume(self) -> Image:
+        """The image: the one held, else read from :attr:`source` (not kept)."""
+        if self.image is not None:
+            return self.image
+        if self.source is None:
+            raise InputError(None, f"{self.describe()}: no image, and no file to read it from")
+        return load_image(self.source)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (the image itself is referred to by its file)."""
         return {

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..imaging import Image, load_image
+from ..imaging import Image
 from ..progress import ProgressCallback, Stage
 from ..subject import Subject, Timepoint, load_bids_subject
 
@@ -124,7 +123,7 @@ def _showcase(cohort, out, models, subject_id, missing_age_near, modality_sessio
     show.scene_results.append((result, without))
     generated_age = result.image("generated", age)
     modality = next(r.modality for r in result.images if r.kind == "generated")
-    real_row = {tp.age: _load(tp) for tp in subject.timepoints if tp.modality.value == modality}
+    real_row = {tp.age: tp.volume() for tp in subject.timepoints if tp.modality.value == modality}
     show.figures["missing-age"] = subject_montage(
         {f"{modality} real": real_row, f"{modality} generated": {age: generated_age}},
         out / "figures" / "missing_age.png",
@@ -148,7 +147,7 @@ def _showcase(cohort, out, models, subject_id, missing_age_near, modality_sessio
     )
     show.results["missing-modality"] = result.save(out / "results" / "missing-modality", overwrite=True)[0].parent
     show.scene_results.append((result, None))
-    rows = {tp.modality.value: {session_age: _load(tp)} for tp in visit}
+    rows = {tp.modality.value: {session_age: tp.volume()} for tp in visit}
     rows[f"{target} generated"] = {session_age: result.image("generated")}
     show.figures["missing-modality"] = subject_montage(
         rows,
@@ -187,14 +186,6 @@ def _showcase(cohort, out, models, subject_id, missing_age_near, modality_sessio
     return show
 
 
-def _load(tp: Timepoint) -> Image:
-    if tp.image is not None:
-        return tp.image
-    if tp.source is None:
-        raise InputError(None, f"the {tp.describe()} scan has neither an image nor a file")
-    return load_image(tp.source)
-
-
 def _trajectories(
     cohort: Path,
     generated: dict[tuple[str, float], Image],
@@ -214,7 +205,7 @@ def _trajectories(
     for sub in sorted(p.name for p in cohort.glob("sub-*") if p.is_dir()):
         for tp in load_bids_subject(cohort, subject=sub.removeprefix("sub-")).timepoints:
             if tp.modality.value == "T1w":
-                scans.append((sub, tp.age, _load(tp), False))
+                scans.append((sub, tp.age, tp.volume(), False))
     scans += [(sid, age, image, True) for (sid, age), image in generated.items()]
     rows = []
     grid, run_on = loaded.card.card.get("grid"), resolve_device(device)

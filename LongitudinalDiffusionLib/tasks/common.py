@@ -107,14 +107,6 @@ def _grid(loaded: LoadedModel, key: str = "grid") -> ModelGrid:
     return ModelGrid.from_dict(spec)
 
 
-def _image(tp: Timepoint) -> Image:
-    if tp.image is not None:
-        return tp.image
-    if tp.source is None:
-        raise InputError(None, f"{tp.describe()}: no image, and no file to read it from")
-    return load_image(tp.source)
-
-
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)[None, None]
 
@@ -190,7 +182,7 @@ def _checked_content(
 ) -> None:
     """The domain checks of the scans as given (:mod:`..domain`, ``content``), before
     preprocessing spends time on them: a refusal stops here, with every warning so far."""
-    images = [_image(tp) for tp in timepoints]
+    images = [tp.volume() for tp in timepoints]
     check_images(loaded.card.card, images, report, names=names, labels=labels, distinct=distinct, space=False)
     if report.refusals:
         report.announce(opts.progress)
@@ -271,7 +263,7 @@ def _preprocessed(loaded: LoadedModel, timepoints: list[Timepoint], opts: RunOpt
         return None, timepoints, {"applied": False, "reason": "switched off (--no-preprocess)"}
     if not spec.active:
         return None, timepoints, {"applied": False, "reason": "the model card asks for none"}
-    images = [_image(tp) for tp in timepoints]
+    images = [tp.volume() for tp in timepoints]
     if opts.preprocess is None and all(pp.in_model_space(img, tp.source) for img, tp in zip(images, timepoints)):
         return None, timepoints, {"applied": False, "reason": "the scans are already in the model's space"}
     names: list[str] = []
@@ -320,7 +312,7 @@ def _as_image(x: Image | Timepoint | str | os.PathLike) -> Image:
     if isinstance(x, Image):
         return x
     if isinstance(x, Timepoint):
-        return _image(x)
+        return x.volume()
     return load_image(x)
 
 

@@ -33,7 +33,6 @@ from .common import (
     _checked_grids,
     _denoising_series,
     _emit_done,
-    _image,
     _load,
     _options,
     _prefixed,
@@ -89,7 +88,7 @@ def complete_ages(
     _checked_content(loaded, real, names, report, opts, labels=[f"{tp.age:g} months" for tp in real])
     prep, real, prep_note = _preprocessed(loaded, real, opts)
     keys = ("grid", "sr_grid") if loaded.method == "cas-diffcom" else ("grid",)
-    grids = _checked_grids(loaded, [_image(tp) for tp in real], names, report, opts, keys, prep)
+    grids = _checked_grids(loaded, [tp.volume() for tp in real], names, report, opts, keys, prep)
     t0 = time.perf_counter()
     runner = {"cas-diffcom": _complete_cascade, "interval": _complete_interval, "sadm": _complete_sadm}
     images, series, settings, extra = runner[loaded.method](
@@ -201,9 +200,9 @@ def _complete_from_sources(
         sources = _sources(run.real, age, run.opts.two_sided)
         used.append([tp.age for tp, _ in sources])
         near = sources[0][0]
-        ref = grid.forward(_image(near))
-        out_ref = ref if out_key == "grid" else out_grid.forward(_image(near))
-        fwds = [ref] + [grid.forward(_image(tp), reference=ref.record) for tp, _ in sources[1:]]
+        ref = grid.forward(near.volume())
+        out_ref = ref if out_key == "grid" else out_grid.forward(near.volume())
+        fwds = [ref] + [grid.forward(tp.volume(), reference=ref.record) for tp, _ in sources[1:]]
         captured: dict[str, list] = {}
 
         def sample(seed, progress, age=age, sources=sources, fwds=fwds, captured=captured):
@@ -276,7 +275,7 @@ def _complete_sadm(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], 
     mod_sadm = method_module("sadm")
     grid = grids["grid"]
     settings = opts.settings(loaded)
-    ref = grid.forward(_image(real[0]))
+    ref = grid.forward(real[0].volume())
     if targets[0] < real[0].age - SAME_AGE:
         raise LongitudinalDiffusionError(
             f"SADM generates forward in time: {targets[0]:g} months is before the first scan ({real[0].age:g} months); "
@@ -286,7 +285,7 @@ def _complete_sadm(run: _AgeRun) -> tuple[list[ResultImage], list[FrameSeries], 
     # every scan on the first one's grid placement; each keeps its own record (geometry and
     # intensity units), so an output goes back onto the nearest real scan, as documented
     forwards = {
-        tp.age: (ref if i == 0 else grid.forward(_image(tp), reference=ref.record)) for i, tp in enumerate(real)
+        tp.age: (ref if i == 0 else grid.forward(tp.volume(), reference=ref.record)) for i, tp in enumerate(real)
     }
     on_grid = {age: torch.as_tensor(f.array) for age, f in forwards.items()}
     captured: dict[float, list] = {}
@@ -354,7 +353,7 @@ def _generator(seed: int | None) -> torch.Generator:
 
 def _timeline(real: list[Timepoint], images: list[ResultImage]) -> FrameSeries:
     """Real and generated scans in age order, the subject's completed history."""
-    items = [(tp.age, _image(tp), False) for tp in real]
+    items = [(tp.age, tp.volume(), False) for tp in real]
     items += [(r.age, r.image, True) for r in images if r.kind in ("generated", "mean") and r.age is not None]
     items.sort(key=lambda x: x[0])
     ref = items[0][1]

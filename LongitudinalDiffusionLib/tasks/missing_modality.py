@@ -29,7 +29,6 @@ from .common import (
     _checked_grids,
     _denoising_series,
     _emit_done,
-    _image,
     _load,
     _options,
     _preprocessed,
@@ -71,8 +70,8 @@ def synthesize_modality(
     contrasts = [m.value for m in cond_mods]
     _checked_content(loaded, [have[m] for m in cond_mods], names, report, opts, labels=contrasts, distinct=True)
     grid, prep, prep_note, have = _synthesis_grid(loaded, have, cond_mods, names, report, opts)
-    first = grid.forward(_image(have[cond_mods[0]]))
-    on_grid = [first] + [grid.forward(_image(have[m]), reference=first.record) for m in cond_mods[1:]]
+    first = grid.forward(have[cond_mods[0]].volume())
+    on_grid = [first] + [grid.forward(have[m].volume(), reference=first.record) for m in cond_mods[1:]]
     settings = opts.settings(loaded)
     mod_cwdm = method_module("cwdm")
     t0 = time.perf_counter()
@@ -166,14 +165,14 @@ def _synthesis_grid(
     """
     prep, prep_note = None, None
     if loaded.config.get("preprocessing") == "brats":  # upstream BraTS weights bring their own preprocessing
-        grid = _BratsGrid([_image(have[m]) for m in cond_mods])
-        check_images(loaded.card.card, [_image(have[m]) for m in cond_mods], report, names=names, content=False)
+        grid = _BratsGrid([have[m].volume() for m in cond_mods])
+        check_images(loaded.card.card, [have[m].volume() for m in cond_mods], report, names=names, content=False)
         report.announce(opts.progress)
         report.raise_if_refused()
         return grid, prep, prep_note, have
     prep, conds, prep_note = _preprocessed(loaded, [have[m] for m in cond_mods], opts)
     have = {**have, **dict(zip(cond_mods, conds))}
-    model_grid = _checked_grids(loaded, [_image(have[m]) for m in cond_mods], names, report, opts, prep=prep)["grid"]
+    model_grid = _checked_grids(loaded, [have[m].volume() for m in cond_mods], names, report, opts, prep=prep)["grid"]
     return model_grid, prep, prep_note, have
 
 
