@@ -75,33 +75,14 @@ def test_test_subjects_are_the_simulators_next_subjects(tmp_path):
     described = json.loads((out / "dataset_description.json").read_text(encoding="utf-8"))
     assert described["SimulationParameters"]["test_split"]["subjects"] == ["sub-002"]
     # site B: same anatomy, other sequence timings and more noise
-    site_b = test_sets.write_test_set(
-        tmp_path / "site-b",
-        seed=5,
-        first=1,
-        n_subjects=1,
-        first_heart=0,
-        n_hearts=0,
-        spacing=spacing,
-        heart_spacing=False,
-        site="B",
-    )
+    brains_only = dict(seed=5, first=1, n_subjects=1, first_heart=0, n_hearts=0, spacing=spacing, heart_spacing=False)
+    site_b = test_sets.write_test_set(tmp_path / "site-b", site="B", **brains_only)
     sidecar = json.loads((site_b / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
     assert sidecar["RepetitionTime"] == pytest.approx(0.45) and sidecar["EchoTime"] == pytest.approx(0.02)
     assert not np.array_equal(load_image(site_b / name).array, load_image(out / name).array)
     assert test_sets.physics.SEQUENCES["T1w"].tr == 600.0  # the site's settings do not leak out
     # site C: site A's protocol at 1.5 T - the same anatomy, shorter tissue T1, half the SNR
-    site_c = test_sets.write_test_set(
-        tmp_path / "site-c",
-        seed=5,
-        first=1,
-        n_subjects=1,
-        first_heart=0,
-        n_hearts=0,
-        spacing=spacing,
-        heart_spacing=False,
-        site="C",
-    )
+    site_c = test_sets.write_test_set(tmp_path / "site-c", site="C", **brains_only)
     sidecar_c = json.loads((site_c / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
     sidecar_a = json.loads((out / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
     assert sidecar_a["MagneticFieldStrength"] == 3 and sidecar_c["MagneticFieldStrength"] == 1.5
@@ -111,10 +92,7 @@ def test_test_subjects_are_the_simulators_next_subjects(tmp_path):
     assert not np.array_equal(load_image(site_c / name).array, load_image(out / name).array)
     assert test_sets.physics.SEQUENCES["T1w"].field_t == 3.0
     with pytest.raises(ValueError, match="unknown site 'Z'"):
-        test_sets.write_test_set(
-            tmp_path / "z", seed=5, first=1, n_subjects=1, first_heart=0, n_hearts=0, spacing=spacing,
-            heart_spacing=False, site="Z",
-        )  # fmt: skip
+        test_sets.write_test_set(tmp_path / "z", site="Z", **brains_only)
     assert not (tmp_path / "z").exists() and not (tmp_path / ".z.partial").exists()
 
 
@@ -293,3 +271,43 @@ def test_a_head_that_does_not_move_leaves_no_artefact(monkeypatch):
     still, record = test_sets.move_during_scan(image, np.random.default_rng(3))
     np.testing.assert_allclose(still.array, image.array, atol=1e-3 * float(image.array.max()))
     assert record["TranslationMm"] == [[0.0, 0.0, 0.0]] * test_sets.MOTION_MOVES
+
+
+def test_motion_cases_are_split_by_whether_the_hidden_scan_moved(tmp_path):
+    """The per-case comparison is rerun on the cases whose hidden scan moved and on the others,
+    reading each hidden scan's sidecar; a case it cannot place is an error, not a guess."""
+    from training import motion_cases
+
+    spacing = (10.0, 10.0, 10.0)
+    root = test_sets.write_test_set(
+        tmp_path / "motion", seed=5, first=1, n_subjects=1, first_heart=0, n_hearts=0, spacing=spacing,
+        heart_spacing=False, site="A", motion=0.5,
+    )  # fmt: skip
+    sessions = [line.split("\t") for line in (root / "sub-002" / "sub-002_sessions.tsv").read_text().splitlines()[1:]]
+    rows, expected = [], {True: [], False: []}
+    for session, age in sessions:
+        sidecar = root / "sub-002" / session / "anat" / f"sub-002_{session}_T1w.json"
+        moved = "SimulatedMotion" in json.loads(sidecar.read_text(encoding="utf-8"))
+        case = f"T1w at {float(age):.2f} mo"
+        assert motion_cases.target_moved(root, "sub-002", case) is moved
+        gain = -2.0 if moved else 1.0  # the model's PSNR minus the baseline's
+        expected[moved].append(gain)
+        rows += [
+            ("sadm", "sadm-demo", "sub-002", case, "model", 20.0 + gain),
+            ("sadm", "sadm-demo", "sub-002", case, "registration interpolation", 20.0),
+        ]
+    assert expected[True] and expected[False], "the seed moves some T1w scans and keeps others still"
+    report = tmp_path / "report"
+    report.mkdir()
+    with (report / "cases.csv").open("w", encoding="utf-8") as f:
+        f.write("method,model,subject,case,entry,psnr,ssim,dice\n")
+        f.writelines(f"{m},{mdl},{s},{c},{e},{v},,\n" for m, mdl, s, c, e, v in rows)
+    (report / "evaluation.csv").write_text(
+        "method,model,entry,role,primary,best_baseline\nsadm,sadm-demo,model,model,psnr,registration interpolation\n",
+        encoding="utf-8",
+    )
+    split = {r["moved"]: r for r in motion_cases.split_comparisons(root, report)}
+    assert split[False]["difference"] == pytest.approx(1.0) and split[False]["n_cases"] == len(expected[False])
+    assert split[True]["difference"] == pytest.approx(-2.0) and split[True]["decision"] == "worse than"
+    with pytest.raises(ValueError, match="no single"):
+        motion_cases.target_moved(root, "sub-002", "T1w at 99.00 mo")
