@@ -145,16 +145,8 @@ class ModelGrid:
         Raises:
             ValueError: unknown or missing keys, or invalid values.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"a model grid must be a mapping, got {type(data).__name__}")
-        known = {"shape", "spacing", "orientation", "percentiles", "value_range", "interpolation", "center"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model grid keys {unknown}; expected some of {sorted(known)}")
-        missing = [k for k in ("shape", "spacing") if k not in data]
-        if missing:
-            raise ValueError(f"model grid is missing {missing}")
-        return cls(**dict(data))
+        optional = {"orientation", "percentiles", "value_range", "interpolation", "center"}
+        return cls(**_fields("a model grid", data, {"shape", "spacing"}, optional))
 
     # ------------------------------------------------------------------ geometry
 
@@ -365,15 +357,8 @@ class GridRecord:
         Raises:
             ValueError: unknown or missing keys, or invalid values.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"a grid record must be a mapping, got {type(data).__name__}")
         required = {"affine", "shape", "grid_affine", "grid_shape", "lo", "hi", "value_range"}
-        known = required | {"labels", "dtype"}
-        unknown = sorted(set(data) - known)
-        missing = sorted(required - set(data))
-        if unknown or missing:
-            raise ValueError(f"grid record has unknown keys {unknown} / is missing keys {missing}")
-        return cls(**dict(data))
+        return cls(**_fields("a grid record", data, required, {"labels", "dtype"}))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GridRecord):
@@ -642,6 +627,21 @@ def _positive_ints(name: str, value: Any, n: int) -> tuple[int, ...]:
             raise ValueError(f"{name} must be {n} positive integers, got {value!r}")
         out.append(iv)
     return tuple(out)
+
+
+def _fields(what: str, data: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """``data`` as keyword arguments, if it is a mapping with every ``required`` key and
+    nothing but those and ``optional`` ones."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - required - optional)
+    missing = sorted(required - set(data))
+    if unknown or missing:
+        raise ValueError(
+            f"{what} has unknown keys {unknown} / is missing keys {missing} "
+            f"(required {sorted(required)}, optional {sorted(optional)})"
+        )
+    return dict(data)
 
 
 def _int3(name: str, value: Any) -> tuple[int, int, int]:
