@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,7 +396,7 @@ class _Field:
         return np.clip(0.5 - self.d / self.width, 0.0, 1.0)
 
 
-def _width(normal: list[np.ndarray], spacing: tuple[float, float, float]) -> np.ndarray:
+def _width(normal: Sequence[np.ndarray | float], spacing: tuple[float, float, float]) -> np.ndarray:
     """Extent of a voxel along the unit normal (components in RAS; voxel axes are RAS)."""
     return np.sqrt(sum((n * sp) ** 2 for n, sp in zip(normal, spacing)))
 
@@ -445,7 +446,7 @@ class _Grid:
 
     def __init__(self, shape: tuple[int, int, int], spacing: np.ndarray, origin: np.ndarray):
         self.shape = shape
-        self.spacing = tuple(float(v) for v in spacing)
+        self.spacing: tuple[float, float, float] = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         self.origin = origin
         self.xyz = [
             (origin[i] + spacing[i] * np.arange(shape[i]))
@@ -544,13 +545,13 @@ def _place_fov(
 def _check_inputs(n_frames: int, shape: Any, spacing: Any) -> tuple[tuple[int, int, int], np.ndarray]:
     if not isinstance(n_frames, (int, np.integer)) or isinstance(n_frames, bool) or n_frames < 2:
         raise ValueError(f"n_frames must be an integer of at least 2 (ED and ES), got {n_frames!r}")
-    shape_t = tuple(int(n) for n in shape)
-    if len(shape_t) != 3 or min(shape_t) < 4:
+    sizes = [int(n) for n in shape]
+    if len(sizes) != 3 or min(sizes) < 4:
         raise ValueError(f"shape must be three sizes of at least 4 voxels, got {tuple(shape)}")
     sp = np.asarray(spacing, dtype=np.float64)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing must be three positive voxel sizes (mm), got {spacing!r}")
-    return shape_t, sp  # type: ignore[return-value]
+    return (sizes[0], sizes[1], sizes[2]), sp
 
 
 def simulate_heart(
@@ -594,97 +595,192 @@ def simulate_heart(
     rng_state = rng.bit_generator.state
     p = _draw_subject(rng)
     axes = _frame_axes(p)
-    e_l, e_s, _ = axes
     lv_centre = np.asarray(p["lv_centre_mm"], dtype=np.float64)
-    apex = lv_centre - 0.5 * p["lv_length_mm"] * e_l
+    apex = lv_centre - 0.5 * p["lv_length_mm"] * axes[0]
     phase_times = _frame_times(p["end_systole_ms"], n_frames)
     shapes = [_Shape(p, s) for s in phase_times[1]]
-    ed = shapes[0]
+    lv_points, rv_points = _ventricles_ed(shapes[0], apex, axes)
+    view = _place_view(shape, sp, lv_points, rv_points, p)
+    chest = _Thorax.around(p, np.concatenate([lv_points, rv_points]), lv_centre)
+    tissue_signal, tissue_used = _tissue_signals(p)
+    gain = 1000.0  # receiver scaling: blood comes out at ~150-200 a.u.
+    sigma = gain * float(tissue_signal[_MYO]) / p["snr_myocardium"]
+    static = _paint_chest(view.grid, chest, p)
+    # receive field: 2 x 3 loops on the front and on the back, root-sum-of-squares
+    bias, coils = _coil_field(p, view.grid, lv_centre, chest.body_semi, chest.thorax_y)
+    bias_range = [float(bias.min()), float(bias.max())]
+    bias *= np.float32(gain)
+    cine = _render_frames(rng, static, shapes, view, apex, axes, tissue_signal, bias, sigma, phase_times)
+    meta = {
+        "simulated": True,
+        "generator": "LongitudinalDiffusionLib.demo.heart.simulate_heart",
+        "description": "Simulated bSSFP cine of a beating-heart phantom, end-diastole to end-systole; "
+        "not patient data.",
+        "rng_state": rng_state,
+        "labels": HEART_LABELS,
+        "tissue_labels": TISSUE_LABELS,
+        "grid": {"shape": list(shape), "spacing_mm": sp.tolist(), "affine": view.affine.tolist(), "orientation": "RAS"},
+        "times_ms": phase_times[0],
+        "phases": [_phase_name(k, n_frames) for k in range(n_frames)],
+        "contraction": phase_times[1],
+        "ejection_fraction": cine.measured["lv_ejection_fraction"],
+        "parameters": p,
+        "anatomy": _anatomy_meta(axes, apex, lv_centre, view, chest, shapes),
+        "model": _model_meta(p, shapes),
+        "measured": cine.measured,
+        **_acquisition_meta(p, tissue_used, gain, sigma, coils, bias_range),
+    }
+    return HeartCine(cine.frames, cine.labels, [float(t) for t in phase_times[0]], meta, cine.tissues)
 
-    # ---- the grid: axis-aligned (RAS), centred on the ventricles, keeping the whole LV -------
+
+@dataclass
+class _View:
+    """The field of view: axis-aligned (RAS), centred on the ventricles, keeping the whole LV."""
+
+    grid: _Grid
+    affine: np.ndarray
+    fov_centre: np.ndarray
+    lv_inside: bool
+
+
+def _place_view(
+    shape: tuple[int, int, int], sp: np.ndarray, lv_points: np.ndarray, rv_points: np.ndarray, p: dict[str, Any]
+) -> _View:
     half = 0.5 * (np.asarray(shape) - 1) * sp
-    lv_points, rv_points = _ventricles_ed(ed, apex, axes)
     fov_centre, lv_inside = _place_fov(lv_points, rv_points, half, sp, np.asarray(p["fov_jitter_mm"]))
     if not lv_inside:
         warnings.warn(
             f"the {' x '.join(f'{v:g}' for v in 2 * half + sp)} mm field of view is smaller than this "
             "subject's left ventricle: it is clipped, and its volumes and ejection fraction are not valid",
-            stacklevel=2,
+            stacklevel=3,  # simulate_heart's caller
         )
     origin = fov_centre - half
     affine = np.eye(4)
     affine[:3, :3] = np.diag(sp)
     affine[:3, 3] = origin
-    grid = _Grid(shape, sp, origin)
-    x, y, z = grid.xyz
-    axes32 = axes.astype(np.float32)
-    rel = [x - np.float32(apex[0]), y - np.float32(apex[1]), z - np.float32(apex[2])]
-    local = [rel[0] * ax[0] + rel[1] * ax[1] + rel[2] * ax[2] for ax in axes32]  # (w, s, t)
+    return _View(_Grid(shape, sp, origin), affine, fov_centre, lv_inside)
 
-    # ---- thorax, sized round the heart ----------------------------------------------------
-    cavity_b = p["thorax_half_depth_mm"]
-    cavity_a = p["thorax_aspect"] * cavity_b
-    # The thorax sits so that the heart lies just behind the anterior chest wall: its centre
-    # is the lowest that keeps every point of the heart inside, plus the retrosternal gap.
-    heart = np.concatenate([lv_points, rv_points])
-    ellipse_y = cavity_b * np.sqrt(np.clip(1.0 - (heart[:, 0] / cavity_a) ** 2, 0.0, None))
-    thorax_y = float(np.max(heart[:, 1] - ellipse_y)) + p["retrosternal_gap_mm"]
-    muscle, fat = p["chest_muscle_mm"], p["subcutaneous_fat_mm"]
-    body_semi = [cavity_a + muscle + fat, cavity_b + muscle + fat]
-    low = heart[np.argmin(heart[:, 2])]  # the heart rests on the diaphragm's dome
-    dome_top = float(low[2] - p["diaphragm_gap_mm"])
-    aorta_xy = lv_centre[:2] + np.asarray(p["aorta_offset_mm"])
 
-    # ---- tissues and their bSSFP signals ----------------------------------------------------
-    flip = p["flip_angle_deg"]
-    tissue_used: dict[str, dict[str, float]] = {}
-    tissue_signal = np.zeros(len(_TISSUE_NAMES), dtype=np.float32)
+@dataclass
+class _Thorax:
+    """The chest round the heart: an elliptic cavity behind muscle and fat, the diaphragm's
+    dome under the heart and the descending aorta (mm, RAS)."""
+
+    cavity_a: float
+    cavity_b: float
+    thorax_y: float
+    muscle: float
+    body_semi: list[float]
+    low: np.ndarray  # the heart's lowest point: the diaphragm's dome lies under it
+    dome_top: float
+    aorta_xy: np.ndarray
+
+    @classmethod
+    def around(cls, p: dict[str, Any], heart: np.ndarray, lv_centre: np.ndarray) -> _Thorax:
+        """Sized round the heart's points: the thorax sits so that the heart lies just behind
+        the anterior chest wall - its centre is the lowest that keeps every point of the heart
+        inside, plus the retrosternal gap."""
+        cavity_b = p["thorax_half_depth_mm"]
+        cavity_a = p["thorax_aspect"] * cavity_b
+        ellipse_y = cavity_b * np.sqrt(np.clip(1.0 - (heart[:, 0] / cavity_a) ** 2, 0.0, None))
+        thorax_y = float(np.max(heart[:, 1] - ellipse_y)) + p["retrosternal_gap_mm"]
+        muscle, fat = p["chest_muscle_mm"], p["subcutaneous_fat_mm"]
+        body_semi = [cavity_a + muscle + fat, cavity_b + muscle + fat]
+        low = heart[np.argmin(heart[:, 2])]
+        dome_top = float(low[2] - p["diaphragm_gap_mm"])
+        aorta_xy = lv_centre[:2] + np.asarray(p["aorta_offset_mm"])
+        return cls(cavity_a, cavity_b, thorax_y, muscle, body_semi, low, dome_top, aorta_xy)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "thorax_centre_mm": [0.0, self.thorax_y],
+            "thorax_cavity_semi_axes_mm": [self.cavity_a, self.cavity_b],
+            "body_semi_axes_mm": self.body_semi,
+            "diaphragm_top_mm": [float(self.low[0]), float(self.low[1]), self.dome_top],
+            "aorta_centre_xy_mm": self.aorta_xy.tolist(),
+        }
+
+
+def _tissue_signals(p: dict[str, Any]) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+    """Each tissue's bSSFP signal (in :data:`_TISSUE_NAMES` order) with this subject's
+    relaxation times, and those times for the metadata."""
+    used: dict[str, dict[str, float]] = {}
+    signal = np.zeros(len(_TISSUE_NAMES), dtype=np.float32)
     for index, name in enumerate(_TISSUE_NAMES):
         nominal = TISSUES_1P5T[name]
         f1, f2 = p["relaxation_jitter"].get(name, [1.0, 1.0])
         t1, t2 = nominal.t1_ms * f1, nominal.t2_ms * f2
-        value = float(bssfp_signal(nominal.pd, t1, t2, flip))
-        tissue_signal[index] = value
-        tissue_used[name] = {"T1_ms": t1, "T2_ms": t2, "PD": nominal.pd, "bSSFP_signal": value}
-    gain = 1000.0  # receiver scaling: blood comes out at ~150-200 a.u.
-    sigma = gain * float(tissue_signal[_MYO]) / p["snr_myocardium"]
+        value = float(bssfp_signal(nominal.pd, t1, t2, p["flip_angle_deg"]))
+        signal[index] = value
+        used[name] = {"T1_ms": t1, "T2_ms": t2, "PD": nominal.pd, "bSSFP_signal": value}
+    return signal, used
 
-    # ---- static layers (the chest does not move during the breath-hold) ----------------------
+
+def _paint_chest(grid: _Grid, chest: _Thorax, p: dict[str, Any]) -> np.ndarray:
+    """The static layers (the chest does not move during the breath-hold): tissue fractions,
+    (tissues, *shape), of fat, muscle, lung, liver under the diaphragm, and the aorta."""
+    shape = grid.shape
+    x, y, z = grid.xyz
     static = np.zeros((len(_TISSUE_NAMES),) + shape, dtype=np.float32)
     static[_AIR] = 1.0
     canvas = _Canvas(static)
     full = grid.full
     xy_axes = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     xy = [x, y]
-    centre0 = [0.0, thorax_y]
-    cavity_semi = [cavity_a, cavity_b]
-    canvas.paint(_FAT, _broadcast(_ellipsoid(xy, centre0, body_semi, xy_axes, grid.spacing), shape), full)
-    wall = [cavity_a + muscle, cavity_b + muscle]
+    centre0 = [0.0, chest.thorax_y]
+    cavity_semi = [chest.cavity_a, chest.cavity_b]
+    canvas.paint(_FAT, _broadcast(_ellipsoid(xy, centre0, chest.body_semi, xy_axes, grid.spacing), shape), full)
+    wall = [chest.cavity_a + chest.muscle, chest.cavity_b + chest.muscle]
     canvas.paint(_MUSCLE, _broadcast(_ellipsoid(xy, centre0, wall, xy_axes, grid.spacing), shape), full)
     cavity = _broadcast(_ellipsoid(xy, centre0, cavity_semi, xy_axes, grid.spacing), shape)
     canvas.paint(_LUNG, cavity, full)
     # Diaphragm: a dome z = top - r^2 / (2 R) under the heart; the liver fills the space below.
     r_d = p["diaphragm_radius_mm"]
-    dx, dy = x - np.float32(low[0]), y - np.float32(low[1])
-    phi = (z - np.float32(dome_top)) + (dx * dx + dy * dy) * np.float32(0.5 / r_d)
+    dx, dy = x - np.float32(chest.low[0]), y - np.float32(chest.low[1])
+    phi = (z - np.float32(chest.dome_top)) + (dx * dx + dy * dy) * np.float32(0.5 / r_d)
     grad = np.sqrt(1.0 + (dx * dx + dy * dy) * np.float32(1.0 / r_d**2))
     dome = _Field(phi / grad, _width([dx / r_d / grad, dy / r_d / grad, 1.0 / grad], grid.spacing))
     canvas.paint(_LIVER, cavity & _broadcast(dome, shape), full)
     # Descending aorta: a vertical tube with a 2 mm wall, beside the spine.
-    ao = [x - np.float32(aorta_xy[0]), y - np.float32(aorta_xy[1])]
+    ao = [x - np.float32(chest.aorta_xy[0]), y - np.float32(chest.aorta_xy[1])]
     r_ao = p["aorta_radius_mm"]
     canvas.paint(_MUSCLE, _broadcast(_ellipsoid(ao, [0.0, 0.0], [r_ao + 2.0] * 2, xy_axes, grid.spacing), shape), full)
     canvas.paint(_BLOOD, _broadcast(_ellipsoid(ao, [0.0, 0.0], [r_ao] * 2, xy_axes, grid.spacing), shape), full)
+    return static
 
-    # ---- receive field: 2 x 3 loops on the front and on the back, root-sum-of-squares ---------
-    bias, coils = _coil_field(p, grid, lv_centre, body_semi, thorax_y)
-    bias_range = [float(bias.min()), float(bias.max())]
-    bias *= np.float32(gain)
 
-    # ---- frames -----------------------------------------------------------------------------
+@dataclass
+class _Frames:
+    frames: list[Image]
+    labels: list[Image]
+    tissues: list[Image]
+    measured: dict[str, Any]
+
+
+def _render_frames(
+    rng: np.random.Generator,
+    static: np.ndarray,
+    shapes: list[_Shape],
+    view: _View,
+    apex: np.ndarray,
+    axes: np.ndarray,
+    tissue_signal: np.ndarray,
+    bias: np.ndarray,
+    sigma: float,
+    phase_times: tuple[list[float], list[float]],
+) -> _Frames:
+    """Every frame: the heart of that phase painted over the chest, its signal through the
+    coils with Rician noise (drawn from ``rng`` frame by frame), its labels and tissue map,
+    and the volumes measured from the labels."""
+    grid, affine = view.grid, view.affine
+    x, y, z = grid.xyz
+    axes32 = axes.astype(np.float32)
+    rel = [x - np.float32(apex[0]), y - np.float32(apex[1]), z - np.float32(apex[2])]
+    local = [rel[0] * ax[0] + rel[1] * ax[1] + rel[2] * ax[2] for ax in axes32]  # (w, s, t)
     times, phases = phase_times
-    voxel_ml = float(np.prod(sp)) / 1000.0
-    frames, labels, tissues = [], [], []
+    n_frames = len(shapes)
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    out = _Frames([], [], [], {})
     keys = ("lv_blood_ml", "lv_myocardium_ml", "rv_blood_ml")
     volumes: dict[str, list[float]] = {k: [] for k in keys}
     soft: dict[str, list[float]] = {k: [] for k in keys}
@@ -704,74 +800,59 @@ def simulate_heart(
 
         frame_meta = {"time_ms": times[k], "phase": _phase_name(k, n_frames), "contraction": phases[k]}
         frame_meta["simulated"] = True
-        frames.append(Image(magnitude, affine.copy(), dict(frame_meta, units="a.u.")))
-        labels.append(Image(label, affine.copy(), dict(frame_meta, labels=HEART_LABELS)))
-        tissues.append(Image(tissue, affine.copy(), dict(frame_meta, labels=TISSUE_LABELS)))
+        out.frames.append(Image(magnitude, affine.copy(), dict(frame_meta, units="a.u.")))
+        out.labels.append(Image(label, affine.copy(), dict(frame_meta, labels=HEART_LABELS)))
+        out.tissues.append(Image(tissue, affine.copy(), dict(frame_meta, labels=TISSUE_LABELS)))
+    out.measured = _measured(volumes, soft)
+    return out
 
+
+def _measured(volumes: dict[str, list[float]], soft: dict[str, list[float]]) -> dict[str, Any]:
+    """The volumes per frame and the ejection fractions, as the label maps give them."""
     lv, rv, myo = volumes["lv_blood_ml"], volumes["rv_blood_ml"], volumes["lv_myocardium_ml"]
-    ef = (lv[0] - lv[-1]) / lv[0] if lv[0] > 0 else None
-    rv_ef = (rv[0] - rv[-1]) / rv[0] if rv[0] > 0 else None
-    myo_drift = (max(myo) - min(myo)) / myo[0] if myo[0] > 0 else None
-    meta = {
-        "simulated": True,
-        "generator": "LongitudinalDiffusionLib.demo.heart.simulate_heart",
-        "description": "Simulated bSSFP cine of a beating-heart phantom, end-diastole to end-systole; "
-        "not patient data.",
-        "rng_state": rng_state,
-        "labels": HEART_LABELS,
-        "tissue_labels": TISSUE_LABELS,
-        "grid": {"shape": list(shape), "spacing_mm": sp.tolist(), "affine": affine.tolist(), "orientation": "RAS"},
-        "times_ms": times,
-        "phases": [_phase_name(k, n_frames) for k in range(n_frames)],
-        "contraction": phases,
-        "ejection_fraction": ef,
-        "parameters": p,
-        "anatomy": {
-            "long_axis_apex_to_base": e_l.tolist(),
-            "septal_direction": e_s.tolist(),
-            "apex_mm": apex.tolist(),
-            "lv_centre_mm": lv_centre.tolist(),
-            "fov_centre_mm": fov_centre.tolist(),
-            "lv_inside_fov": lv_inside,
-            "thorax_centre_mm": [0.0, thorax_y],
-            "thorax_cavity_semi_axes_mm": [cavity_a, cavity_b],
-            "body_semi_axes_mm": body_semi,
-            "diaphragm_top_mm": [float(low[0]), float(low[1]), dome_top],
-            "aorta_centre_xy_mm": aorta_xy.tolist(),
-            "frames": [sh.describe() for sh in shapes],
-        },
-        "model": {
-            "edv_ml": ed.edv / 1000.0,
-            "esv_ml": shapes[-1].cavity_volume / 1000.0,
-            "ejection_fraction": p["ejection_fraction"],
-            "myocardial_volume_ml": ed.myocardial_volume / 1000.0,
-            "wall_thickness_ed_mm": shapes[0].wall_thickness(),
-            "wall_thickness_es_mm": shapes[-1].wall_thickness(),
-            "time_course": "raised cosine s(t) = (1 - cos(pi t / T_es)) / 2",
-            "end_systole_ms": p["end_systole_ms"],
-            "heart_rate_bpm": p["heart_rate_bpm"],
-            "rr_interval_ms": 60000.0 / p["heart_rate_bpm"],
-        },
-        "measured": {
-            "source": "label maps (voxel counts); soft_* from the partial-volume fractions",
-            **volumes,
-            **{f"soft_{k}": v for k, v in soft.items()},
-            "lv_edv_ml": lv[0],
-            "lv_esv_ml": lv[-1],
-            "lv_ejection_fraction": ef,
-            "rv_ejection_fraction": rv_ef,
-            "lv_myocardial_volume_drift": myo_drift,
-        },
+    return {
+        "source": "label maps (voxel counts); soft_* from the partial-volume fractions",
+        **volumes,
+        **{f"soft_{k}": v for k, v in soft.items()},
+        "lv_edv_ml": lv[0],
+        "lv_esv_ml": lv[-1],
+        "lv_ejection_fraction": (lv[0] - lv[-1]) / lv[0] if lv[0] > 0 else None,
+        "rv_ejection_fraction": (rv[0] - rv[-1]) / rv[0] if rv[0] > 0 else None,
+        "lv_myocardial_volume_drift": (max(myo) - min(myo)) / myo[0] if myo[0] > 0 else None,
+    }
+
+
+def _anatomy_meta(
+    axes: np.ndarray, apex: np.ndarray, lv_centre: np.ndarray, view: _View, chest: _Thorax, shapes: list[_Shape]
+) -> dict[str, Any]:
+    """Where everything is: the heart's axes and apex, the field of view, the chest, each frame's shape."""
+    return {
+        "long_axis_apex_to_base": axes[0].tolist(),
+        "septal_direction": axes[1].tolist(),
+        "apex_mm": apex.tolist(),
+        "lv_centre_mm": lv_centre.tolist(),
+        "fov_centre_mm": view.fov_centre.tolist(),
+        "lv_inside_fov": view.lv_inside,
+        **chest.describe(),
+        "frames": [sh.describe() for sh in shapes],
+    }
+
+
+def _acquisition_meta(
+    p: dict[str, Any], tissues: dict[str, Any], gain: float, sigma: float, coils: Any, bias_range: list[float]
+) -> dict[str, Any]:
+    """The sequence, the tissues' parameters, the noise and the receive field, as simulated."""
+    return {
         "sequence": {
             "name": "balanced SSFP cine",
             "field_strength_T": 1.5,
-            "flip_angle_deg": flip,
+            "flip_angle_deg": p["flip_angle_deg"],
             "repetition_time_ms": 3.0,
             "echo_time_ms": 1.5,
             "signal_equation": "S = PD sin(a) / ((T1/T2 + 1) - cos(a) (T1/T2 - 1)), TE = TR/2, TR << T2",
             "receiver_gain": gain,
         },
-        "tissues": tissue_used,
+        "tissues": tissues,
         "noise": {
             "model": "Rician (magnitude of complex Gaussian)",
             "sigma": sigma,
@@ -785,7 +866,22 @@ def simulate_heart(
             "range": bias_range,
         },
     }
-    return HeartCine(frames, labels, [float(t) for t in times], meta, tissues)
+
+
+def _model_meta(p: dict[str, Any], shapes: list[_Shape]) -> dict[str, Any]:
+    """What the motion model intended (the label maps measure what came out)."""
+    return {
+        "edv_ml": shapes[0].edv / 1000.0,
+        "esv_ml": shapes[-1].cavity_volume / 1000.0,
+        "ejection_fraction": p["ejection_fraction"],
+        "myocardial_volume_ml": shapes[0].myocardial_volume / 1000.0,
+        "wall_thickness_ed_mm": shapes[0].wall_thickness(),
+        "wall_thickness_es_mm": shapes[-1].wall_thickness(),
+        "time_course": "raised cosine s(t) = (1 - cos(pi t / T_es)) / 2",
+        "end_systole_ms": p["end_systole_ms"],
+        "heart_rate_bpm": p["heart_rate_bpm"],
+        "rr_interval_ms": 60000.0 / p["heart_rate_bpm"],
+    }
 
 
 def _frame_times(end_systole_ms: float, n_frames: int) -> tuple[list[float], list[float]]:
@@ -926,7 +1022,7 @@ def write_heart(cine: HeartCine, out_dir: str | Path, subject_id: str) -> list[P
     digits = max(2, len(str(n - 1)))
     phases = cine.phases
     written: list[Path] = []
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     for k, (frame, label) in enumerate(zip(cine.frames, cine.labels)):
         stem = f"sub-{sid}_frame-{k:0{digits}d}"
         image_path = save_image(
@@ -938,10 +1034,18 @@ def write_heart(cine: HeartCine, out_dir: str | Path, subject_id: str) -> list[P
         written += [image_path, label_path]
         rows.append((image_path.name, f"{cine.times_ms[k]:.1f}", phases[k], label_path.name))
 
+    written.append(write_json(folder / f"sub-{sid}_cine.json", _cine_sidecar(cine, rows)))
+    written.append(_write_manifest(folder / "manifest.tsv", rows))
+    return written
+
+
+def _cine_sidecar(cine: HeartCine, rows: list[tuple[str, str, str, str]]) -> dict[str, Any]:
+    """The cine's JSON sidecar: BIDS-like acquisition fields, the measured volumes, one entry
+    per frame (``rows``: image file, time, phase, label file) and the whole simulation."""
     meta = cine.meta
     measured = meta.get("measured", {})
     sequence = meta.get("sequence", {})
-    sidecar = {
+    return {
         "Simulated": True,
         "Description": meta.get("description", "Simulated beating-heart phantom; not patient data."),
         "Generator": meta.get("generator", "LongitudinalDiffusionLib.demo.heart.simulate_heart"),
@@ -952,7 +1056,7 @@ def write_heart(cine: HeartCine, out_dir: str | Path, subject_id: str) -> list[P
         "RepetitionTime": _seconds(sequence.get("repetition_time_ms")),
         "EchoTime": _seconds(sequence.get("echo_time_ms")),
         "FrameTimes_ms": list(cine.times_ms),
-        "Phases": phases,
+        "Phases": cine.phases,
         "Contraction": meta.get("contraction"),
         "EjectionFraction": meta.get("ejection_fraction"),
         "HeartRate_bpm": meta.get("model", {}).get("heart_rate_bpm"),
@@ -966,16 +1070,18 @@ def write_heart(cine: HeartCine, out_dir: str | Path, subject_id: str) -> list[P
         ],
         "Simulation": meta,
     }
-    written.append(write_json(folder / f"sub-{sid}_cine.json", sidecar))
 
-    def _write_manifest(tmp: str) -> None:
+
+def _write_manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """``manifest.tsv``: one row per frame (file, time_ms, phase, labels), written atomically."""
+
+    def _write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write("file\ttime_ms\tphase\tlabels\n")
             for row in rows:
                 fh.write("\t".join(row) + "\n")
 
-    written.append(atomic_write(folder / "manifest.tsv", _write_manifest))
-    return written
+    return atomic_write(path, _write)
 
 
 def _seconds(ms: Any) -> float | None:
