@@ -310,3 +310,32 @@ def test_fill_sequence_rejects_bad_timelines(tiny):
         fill(ages=torch.tensor([[0.0, 6.0, 3.0, 9.0], [1.0, 2.0, 5.0, 12.0]]))
     with pytest.raises(InputError, match="frames must be"):
         fill(frames=torch.rand(2, 4, 1, 8, 8, 8))
+
+
+def test_weights_fit_another_grid_with_the_patch_positions_resampled():
+    """Fine-tuning on a finer grid: every weight is taken as it is but the learned patch
+    positions, which are resampled onto the new patch grid - a position field that is linear
+    across the patches comes out exactly, the corners stay where they were."""
+    source, config = _tiny()
+    attention = source.attention
+    gx, gy, gz = attention.grid
+    dim = attention.space_pos.shape[-1]
+    slopes = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
+
+    def linear(nx: int, step_x: float) -> torch.Tensor:
+        ii, jj, kk = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (nx, gy, gz)), indexing="ij")
+        return (ii * step_x)[..., None] * slopes[0] + jj[..., None] * slopes[1] + kk[..., None] * slopes[2]
+
+    with torch.no_grad():
+        attention.space_pos.copy_(linear(gx, 1.0).reshape(1, 1, -1, dim))
+    patch = config["network"]["attention"]["patch_size"]
+    finer = {**config, "image_size": [config["image_size"][0] + patch[0], *config["image_size"][1:]]}
+    target = sadm.build(finer)
+    with pytest.raises(RuntimeError, match="space_pos"):
+        target.load_state_dict(source.state_dict())
+    target.load_state_dict(sadm.adapt_state(target, source, source.state_dict()))
+    # gx + 1 patches now span what gx did: the field at (gx - 1) / gx patch steps
+    torch.testing.assert_close(target.attention.space_pos.reshape(gx + 1, gy, gz, dim), linear(gx + 1, (gx - 1) / gx))
+    for key, value in source.state_dict().items():
+        if not key.endswith("space_pos"):
+            assert torch.equal(target.state_dict()[key], value), key

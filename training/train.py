@@ -287,8 +287,12 @@ class Trainer:
         loaded = catalog.load_model(name, device="cpu")
         if loaded.method != self.method:
             raise InputError(name, f"train.init_from is a {loaded.method} model, not {self.method}")
+        state = loaded.network.state_dict()
+        adapt = getattr(models.method_module(self.method), "adapt_state", None)
+        if adapt is not None:  # e.g. SADM's patch positions on another grid
+            state = adapt(self.model, loaded.network, state)
         try:
-            self.model.load_state_dict(loaded.network.state_dict())
+            self.model.load_state_dict(state)
         except RuntimeError as exc:
             raise InputError(name, f"train.init_from does not fit this run's network ({exc})") from exc
         log.info("initial weights from %s (sha256 %s)", name, loaded.card.card["weights"]["sha256"][:12])

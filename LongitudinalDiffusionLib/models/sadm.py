@@ -368,6 +368,30 @@ class SequenceAttention(nn.Module):
         return self.out(F.gelu(h))
 
 
+def adapt_state(target: nn.Module, source: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``source``'s weights made to fit ``target`` on another image grid, for fine-tuning.
+
+    Every layer of the network is independent of the image size except the learned position
+    of each patch (:class:`SequenceAttention`'s ``space_pos``): where the two patch grids
+    differ, the positions are resampled trilinearly from the source's patch grid onto the
+    target's, as vision transformers are fine-tuned at another resolution (Dosovitskiy et
+    al., ICLR 2021). Other mismatches are left for ``load_state_dict`` to refuse.
+    """
+    out = dict(state)
+    for name, module in target.named_modules():
+        if not isinstance(module, SequenceAttention):
+            continue
+        key = f"{name}.space_pos" if name else "space_pos"
+        old = source.get_submodule(name)
+        if not isinstance(old, SequenceAttention) or old.grid == module.grid or key not in out:
+            continue
+        dim = out[key].shape[-1]
+        grid = out[key].reshape(*old.grid, dim).permute(3, 0, 1, 2)[None]  # (1, dim, gx, gy, gz)
+        resized = nn.functional.interpolate(grid, size=module.grid, mode="trilinear", align_corners=True)
+        out[key] = resized[0].permute(1, 2, 3, 0).reshape(1, 1, -1, dim).contiguous()
+    return out
+
+
 class SADM(nn.Module):
     """Attention module plus conditional eps U-Net (paper sec. 3; upstream ``SADM.py``).
 
