@@ -6,7 +6,7 @@ drawn into docs/images/architecture.png.
 
 Each box is a room of the library (a module, or a package drawn as one box: ``demo`` - the
 simulator; its ``showcase``, the demo run, is a box of its own -, ``diffusion``, ``models``,
-``backends``, ``worker``); an arrow A -> B means A imports B, at
+``backends``, ``worker``, ``tasks``); an arrow A -> B means A imports B, at
 the top of the file or inside a function (an import made on first use is a dependency too).
 Rooms are placed in layers: every arrow points down (to a lower layer) or sideways within
 a package. Testing/test_layers.py checks the same graph: no arrow up, no circle.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "LongitudinalDiffusionLib"
 PACKAGE = "LongitudinalDiffusionLib"
 #: packages drawn as one box in the picture
-GROUPED = ("demo", "diffusion", "models", "backends", "worker")
+GROUPED = ("demo", "diffusion", "models", "backends", "worker", "tasks")
 
 
 def module_name(path: Path, lib: Path = LIB) -> str:
