@@ -80,7 +80,8 @@ def test_every_bundled_model_is_packaged():
     for card in cards:
         assert (models / f"{card.stem}.safetensors").is_file(), card
     total = sum((models / name).stat().st_size for name in bundled)
-    assert total < 30e6, f"bundled models take {total / 1e6:.1f} MB"
+    # the repository (history included) must stay well under the Extensions Index's 100 MB
+    assert total < 40e6, f"bundled models take {total / 1e6:.1f} MB"
 
 
 def test_self_test_is_registered_and_old_slicers_are_refused():

@@ -248,7 +248,7 @@ def test_every_method_has_a_demo_and_a_paper_config():
     # (e.g. ddm-demo-2mm), each resolving to a valid run of its method
     variants = sorted(set(tt.CONFIG_DIR.glob("*.json")) - {tt.CONFIG_DIR / f"{m}-{s}.json" for m in METHODS
                                                             for s in ("demo", "paper")})  # fmt: skip
-    assert [v.name for v in variants] == ["ddm-demo-2mm.json"]
+    assert [v.name for v in variants] == ["ddm-demo-2mm.json", "sadm-demo-4mm.json"]
     for path in variants:
         config = tt.resolve_config(json.loads(path.read_text()), path)
         assert config["scale"] == "demo" and path.name.startswith(f"{config['method']}-demo-")
