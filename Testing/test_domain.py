@@ -207,3 +207,15 @@ def test_a_head_partly_outside_the_aligned_box_is_warned_and_mostly_outside_refu
     report = DomainReport("interval-demo")
     check_aligned_box([head], [support], report, names=["ch2_2mm.nii.gz"], extent_mm=(160, 200, 160))
     assert [f.code for f in report.refusals] == ["cropped-after-alignment"]
+
+
+def test_a_model_on_a_grid_closer_to_the_scans_is_named(tmp_path):
+    """4 mm scans given to the 5 mm SADM: the warning names the installed 4 mm SADM, whose grid
+    the scans' detail survives; given to that model, no such warning."""
+    brain = _downsampled(real_scan("colin27-brain"), tmp_path / "ch2bet_4mm.nii.gz", factor=4)
+    subject = _subject([(brain, 6), (brain, 20)])
+    five = complete_ages(subject, [12], "sadm-demo", **RAW)
+    hint = [w for w in five.warnings if "closer to these scans" in w]
+    assert len(hint) == 1 and "'sadm-demo-4mm'" in hint[0] and "4 mm voxels" in hint[0], five.warnings
+    four = complete_ages(subject, [12], "sadm-demo-4mm", **RAW)
+    assert not any("closer to these scans" in w for w in four.warnings), four.warnings

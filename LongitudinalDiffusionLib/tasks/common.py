@@ -184,9 +184,43 @@ def _checked_content(
     preprocessing spends time on them: a refusal stops here, with every warning so far."""
     images = [tp.volume() for tp in timepoints]
     check_images(loaded.card.card, images, report, names=names, labels=labels, distinct=distinct, space=False)
+    _closer_model(loaded, images, report)
     if report.refusals:
         report.announce(opts.progress)
         report.raise_if_refused()
+
+
+def _output_spacing(card: dict[str, Any]) -> float | None:
+    """The finest voxel size (mm) of the grid a card's model writes its output on."""
+    grid = card.get("sr_grid") or card.get("grid")
+    return float(min(grid["spacing"])) if isinstance(grid, dict) and grid.get("spacing") else None
+
+
+def _closer_model(loaded: LoadedModel, images: list[Image], report: DomainReport) -> None:
+    """Say so when another installed model of the same method works on a grid closer to the
+    scans' voxel size than the chosen one (e.g. ``sadm-demo-4mm`` for 4 mm scans given to the
+    5 mm ``sadm-demo``): the output grid bounds what any model can score on the scans."""
+    from ..catalog import list_models
+
+    own = _output_spacing(loaded.card.card)
+    scan = max(float(max(img.spacing)) for img in images) if images else None
+    if own is None or not scan:
+        return
+    best, best_gap = None, abs(np.log(own / scan))
+    for card in list_models():
+        spacing = _output_spacing(card.card)
+        if card.method != loaded.method or card.name == loaded.card.name or spacing is None:
+            continue
+        gap = abs(np.log(spacing / scan))
+        if gap < best_gap - 0.05:  # clearly closer (more than 5 % in voxel size)
+            best, best_gap = (card.name, spacing), gap
+    if best is not None:
+        report.add(
+            "warn",
+            "closer-model",
+            f"the scans have {scan:g} mm voxels and model '{loaded.card.name}' works at {own:g} mm; the installed "
+            f"model '{best[0]}' of the same method works at {best[1]:g} mm, closer to these scans",
+        )
 
 
 def _checked_grids(
