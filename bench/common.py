@@ -222,8 +222,6 @@ def method_case(method: str, config: dict, image_size=None, stage: str = "genera
     """``method``'s network (untrained) and the arguments its inference function passes to
     the engine, for one case at ``image_size`` (default: the config's grid; for the
     Cas-DiffCom refiner, stage="refiner", the high-resolution grid)."""
-    from LongitudinalDiffusionLib.models import cas_diffcom, cwdm, sadm
-
     if image_size is not None:  # a grid of its own (SADM's attention is built for its grid)
         config = {**config, ("sr_image_size" if stage == "refiner" else "image_size"): list(image_size)}
         if "sr_image_size" in config:  # Cas-DiffCom's cascade doubles the grid: keep both stages in step
@@ -232,112 +230,149 @@ def method_case(method: str, config: dict, image_size=None, stage: str = "genera
             else:
                 config["sr_image_size"] = [2 * s for s in image_size]
     model = untrained(method, config)
-    size = list(config["image_size"])
-    clip = tuple(config["intensity_range"]) if config.get("intensity_range") else None
-    residual = bool(config.get("residual"))
     common = dict(
         schedule=Schedule.from_config(config["schedule"]),
         prediction=config["prediction"],
         amp=bool(config.get("sampler", {}).get("amp", True)),
     )
-    if method == "interval":  # interval.generate
-        source = _rand((1, 1, *size), 1)
-        return Case(
-            "interval",
-            model,
-            lambda x, t, c: model(x, t, c["source"], c["interval"]),
-            tuple(source.shape),
-            cond={"source": source, "interval": torch.tensor([6.0])},
-            clip=clip,
-            reference=source if residual else None,
-            **common,
-        )
-    if method == "sadm":  # sadm.fill_sequence, one missing frame
-        frames = _rand((1, 4, 1, *size), 2, 0.0, 1.0)
-        ages = torch.tensor([[12.0, 18.0, 24.0, 36.0]])
-        present = torch.tensor([[True, True, False, True]])
-        target = torch.tensor([2])
+    key = (method, stage) if method == "cas-diffcom" else (method, "generator")
+    if key not in _CASES:
+        raise ValueError(f"no bench case for {method} / {stage}")
+    return _CASES[key](model, config, common)
 
-        def encode() -> torch.Tensor:  # c (and the residual reference), once per generated frame
-            c = model.condition(frames, ages, present, target)
-            if residual:
-                c = torch.cat([c, sadm.context_reference(frames, ages, present, target)], dim=1)
-            return c
 
-        c = encode()
-        return Case(
-            "sadm",
-            model,
-            lambda x, t, cond: model(x, t, cond),
-            (1, 1, *size),
-            cond=c,
-            uncond=torch.zeros_like(c),
-            guidance=float(config["sampler"].get("guidance", 1.0)),
-            clip=tuple(config["clip_x0"]) if config.get("clip_x0") else None,
-            reference=c[:, 1:2].clone() if residual else None,
-            encode=encode,
-            **common,
-        )
-    if method == "cwdm":  # cwdm.synthesize
-        conditions = _rand((1, len(config["conditions"]), *size), 3, 0.0, 1.0)
+def _clip(config: dict) -> tuple[float, float] | None:
+    return tuple(config["intensity_range"]) if config.get("intensity_range") else None
 
-        def encode() -> torch.Tensor:  # the condition subbands, once per sample
-            return cwdm.condition_channels(conditions, config)
 
-        c = encode()
-        return Case(
-            "cwdm",
-            model,
-            lambda x, t, cc: model(torch.cat([x, cc.to(x.dtype)], dim=1), t),
-            (1, cwdm.SUBBANDS_PER_IMAGE, *c.shape[2:]),
-            cond=c,
-            clip=cwdm.clip_in_image_space,
-            encode=encode,
-            **common,
-        )
-    if method == "cas-diffcom" and stage == "generator":  # cas_diffcom.complete, stage 1
-        gen = model.generator
-        guidance = _rand((1, 1, *size), 4)
-        ages = torch.tensor([6.0]), torch.tensor([12.0])
+def _interval_case(model: Any, config: dict, common: dict) -> Case:
+    """As ``interval.generate``: one source scan and an interval."""
+    source = _rand((1, 1, *config["image_size"]), 1)
+    return Case(
+        "interval",
+        model,
+        lambda x, t, c: model(x, t, c["source"], c["interval"]),
+        tuple(source.shape),
+        cond={"source": source, "interval": torch.tensor([6.0])},
+        clip=_clip(config),
+        reference=source if config.get("residual") else None,
+        **common,
+    )
 
-        def encode() -> dict:  # the AsMM guidance encoder, once per sample
-            return gen.encode_guidance(guidance, *ages)
 
-        return Case(
-            "cas-diffcom generator",
-            gen,
-            gen.denoise,
-            tuple(guidance.shape),
-            cond=encode(),
-            clip=clip,
-            reference=guidance if residual else None,
-            encode=encode,
-            **common,
-        )
-    if method == "cas-diffcom" and stage == "refiner":  # cas_diffcom.super_resolve
-        ref = model.refiner
-        low_res = _rand((1, 1, *[s // 2 for s in config["sr_image_size"]]), 5)
+def _sadm_case(model: Any, config: dict, common: dict) -> Case:
+    """As ``sadm.fill_sequence``: one missing frame of a four-frame timeline."""
+    from LongitudinalDiffusionLib.models import sadm
 
-        def encode() -> torch.Tensor:  # the learned up-sampling of z0, once per sample
-            return ref.upsample(low_res)
+    residual = bool(config.get("residual"))
+    frames = _rand((1, 4, 1, *config["image_size"]), 2, 0.0, 1.0)
+    ages = torch.tensor([[12.0, 18.0, 24.0, 36.0]])
+    present = torch.tensor([[True, True, False, True]])
+    target = torch.tensor([2])
 
-        up = encode()
-        common.update(
-            schedule=Schedule.from_config(config["refine_schedule"]),
-            amp=bool(config.get("refine_sampler", {}).get("amp", True)),
-        )
-        return Case(
-            "cas-diffcom refiner",
-            ref,
-            ref.denoise,
-            (1, 1, *up.shape[2:]),
-            cond=up,
-            clip=clip,
-            reference=cas_diffcom.upsampled(low_res, up.shape[2:]) if residual else None,
-            encode=encode,
-            **common,
-        )
-    raise ValueError(f"no bench case for {method} / {stage}")
+    def encode() -> torch.Tensor:  # c (and the residual reference), once per generated frame
+        c = model.condition(frames, ages, present, target)
+        if residual:
+            c = torch.cat([c, sadm.context_reference(frames, ages, present, target)], dim=1)
+        return c
+
+    c = encode()
+    return Case(
+        "sadm",
+        model,
+        lambda x, t, cond: model(x, t, cond),
+        (1, 1, *config["image_size"]),
+        cond=c,
+        uncond=torch.zeros_like(c),
+        guidance=float(config["sampler"].get("guidance", 1.0)),
+        clip=tuple(config["clip_x0"]) if config.get("clip_x0") else None,
+        reference=c[:, 1:2].clone() if residual else None,
+        encode=encode,
+        **common,
+    )
+
+
+def _cwdm_case(model: Any, config: dict, common: dict) -> Case:
+    """As ``cwdm.synthesize``: the wavelet subbands of the condition contrasts."""
+    from LongitudinalDiffusionLib.models import cwdm
+
+    conditions = _rand((1, len(config["conditions"]), *config["image_size"]), 3, 0.0, 1.0)
+
+    def encode() -> torch.Tensor:  # the condition subbands, once per sample
+        return cwdm.condition_channels(conditions, config)
+
+    c = encode()
+    return Case(
+        "cwdm",
+        model,
+        lambda x, t, cc: model(torch.cat([x, cc.to(x.dtype)], dim=1), t),
+        (1, cwdm.SUBBANDS_PER_IMAGE, *c.shape[2:]),
+        cond=c,
+        clip=cwdm.clip_in_image_space,
+        encode=encode,
+        **common,
+    )
+
+
+def _cascade_generator_case(model: Any, config: dict, common: dict) -> Case:
+    """As ``cas_diffcom.complete``, stage 1: the age-guided generator."""
+    gen = model.generator
+    guidance = _rand((1, 1, *config["image_size"]), 4)
+    ages = torch.tensor([6.0]), torch.tensor([12.0])
+
+    def encode() -> dict:  # the AsMM guidance encoder, once per sample
+        return gen.encode_guidance(guidance, *ages)
+
+    return Case(
+        "cas-diffcom generator",
+        gen,
+        gen.denoise,
+        tuple(guidance.shape),
+        cond=encode(),
+        clip=_clip(config),
+        reference=guidance if config.get("residual") else None,
+        encode=encode,
+        **common,
+    )
+
+
+def _cascade_refiner_case(model: Any, config: dict, common: dict) -> Case:
+    """As ``cas_diffcom.super_resolve``: stage 2 on the learned up-sampling of a low-resolution image."""
+    from LongitudinalDiffusionLib.models import cas_diffcom
+
+    ref = model.refiner
+    low_res = _rand((1, 1, *[s // 2 for s in config["sr_image_size"]]), 5)
+
+    def encode() -> torch.Tensor:  # the learned up-sampling of z0, once per sample
+        return ref.upsample(low_res)
+
+    up = encode()
+    common = {
+        **common,
+        "schedule": Schedule.from_config(config["refine_schedule"]),
+        "amp": bool(config.get("refine_sampler", {}).get("amp", True)),
+    }
+    return Case(
+        "cas-diffcom refiner",
+        ref,
+        ref.denoise,
+        (1, 1, *up.shape[2:]),
+        cond=up,
+        clip=_clip(config),
+        reference=cas_diffcom.upsampled(low_res, up.shape[2:]) if config.get("residual") else None,
+        encode=encode,
+        **common,
+    )
+
+
+#: (method, stage) -> the case builder
+_CASES: dict[tuple[str, str], Callable[[Any, dict, dict], Case]] = {
+    ("interval", "generator"): _interval_case,
+    ("sadm", "generator"): _sadm_case,
+    ("cwdm", "generator"): _cwdm_case,
+    ("cas-diffcom", "generator"): _cascade_generator_case,
+    ("cas-diffcom", "refiner"): _cascade_refiner_case,
+}
 
 
 def unet_case(size: int) -> Case:

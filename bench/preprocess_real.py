@@ -121,32 +121,53 @@ def write_figure(path: Path, name: str, visit1: Image, visit2: Image, prep: P.Pr
     plt.close(fig)
 
 
-def bench_scan(name: str, quick: bool, figure: Path | None = None) -> list[tuple[str, str, str]]:
-    rows: list[tuple[str, str, str]] = []
+Rows = list[tuple[str, str, str]]
+
+
+def bench_scan(name: str, quick: bool, figure: Path | None = None) -> Rows:
+    """Every measurement of one real scan, as table rows (step, result, time)."""
+    rows: Rows = []
     spacing = 3.0 if quick else None
     scan, t_load = timed(lambda: load_image(REAL_SCANS[name][0]))
     ref = load_image(REAL_SCANS[REFERENCE[name]][0])
     if spacing:
         scan, ref = P._downsampled(scan, spacing), P._downsampled(ref, spacing)
-    ref_mask = ref.array > 0
     shape = "x".join(map(str, scan.shape))
     vox = "x".join(f"{s:g}" for s in scan.spacing)
     rows.append(("scan", f"{shape} at {vox} mm, {scan.orientation}", f"load {t_load:.2f} s"))
+    mask = brain_extraction(rows, name, scan, ref, quick)
+    bias_correction(rows, scan, ref)
+    motion = known_motion()
+    known = P.ras_to_lps(motion)
+    small, noisy = known_motions(rows, name, scan, ref, motion)
+    if figure is not None:
+        spec = P.PreprocessSpec(bias_field=True, skull_strip=False, align="rigid", atlas="icbm2009a")
+        card = {"grid": {"shape": [80, 100, 80], "spacing": [2.0, 2.0, 2.0]}}
+        shown = P.preprocess_for(card, [scan, noisy], names=["visit 1", "visit 2"], spec=spec)
+        write_figure(figure, name, scan, noisy, shown)
+        rows.append(("figure", str(figure), ""))
+    pipeline(rows, scan, noisy, known, ref)
+    to_atlas(rows, scan, small, mask if spacing else P._downsampled_mask(mask, scan, small), ref)
+    return rows
 
+
+def brain_extraction(rows: Rows, name: str, scan: Image, ref: Image, quick: bool) -> np.ndarray:
+    """deepbet at each size against the reference brain, and whether each is already stripped;
+    returns the mask of the last size."""
+    ref_mask = ref.array > 0
     sizes = (160,) if quick else (256, 192)
     for size in sizes:
         P.extract_brain(scan, size=size)  # warm-up: the model loads and TorchScript compiles once
         mask, t = timed(lambda size=size: P.extract_brain(scan, size=size))
         rows.append((f"deepbet {size}^3", f"Dice vs {REFERENCE[name]} {dice(mask, ref_mask):.3f}", f"{t:.1f} s"))
     ref_bet = P.extract_brain(ref, size=sizes[-1])
-    rows.append(
-        (
-            "already stripped?",
-            f"scan {P.is_skull_stripped(scan, mask)}, {REFERENCE[name]} {P.is_skull_stripped(ref, ref_bet)}",
-            "",
-        )
-    )
+    stripped = f"scan {P.is_skull_stripped(scan, mask)}, {REFERENCE[name]} {P.is_skull_stripped(ref, ref_bet)}"
+    rows.append(("already stripped?", stripped, ""))
+    return mask
 
+
+def bias_correction(rows: Rows, scan: Image, ref: Image) -> None:
+    """N4 on the scan (its time), and on the reference brain shaded by a known field."""
     (_, _), t = timed(lambda: P.correct_bias(scan))
     rows.append(("N4 on the scan", f"shrink 4, {scan.array.size / 1e6:.1f} M voxels", f"{t:.1f} s"))
     clean = ref.array.astype(np.float32)
@@ -158,20 +179,15 @@ def bench_scan(name: str, quick: bool, figure: Path | None = None) -> list[tuple
     after = float(np.std(np.log(corrected.array[inside] / clean[inside])))
     rows.append(("N4 on a known field", f"log-ratio std {before:.3f} -> {after:.3f}", f"{t:.1f} s"))
 
-    motion = known_motion()
+
+def known_motions(rows: Rows, name: str, scan: Image, ref: Image, motion: np.ndarray) -> tuple[Image, Image]:
+    """A known rigid motion (RAS) recovered: the moved header alone, then the moved head
+    resampled with noise; returns the 2 mm scan and the noisy second visit."""
     known = P.ras_to_lps(motion)
     moved = Image(scan.array, motion @ scan.affine, {"source": f"{name} moved"})
     small, small_moved = P._downsampled(scan, 2.0), P._downsampled(moved, 2.0)
     found, t = timed(lambda: P.register(small, small_moved, kind="rigid"))
-    rot, trans, tre, tre_max = errors(found, known, ref)
-    rows.append(
-        (
-            "known motion, rigid",
-            f"{rot:.3f} deg, {trans:.2f} mm, TRE {tre:.2f} mm (max {tre_max:.2f})",
-            f"{t:.1f} s",
-        )
-    )
-
+    rows.append(("known motion, rigid", motion_errors(found, known, ref), f"{t:.1f} s"))
     # harder: the moved head resampled onto the scan's own grid (new voxels, interpolated) with
     # 3 % Gaussian noise, as a second acquisition would be
     rng = np.random.default_rng(0)
@@ -179,49 +195,42 @@ def bench_scan(name: str, quick: bool, figure: Path | None = None) -> list[tuple
     noise = rng.normal(0.0, 0.03 * float(np.percentile(scan.array, 99)), scan.shape).astype(np.float32)
     noisy = Image(resampled.array + noise, scan.affine.copy())
     found, t = timed(lambda: P.register(small, P._downsampled(noisy, 2.0), kind="rigid"))
+    rows.append(("known motion, resampled + 3 % noise", motion_errors(found, known, ref), f"{t:.1f} s"))
+    return small, noisy
+
+
+def motion_errors(found: np.ndarray, known: np.ndarray, ref: Image) -> str:
     rot, trans, tre, tre_max = errors(found, known, ref)
-    rows.append(
-        (
-            "known motion, resampled + 3 % noise",
-            f"{rot:.3f} deg, {trans:.2f} mm, TRE {tre:.2f} mm (max {tre_max:.2f})",
-            f"{t:.1f} s",
-        )
-    )
+    return f"{rot:.3f} deg, {trans:.2f} mm, TRE {tre:.2f} mm (max {tre_max:.2f})"
 
-    if figure is not None:
-        spec = P.PreprocessSpec(bias_field=True, skull_strip=False, align="rigid", atlas="icbm2009a")
-        card = {"grid": {"shape": [80, 100, 80], "spacing": [2.0, 2.0, 2.0]}}
-        shown = P.preprocess_for(card, [scan, noisy], names=["visit 1", "visit 2"], spec=spec)
-        write_figure(figure, name, scan, noisy, shown)
-        rows.append(("figure", str(figure), ""))
 
+def pipeline(rows: Rows, scan: Image, noisy: Image, known: np.ndarray, ref: Image) -> None:
+    """The whole preprocessing of the two visits: the motion between them it recovers, and each step's time."""
     card = {"grid": {"shape": [32, 40, 32], "spacing": [5.0, 5.0, 5.0]}}
     spec = P.PreprocessSpec(bias_field=True, skull_strip=False, align="rigid", atlas="icbm2009a")
     prep, t = timed(lambda: P.preprocess_for(card, [scan, noisy], names=["v1", "v2"], spec=spec))
     between = prep.scans[1].to_input_lps @ np.linalg.inv(prep.scans[0].to_input_lps)
-    rot, trans, tre, tre_max = errors(between, known, ref)
     steps = "; ".join(f"{s['step']} {s['seconds']:.1f} s" for s in prep.scans[0].steps + prep.scans[1].steps)
     rows.append(
-        (
-            "known motion, resampled + noise, pipeline",
-            f"{rot:.3f} deg, {trans:.2f} mm, TRE {tre:.2f} mm (max {tre_max:.2f}); {steps}",
-            f"{t:.1f} s",
-        )
+        ("known motion, resampled + noise, pipeline", f"{motion_errors(between, known, ref)}; {steps}", f"{t:.1f} s")
     )
 
+
+def to_atlas(rows: Rows, scan: Image, small: Image, small_mask: np.ndarray, ref: Image) -> None:
+    """The brain (masked as the pipeline masks it) to the atlas, rigid and affine: the reference
+    brain carried along against the template's brain."""
     tpl = load_template()
     atlas_affine = tpl.affine.copy()
     atlas_affine[:3, 3] -= tpl.centre_mm
     template_brain = Image((tpl.brain > 0.5).astype(np.uint8), atlas_affine)
     atlas = P.atlas_image("icbm2009a", 2.0)
-    small_mask = P._downsampled_mask(mask, scan, small) if spacing is None else mask
+    ref_mask = ref.array > 0
     for kind in ("rigid", "affine"):
         brain = Image(np.where(small_mask, small.array, 0).astype(np.float32), small.affine)  # as the pipeline
         found, t = timed(lambda kind=kind, brain=brain: P.register(atlas, brain, kind=kind))
         carried = P._resample(Image(ref_mask.astype(np.uint8), ref.affine), found, atlas_affine, tpl.shape, labels=True)
         d = dice(carried.array > 0, template_brain.array > 0)
         rows.append((f"to atlas, {kind}", f"Dice with the template's brain {d:.3f}", f"{t:.1f} s"))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
