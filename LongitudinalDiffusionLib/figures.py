@@ -85,6 +85,7 @@ def _reference_point(images, labels, ages) -> np.ndarray:
     return (aff @ np.array([arr.shape[0] / 2, arr.shape[1] / 2, k, 1.0]))[:3]
 
 
+# long by its signature and docstring: 60 lines of code, one figure
 def subject_montage(
     images: Mapping[str, Mapping[float, Image]],
     out: str | os.PathLike,
