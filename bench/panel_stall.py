@@ -122,11 +122,11 @@ def summarise(gaps_ms: list[float]) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One run from the panel on a real scene: the event loop's gaps, split by phase."""
     import mrml_harness
     import pytest
     import torch
     from LongitudinalDiffusionSlicer import results
-    from LongitudinalDiffusionSlicer.logic import RunLogic
     from PySide6 import QtCore, QtWidgets
 
     torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
@@ -136,94 +136,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     monkeypatch = pytest.MonkeyPatch()
     qtbot = QtBotStandIn(QtCore)
     segmenter = results.TissueSegmenter("tissue-seg-brain-demo")
-    marks: dict[str, float] = {}
-    startRun = RunLogic.startRun
-
-    def timedStartRun(logic: Any, request: Any) -> Any:
-        """The logic's startRun; the run notes when it first reports its jobs finished."""
-        run = startRun(logic, request)
-        poll = run.poll
-
-        def timedPoll() -> Any:
-            update = poll()
-            now = time.perf_counter()
-            if "jobs" not in marks and all(run.backend.status(j) in FINAL for j in run.jobIds):
-                marks["jobs"] = now
-            if update.finished and "done" not in marks:
-                marks["done"] = now
-            return update
-
-        run.poll = timedPoll
-        return run
-
-    monkeypatch.setattr(RunLogic, "startRun", timedStartRun)
-    placeRunSteps = RunLogic.placeRunSteps
-    stepTimes: list[float] = []
-
-    def timedPlaceRunSteps(logic: Any, run: Any) -> Any:
-        """The logic's placement steps, each one timed."""
-        steps = placeRunSteps(logic, run)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                next(steps)
-            except StopIteration as end:
-                stepTimes.append(time.perf_counter() - t0)
-                return end.value
-            stepTimes.append(time.perf_counter() - t0)
-            yield
-
-    monkeypatch.setattr(RunLogic, "placeRunSteps", timedPlaceRunSteps)
-    if args.blocking:  # as before: nothing prepared in the background, placing in one call
-        monkeypatch.setattr(
-            results, "prepareSegmentations", lambda res, subj, seg, **kw: results.PreparedSegmentations(seg)
-        )
-        monkeypatch.setattr(RunLogic, "placeRunSteps", lambda logic, run: results.runSteps(placeRunSteps(logic, run)))
+    timer = RunTimer()
+    timer.install(monkeypatch, blocking=args.blocking)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with mrml_harness.panelOnScene(
                 qtbot, monkeypatch, Path(tmp) / "home", segmenter, consentAnswer=False
             ) as gui:
-                ui, panel = gui.ui, gui.panel
-                if panel.loadSubjectFrom(folder) is None:
-                    raise SystemExit(f"panel-stall: could not load {folder}: {ui.statusLabel.text()}")
-                names = [card.name for card in panel.models()]
-                if args.model not in names:
-                    raise SystemExit(f"panel-stall: model {args.model} is not installed ({', '.join(names)})")
-                ui.modelComboBox.setCurrentIndex(names.index(args.model))
-                ui.agesLineEdit.setText(f"{args.age:g}")
-                ui.stepsSpinBox.setValue(args.steps)
-                ui.samplesSpinBox.setValue(args.samples)
-                if not ui.applyButton.isEnabled():
-                    raise SystemExit(f"panel-stall: Apply is disabled: {ui.statusLabel.text()}")
-                _ = segmenter.classes  # loads the tissue model now: once per session, not part of a run
-
-                probe = EventLoopProbe(QtCore)
-                loop = QtCore.QEventLoop()
-                states: list[tuple[str, str]] = []
-
-                def finished(state: str, error: str) -> None:
-                    marks["finished"] = time.perf_counter()
-                    states.append((state, error))
-                    QtCore.QTimer.singleShot(300, loop.quit)  # a few more ticks after the end
-
-                def apply() -> None:
-                    marks["apply"] = time.perf_counter()
-                    ui.applyButton.click()
-
-                panel.runFinished.connect(finished)
-                QtCore.QTimer.singleShot(200, apply)
-                QtCore.QTimer.singleShot(int(args.timeout * 1000), loop.quit)
-                probe.start()
-                loop.exec()
-                probe.stop()
-                if not states:
-                    raise SystemExit(f"panel-stall: the run did not finish within {args.timeout:g} s")
-                if states[-1][0] != "done":
-                    raise SystemExit(f"panel-stall: the run ended {states[-1]}: {ui.logTextEdit.toPlainText()}")
-                summary = panel.results().summary()
+                probe, summary = runFromPanel(gui, folder, segmenter, args, timer.marks, QtCore)
         finally:
             monkeypatch.undo()
+    marks = timer.marks
     jobs = min(marks.get("jobs", marks["done"]), marks["done"])
     windows = {
         "job": (marks["apply"], jobs),
@@ -233,7 +156,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     for start, end in probe.gaps():
         overlap = {p: min(end, hi) - max(start, lo) for p, (lo, hi) in windows.items()}
-        phase = max(overlap, key=overlap.get)
+        phase = max(overlap, key=lambda p: overlap[p])
         if overlap[phase] > 0:
             phases[phase].append((end - start) * 1000)
     return {
@@ -241,8 +164,111 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "durations": {p: hi - lo for p, (lo, hi) in windows.items()},
         "summary": summary,
         "folder": folder,
-        "steps": [t * 1000 for t in stepTimes],
+        "steps": [t * 1000 for t in timer.stepTimes],
     }
+
+
+class RunTimer:
+    """Hooks on the panel's run logic: when the jobs are all final and when the run has
+    finished (``marks``), and how long each placement step took (``stepTimes``, s)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.stepTimes: list[float] = []
+
+    def install(self, monkeypatch: Any, blocking: bool) -> None:
+        """Wrap ``RunLogic.startRun`` and ``placeRunSteps``; ``blocking``: as before the
+        background preparation existed - nothing prepared, placing in one call."""
+        from LongitudinalDiffusionSlicer import results
+        from LongitudinalDiffusionSlicer.logic import RunLogic
+
+        marks, stepTimes = self.marks, self.stepTimes
+        startRun, placeRunSteps = RunLogic.startRun, RunLogic.placeRunSteps
+
+        def timedStartRun(logic: Any, request: Any) -> Any:
+            """The logic's startRun; the run notes when it first reports its jobs finished."""
+            run = startRun(logic, request)
+            poll = run.poll
+
+            def timedPoll() -> Any:
+                update = poll()
+                now = time.perf_counter()
+                if "jobs" not in marks and all(run.backend.status(j) in FINAL for j in run.jobIds):
+                    marks["jobs"] = now
+                if update.finished and "done" not in marks:
+                    marks["done"] = now
+                return update
+
+            run.poll = timedPoll
+            return run
+
+        def timedPlaceRunSteps(logic: Any, run: Any) -> Any:
+            """The logic's placement steps, each one timed."""
+            steps = placeRunSteps(logic, run)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    next(steps)
+                except StopIteration as end:
+                    stepTimes.append(time.perf_counter() - t0)
+                    return end.value
+                stepTimes.append(time.perf_counter() - t0)
+                yield
+
+        monkeypatch.setattr(RunLogic, "startRun", timedStartRun)
+        monkeypatch.setattr(RunLogic, "placeRunSteps", timedPlaceRunSteps)
+        if blocking:
+            monkeypatch.setattr(
+                results, "prepareSegmentations", lambda res, subj, seg, **kw: results.PreparedSegmentations(seg)
+            )
+            monkeypatch.setattr(
+                RunLogic, "placeRunSteps", lambda logic, run: results.runSteps(placeRunSteps(logic, run))
+            )
+
+
+def runFromPanel(
+    gui: Any, folder: Path, segmenter: Any, args: argparse.Namespace, marks: dict[str, float], QtCore: Any
+) -> tuple[EventLoopProbe, Any]:
+    """Load the subject, choose the model, press Apply and run the event loop (probed) until
+    the run has finished and a few ticks more; the probe and the results' summary."""
+    ui, panel = gui.ui, gui.panel
+    if panel.loadSubjectFrom(folder) is None:
+        raise SystemExit(f"panel-stall: could not load {folder}: {ui.statusLabel.text()}")
+    names = [card.name for card in panel.models()]
+    if args.model not in names:
+        raise SystemExit(f"panel-stall: model {args.model} is not installed ({', '.join(names)})")
+    ui.modelComboBox.setCurrentIndex(names.index(args.model))
+    ui.agesLineEdit.setText(f"{args.age:g}")
+    ui.stepsSpinBox.setValue(args.steps)
+    ui.samplesSpinBox.setValue(args.samples)
+    if not ui.applyButton.isEnabled():
+        raise SystemExit(f"panel-stall: Apply is disabled: {ui.statusLabel.text()}")
+    _ = segmenter.classes  # loads the tissue model now: once per session, not part of a run
+
+    probe = EventLoopProbe(QtCore)
+    loop = QtCore.QEventLoop()
+    states: list[tuple[str, str]] = []
+
+    def finished(state: str, error: str) -> None:
+        marks["finished"] = time.perf_counter()
+        states.append((state, error))
+        QtCore.QTimer.singleShot(300, loop.quit)  # a few more ticks after the end
+
+    def apply() -> None:
+        marks["apply"] = time.perf_counter()
+        ui.applyButton.click()
+
+    panel.runFinished.connect(finished)
+    QtCore.QTimer.singleShot(200, apply)
+    QtCore.QTimer.singleShot(int(args.timeout * 1000), loop.quit)
+    probe.start()
+    loop.exec()
+    probe.stop()
+    if not states:
+        raise SystemExit(f"panel-stall: the run did not finish within {args.timeout:g} s")
+    if states[-1][0] != "done":
+        raise SystemExit(f"panel-stall: the run ended {states[-1]}: {ui.logTextEdit.toPlainText()}")
+    return probe, panel.results().summary()
 
 
 def main(argv: list[str] | None = None) -> int:
